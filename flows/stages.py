@@ -1,0 +1,22 @@
+"""Stage name (as in dvc.yaml) -> the Prefect flow that runs it. The stage list itself is dvc.yaml's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flows.text import corpus_flow, ngram_flow
+
+STAGE_FLOWS: dict[str, Callable[..., Any]] = {
+    "corpus": corpus_flow,
+    "ngram": ngram_flow,
+}
+
+
+def stage_flow(name: str) -> Callable[[], Any]:
+    """The flow of stage `name`; `base@item` (a dvc.yaml foreach) calls flow `base` with `item`."""
+    base, _, item = name.partition("@")
+    if base not in STAGE_FLOWS:
+        raise KeyError(f"no stage {name!r} (known: {', '.join(sorted(STAGE_FLOWS))})")
+    flow = STAGE_FLOWS[base]
+    return (lambda: flow(item)) if item else flow

@@ -1,0 +1,92 @@
+"""Config dataclasses of the sections that are not a model's, and the registry of every params file.
+
+A section's dataclass lives beside the code it configures: model configs in `models/`, data and
+runtime configs here. `PARAMS_FILES` is the only place that says which file holds which section.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from models.ngram import NgramConfig
+from tasks.params import ParamsError, load_params_file
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """`params/runtime.yaml: runtime`: how stages run, not what they compute (no stage depends on it,
+    except through `seed`)."""
+
+    profile: str  # the profile last applied with `kiln profile`; a label, set by that command
+    seed: int  # the seed of every stochastic stage (one seeded-RNG helper reads it)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    threads: int  # torch intra-op threads; 0 keeps torch's default
+    mlflow_tracking_uri: str  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repo root
+    stage_retries: int  # retries of a failed stage inside `kiln run`
+    retry_delay_s: float
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.stage_retries < 0:
+            raise ValueError(f"stage_retries must be >= 0, got {self.stage_retries}")
+        if self.retry_delay_s < 0:
+            raise ValueError(f"retry_delay_s must be >= 0, got {self.retry_delay_s}")
+
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """`params/data.yaml: corpus`: where the text comes from and how it is split."""
+
+    source: Literal["builtin", "path"]  # builtin: CPython's pydoc_data.topics reference text
+    path: str  # with source: path, a UTF-8 .txt file or a folder of .txt files
+    min_count: int  # train-split count a word needs to enter the vocabulary
+    val_fraction: float  # share of documents (by tokens) held out for validation
+    test_fraction: float  # and for test
+    split_seed: int  # the document shuffle of the split
+    max_documents: int  # 0: all; the smoke profile takes a few
+
+    def __post_init__(self) -> None:
+        if self.source == "path" and not self.path:
+            raise ValueError("path must name a file or folder when source is 'path'")
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")
+        if self.max_documents < 0:
+            raise ValueError(f"max_documents must be >= 0, got {self.max_documents}")
+
+
+PARAMS_FILES: dict[str, dict[str, type]] = {
+    "runtime.yaml": {"runtime": RuntimeConfig},
+    "data.yaml": {"corpus": CorpusConfig},
+    "lm.yaml": {"ngram": NgramConfig},
+}
+
+SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}
+
+
+def load_section(params_dir: Path, section: str) -> Any:
+    """One section as its dataclass; its whole file is validated on the way."""
+    if section not in SECTION_FILE:
+        raise ParamsError(params_dir, section, f"no such params section (known: {', '.join(SECTION_FILE)})")
+    file = SECTION_FILE[section]
+    return load_params_file(params_dir / file, PARAMS_FILES[file])[section]
+
+
+def load_all(params_dir: Path) -> dict[str, Any]:
+    """Every section of every params file (what `kiln profile` and the tests check)."""
+    return {
+        name: config
+        for file, sections in PARAMS_FILES.items()
+        for name, config in load_params_file(params_dir / file, sections).items()
+    }

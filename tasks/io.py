@@ -1,0 +1,58 @@
+"""The one atomic writer: every stage output is written to a temporary path and renamed.
+
+A stage that fails (or is killed) mid-write leaves no half-written file or folder where DVC would
+cache it: the temporary sits beside the target (same file system, so the rename is atomic) under a
+dot-name that is removed on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `target` (a file, or a folder if `directory`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if target.exists():
+                # A folder cannot be renamed over a non-empty one: move the old one aside first.
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / target.name)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        else:
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(target: Path | str, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: Path | str, data: Any) -> Path:
+    return write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,9 @@
+"""Where each stage's outputs lie, relative to the repo root. dvc.yaml names the same paths as outs;
+tests/test_layout.py holds the two equal."""
+
+CORPUS_DIR = "data/prepared/corpus"  # train/val/test.parquet (token streams), vocab.parquet, documents.parquet
+NGRAM_DIR = "data/models/ngram"  # counts_<n>.parquet, model.arpa
+METRICS_DIR = "data/metrics"  # <stage>.json, for `dvc metrics`
+PLOTS_DIR = "data/plots"  # <stage>_*.csv, for `dvc plots`
+
+SPLITS = ("train", "val", "test")

@@ -1,0 +1,179 @@
+"""The one params loader: YAML sections onto config dataclasses, strictly.
+
+Every section of every `params/*.yaml` maps 1:1 to a dataclass (see `tasks.config.SECTIONS`). Loading
+is strict: an unknown key, a missing key or a value of the wrong type raises `ParamsError` naming the
+file and the dotted key. The only conversion is the lossless int -> float widening (`lr: 1` for a
+float field); bools are never numbers and strings are never parsed.
+
+Profiles (`params/profiles/NAME.yaml`) are overlays `file -> section -> key -> value`. Every profile
+names the same keys, so switching from any profile to any other rewrites exactly those values and DVC
+sees exactly which params changed. Files are rewritten with ruamel's round-trip mode so that their
+comments survive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from ruamel.yaml import YAML
+
+from tasks.io import atomic_path
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """Bad params: the message names the file and the dotted key."""
+
+    def __init__(self, path: Path | str, key: str, problem: str):
+        self.path, self.key = str(path), key
+        super().__init__(f"{path}: {key}: {problem}")
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ParamsError(path, "<file>", "no such params file")
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except Exception as err:  # ruamel raises many parser error types; all mean the same here
+        raise ParamsError(path, "<file>", f"not valid YAML: {err}") from err
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, path: Path, key: str) -> Any:
+    """Return `value` if it is of type `tp` (int widened to float), else raise naming `key`."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices or type(value) is not type(next(c for c in choices if c == value)):
+            raise ParamsError(path, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _check_value(value, option, path, key)
+            except ParamsError:
+                continue
+        raise ParamsError(path, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ParamsError(path, key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_type, *_) = get_args(tp) or (Any,)
+        return [_check_value(v, item_type, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(path, key, f"expected a mapping, got {type(value).__name__}")
+        _, item_type = get_args(tp)
+        return {k: _check_value(v, item_type, path, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ParamsError(path, key, f"expected null, got {value!r}")
+        return None
+    if tp is float and type(value) is int:
+        return float(value)
+    if type(value) is not tp:
+        raise ParamsError(path, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def section_from_dict(cls: type[T], data: Any, path: Path, section: str) -> T:
+    """Build dataclass `cls` from the mapping `data` found at `path`:`section`, strictly."""
+    if not isinstance(data, dict):
+        raise ParamsError(path, section, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(path, f"{section}.{unknown[0]}", f"unknown key (known: {', '.join(fields)})")
+    missing = [name for name in fields if name not in data]
+    if missing:
+        raise ParamsError(path, f"{section}.{missing[0]}", "missing key")
+    values = {name: _check_value(data[name], hints[name], path, f"{section}.{name}") for name in fields}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        # __post_init__ validation names the field; prefix the file and section.
+        raise ParamsError(path, section, str(err)) from err
+
+
+def load_params_file(path: Path, sections: dict[str, type]) -> dict[str, Any]:
+    """Every section of one params file, each as its dataclass. The file must hold exactly `sections`."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ParamsError(path, "<file>", "expected a mapping of sections")
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ParamsError(path, unknown[0], f"unknown section (known: {', '.join(sections)})")
+    missing = [s for s in sections if s not in data]
+    if missing:
+        raise ParamsError(path, missing[0], "missing section")
+    return {name: section_from_dict(cls, data[name], path, name) for name, cls in sections.items()}
+
+
+def as_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"ngram.order": 5, ...}`: a config dataclass flattened with dotted keys (for MLflow params)."""
+    flat: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(config).items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------------- profiles
+
+
+def profile_overlay(profiles_dir: Path, name: str) -> dict[str, dict[str, dict[str, Any]]]:
+    path = profiles_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+        raise ParamsError(path, "<file>", f"no profile {name!r} (known: {', '.join(known)})")
+    overlay = read_yaml(path)
+    if not isinstance(overlay, dict):
+        raise ParamsError(path, "<file>", "expected a mapping file -> section -> key -> value")
+    for file, sections in overlay.items():
+        if not isinstance(sections, dict) or not all(isinstance(s, dict) for s in sections.values()):
+            raise ParamsError(path, str(file), "expected a mapping section -> key -> value")
+    return overlay
+
+
+def overlay_keys(overlay: dict[str, dict[str, dict[str, Any]]]) -> set[tuple[str, str, str]]:
+    return {(f, s, k) for f, sections in overlay.items() for s, keys in sections.items() for k in keys}
+
+
+def apply_profile(params_dir: Path, name: str) -> list[str]:
+    """Rewrite `params_dir/*.yaml` with profile `name`'s values; return the dotted keys that changed."""
+    overlay = profile_overlay(params_dir / "profiles", name)
+    yaml = YAML()  # round-trip: keeps comments and key order
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    changed: list[str] = []
+    for file, sections in overlay.items():
+        path = params_dir / file
+        if not path.is_file():
+            raise ParamsError(params_dir / "profiles" / f"{name}.yaml", file, "names a params file that does not exist")
+        document = yaml.load(path.read_text(encoding="utf-8"))
+        for section, keys in sections.items():
+            if section not in document:
+                raise ParamsError(path, section, f"profile {name!r} sets a section the file does not have")
+            for key, value in keys.items():
+                if key not in document[section]:
+                    raise ParamsError(path, f"{section}.{key}", f"profile {name!r} sets a key the file does not have")
+                if document[section][key] != value:
+                    document[section][key] = value
+                    changed.append(f"{file}:{section}.{key}")
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as out:
+                yaml.dump(document, out)
+    return changed

@@ -1,0 +1,36 @@
+"""The frame every stage flow runs in: repo root, strict params, seeds, threads, the MLflow run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.config import load_section
+from tasks.params import as_flat_dict
+from tasks.runtime import StageEnv, seed_everything, stage_env
+from tasks.tracking import StageRun, stage_run
+
+
+@dataclass(frozen=True)
+class OpenStage:
+    env: StageEnv
+    configs: dict[str, Any]  # section name -> config dataclass
+    run: StageRun
+
+
+@contextmanager
+def open_stage(stage: str, family: str, sections: list[str]) -> Iterator[OpenStage]:
+    """Load the stage's params sections (strictly), seed, and open its MLflow run with those params."""
+    env = stage_env()
+    configs = {name: load_section(env.params_dir, name) for name in sections}
+    seed_everything(env.runtime.seed)
+    if env.runtime.threads:
+        import torch
+
+        torch.set_num_threads(env.runtime.threads)
+    params = {k: v for name, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{name}.").items()}
+    params["runtime.seed"] = env.runtime.seed
+    with stage_run(stage, family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
+        yield OpenStage(env, configs, run)

@@ -1,0 +1,154 @@
+"""The one MLflow helper every stage logs through.
+
+One experiment per family, one run per stage run, named after the stage. Under `kiln run` the stage's
+run is nested under the pipeline's parent run (its id travels in `KILN_MLFLOW_PARENT_RUN_ID`, so it
+also reaches a stage started as a subprocess); a stage run alone (`dvc repro ngram`) is a top-level run.
+
+Logging goes through `MlflowClient` with an explicit run id rather than the fluent API's active-run
+stack, which is thread-local: Prefect may run a task in another thread than its flow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+PARENT_RUN_ENV = "KILN_MLFLOW_PARENT_RUN_ID"
+PIPELINE_EXPERIMENT = "pipeline"
+_MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """The relative default `sqlite:///mlflow.db` means the repo root, whatever the working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def prefect_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+@dataclass
+class StageRun:
+    """An open MLflow run of one stage; every method logs to exactly this run."""
+
+    client: MlflowClient
+    run_id: str
+    root: Path
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Final metrics (no step) or one step's metrics. NaN and inf are logged as they are."""
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(entries), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=entries[i : i + _MAX_BATCH])
+
+    def log_metric_series(self, key: str, values: Mapping[int, float]) -> None:
+        """A metric along a step axis (train loss per step, perplexity per order)."""
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(v), now, int(s)) for s, v in values.items()]
+        for i in range(0, len(entries), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=entries[i : i + _MAX_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_input(self, df: pd.DataFrame, source: Path | str, name: str, context: str) -> None:
+        """Record the dataset this stage read: its schema, a digest of its contents and where it lies."""
+        dataset = mlflow.data.from_pandas(df, source=str(source), name=name)
+        entity = dataset._to_mlflow_entity()  # the public fluent log_input only knows the active run
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+
+@contextmanager
+def stage_run(stage: str, family: str, root: Path, tracking_uri: str, profile: str,
+              params: Mapping[str, Any], is_dvc_stage: bool = True) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage run: experiment `family`, run name `stage`, params and tags.
+
+    The run ends FINISHED when the body returns and FAILED (with the error as a tag) when it raises.
+    """
+    uri = resolve_tracking_uri(tracking_uri, root)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(family)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(family)
+    tags = {
+        "mlflow.runName": stage,
+        "kiln.stage": stage,
+        "kiln.family": family,
+        "kiln.profile": profile,
+        "mlflow.source.git.commit": git_commit(root),
+        "prefect.flow_run_id": prefect_flow_run_id(),
+    }
+    if is_dvc_stage:
+        tags["dvc.stage"] = stage
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    tracked = StageRun(client, run.info.run_id, root)
+    try:
+        tracked.log_params(params)
+        yield tracked
+    except BaseException as err:
+        client.set_tag(run.info.run_id, "kiln.error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextmanager
+def pipeline_run(root: Path, tracking_uri: str, profile: str, targets: list[str]) -> Iterator[StageRun]:
+    """The parent run of one `kiln run`; stage runs started inside it are nested under it."""
+    with stage_run("kiln run", PIPELINE_EXPERIMENT, root, tracking_uri, profile,
+                   {"targets": ",".join(targets) or "all"}, is_dvc_stage=False) as parent:
+        previous = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = parent.run_id
+        try:
+            yield parent
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous
