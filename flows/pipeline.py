@@ -77,23 +77,45 @@ def stage_order(root: Path, targets: list[str] | None = None) -> tuple[list[str]
 
 
 def stale_reasons(root: Path, name: str) -> list[str]:
-    """Why DVC considers stage `name` changed (empty: up to date)."""
+    """Why DVC considers stage `name` changed (empty: up to date), params down to the changed key."""
+    from dvc.dependency.param import ParamsDependency
+
     with _open_repo(root) as repo, lock_repo(repo):
         (stage,) = repo.stage.collect(name)
         if stage.frozen:
             return []
         status = stage.status().get(name, [])
+        params_changes = [change for dep in stage.deps if isinstance(dep, ParamsDependency)
+                          for change in _params_changes(dep)]
     reasons = []
     for entry in status:
         if isinstance(entry, dict):
             for kind, changes in entry.items():
                 if isinstance(changes, dict):
-                    reasons += [f"{kind} {path}: {change}" for path, change in changes.items()]
+                    reasons += [f"{kind} {path}: {change}" for path, change in changes.items()
+                                if not (params_changes and str(path).startswith("params/"))]
                 else:
                     reasons.append(f"{kind}: {changes}")
         else:
             reasons.append(str(entry))
-    return reasons
+    return reasons + params_changes
+
+
+def _params_changes(dep) -> list[str]:
+    """`params/lm.yaml: ngram.order 3 -> 2` for every leaf value that differs from dvc.lock."""
+    locked = dep.hash_info.value or {}
+    current = dep.read_params()
+
+    def leaves(tree, prefix=""):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix.rstrip("."), tree
+
+    old, new = dict(leaves(locked)), dict(leaves(current))
+    return [f"params {dep.def_path}: {key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
 
 
 def _in_process_name(cmd: str | list[str]) -> str | None:
@@ -131,7 +153,7 @@ def summary_markdown(outcomes: list[StageOutcome]) -> str:
     lines = ["| stage | status | seconds | detail |", "|---|---|---:|---|"]
     for o in outcomes:
         detail = o.detail.replace("|", "\\|").replace("\n", " ")[:300]
-        lines.append(f"| {o.stage} | {o.status} | {o.seconds:.1f} | {detail} |")
+        lines.append(f"| {o.stage} | {o.status} | {o.seconds:.2f} | {detail} |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,4 +34,7 @@ def open_stage(stage: str, family: str, sections: list[str]) -> Iterator[OpenSta
     params = {k: v for name, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{name}.").items()}
     params["runtime.seed"] = env.runtime.seed
     with stage_run(stage, family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
+        start = time.perf_counter()
         yield OpenStage(env, configs, run)
+        # The stage's own work, to tell it apart from orchestration (benchmarks/bench_orchestration.py).
+        run.log_metrics({"stage_seconds": time.perf_counter() - start})

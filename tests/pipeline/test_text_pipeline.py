@@ -1,0 +1,201 @@
+"""The text family end to end, in a copy of the repo: `kiln run` with the smoke profile, what DVC and
+MLflow hold afterwards, incremental reruns, a single `dvc repro`, a failing stage, `kiln score`.
+
+The tests of this module run in file order on one shared copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.pipeline
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(cwd: Path, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, input=stdin)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """The working tree as git sees it (tracked and unignored files), as a fresh git repo."""
+    listed = sh(source, "git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+    for name in filter(None, listed.split("\0")):
+        if (source / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "copy")
+    return dest
+
+
+def summary(output: str) -> dict[str, str]:
+    """stage -> status from the summary table that `kiln run` prints last."""
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip() != "stage"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root) -> Path:
+    dest = copy_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
+    sh(dest, "kiln", "profile", "smoke")
+    sh(dest, "git", "commit", "-qam", "smoke profile")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def first_run(project) -> subprocess.CompletedProcess:
+    return sh(project, "kiln", "run")
+
+
+def mlflow_client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def runs_of(project: Path, experiment: str, name: str):
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'", order_by=["start_time DESC"])
+
+
+def test_first_run_reproduces_every_text_stage_and_leaves_dvc_clean(project, first_run):
+    assert summary(first_run.stdout) == {"corpus": "ran", "ngram": "ran"}
+    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+    for path in ("data/prepared/corpus/train.parquet", "data/models/ngram/model.arpa",
+                 "data/models/ngram/counts_3.parquet", "data/metrics/ngram.json", "data/plots/ngram_perplexity.csv"):
+        assert (project / path).is_file(), path
+    metrics = json.loads((project / "data/metrics/ngram.json").read_text())
+    ppl = metrics["test_perplexity_by_order"]
+    assert set(ppl) == {"1", "2", "3"} and all(np.isfinite(list(ppl.values())))
+    assert ppl["2"] < ppl["1"], "a bigram KN model must beat the unigram on held-out text"
+
+
+def test_lock_is_what_dvc_repro_writes(project, first_run, repo_root, tmp_path):
+    other = copy_project(project, tmp_path / "repo")
+    shutil.rmtree(other / "data", ignore_errors=True)
+    (other / "mlflow.db").unlink(missing_ok=True)
+    sh(other, "dvc", "repro")
+    from ruamel.yaml import YAML
+
+    ours = YAML(typ="safe").load((project / "dvc.lock").read_text())
+    theirs = YAML(typ="safe").load((other / "dvc.lock").read_text())
+    assert ours == theirs
+
+
+def test_second_run_executes_nothing(project, first_run):
+    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "up to date", "ngram": "up to date"}
+
+
+def test_mlflow_holds_nested_stage_runs_with_params_metrics_inputs_and_artifacts(project, first_run):
+    client = mlflow_client(project)
+    (parent,) = runs_of(project, "pipeline", "kiln run")[-1:]
+    for stage in ("corpus", "ngram"):
+        run = runs_of(project, "text", stage)[-1]  # the first run's
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["dvc.stage"] == stage and tags["kiln.profile"] == "smoke"
+        assert len(tags["mlflow.source.git.commit"]) >= 40 and tags["prefect.flow_run_id"]
+        assert run.inputs.dataset_inputs, f"{stage} logged no dataset input"
+    ngram = runs_of(project, "text", "ngram")[-1]
+    assert ngram.data.params["ngram.order"] == "3"
+    history = client.get_metric_history(ngram.info.run_id, "test_perplexity_by_order")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert ngram.data.metrics["test_perplexity"] == pytest.approx(
+        json.loads((project / "data/metrics/ngram.json").read_text())["test_perplexity"])
+    artifacts = {a.path for a in client.list_artifacts(ngram.info.run_id)}
+    assert {"model", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(ngram.info.run_id, "plots")}
+    assert "plots/ngram_perplexity.png" in plots
+    assert parent.data.metrics["stages_ran"] == 2
+
+
+def test_kenlm_scores_the_pipeline_arpa_like_our_scorer(project, first_run):
+    kenlm = pytest.importorskip("kenlm")
+    from models import ngram as kn
+    from tasks.scoring import load_ngram
+
+    model, vocab = load_ngram(project)
+    test = pq.read_table(project / "data/prepared/corpus/test.parquet").column("token_id").to_numpy()
+    ours = kn.score_stream(model, test).sentence_log10
+    corpus_vocab = pq.read_table(project / "data/prepared/corpus/vocab.parquet").column("token").to_pylist()
+    ids_to_word = np.array(corpus_vocab, dtype=object)
+    starts = np.flatnonzero(test == 1)
+    ends = np.flatnonzero(test == 2)
+    lm = kenlm.Model(str(project / "data/models/ngram/model.arpa"))
+    theirs = [lm.score(" ".join(ids_to_word[test[s + 1 : e]]), bos=True, eos=True) for s, e in zip(starts, ends)]
+    assert len(theirs) == len(ours) > 50
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_score_ranks_sentences_and_flags_unknown_words(project, first_run):
+    out = sh(project, "kiln", "score", "--json", stdin="returned the is object .\nthe object is returned .\n"
+                                                          "the frobnicator zyzzyva .\n").stdout
+    scores = json.loads(out)
+    ranked = [s["sentence"] for s in scores]
+    assert ranked.index("the object is returned .") < ranked.index("returned the is object .")
+    assert [s["perplexity"] for s in scores] == sorted(s["perplexity"] for s in scores)
+    odd = next(s for s in scores if "zyzzyva" in s["sentence"])
+    assert odd["unknown"][odd["tokens"].index("zyzzyva")] is True
+    assert odd["tokens"][-1] == "</s>" and len(odd["token_log10"]) == len(odd["tokens"])
+    assert odd["log10_prob"] == pytest.approx(sum(odd["token_log10"]))
+
+
+def test_changing_one_ngram_param_reruns_only_ngram(project, first_run):
+    lm = project / "params/lm.yaml"
+    lm.write_text(lm.read_text().replace("order: 3", "order: 2"))
+    status = sh(project, "kiln", "status").stdout
+    assert "corpus: up to date" in status and "ngram: stale" in status and "ngram.order" in status
+    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "up to date", "ngram": "ran"}
+    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+    assert not (project / "data/models/ngram/counts_3.parquet").exists()
+
+
+def test_dvc_repro_of_one_stage_logs_a_top_level_run(project, first_run):
+    lm = project / "params/lm.yaml"
+    # Order 4 was never run here, so DVC's run cache cannot answer and the command must run.
+    lm.write_text(lm.read_text().replace("order: 2", "order: 4"))
+    sh(project, "dvc", "repro", "ngram")
+    latest = runs_of(project, "text", "ngram")[0]
+    assert latest.info.status == "FINISHED" and "mlflow.parentRunId" not in latest.data.tags
+    assert latest.data.params["ngram.order"] == "4"
+    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+
+
+def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, first_run):
+    data = project / "params/data.yaml"
+    good = data.read_text()
+    data.write_text(good.replace("source: builtin", "source: path").replace('path: ""', 'path: "missing.txt"'))
+    try:
+        failed = sh(project, "kiln", "run", check=False)
+        assert failed.returncode == 1
+        table = summary(failed.stderr)
+        assert table == {"corpus": "failed", "ngram": "skipped"}
+        assert "missing.txt" in failed.stderr
+        leftovers = [p for p in (project / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+        assert leftovers == []
+        assert not (project / "data/prepared/corpus").exists()  # removed before the run, as dvc repro does
+        failed_run = runs_of(project, "text", "corpus")[0]
+        assert failed_run.info.status == "FAILED" and "missing.txt" in failed_run.data.tags["kiln.error"]
+    finally:
+        data.write_text(good)
+    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "ran", "ngram": "up to date"}

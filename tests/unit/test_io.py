@@ -1,0 +1,33 @@
+"""The atomic writer: a failed write leaves neither a partial target nor a temporary behind."""
+
+import pytest
+
+from tasks.io import atomic_path, write_json
+
+
+def test_file_is_replaced_only_on_success(tmp_path):
+    target = tmp_path / "out" / "metrics.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"a": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+
+
+def test_directory_is_swapped_whole(tmp_path):
+    target = tmp_path / "model"
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "a.txt").write_text("old")
+        (tmp / "stale.txt").write_text("old")
+    with atomic_path(target, directory=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert (target / "a.txt").read_text() == "new"
+    with pytest.raises(ValueError):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "a.txt").write_text("partial")
+            raise ValueError("bad record")
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
