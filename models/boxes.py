@@ -1,0 +1,220 @@
+"""Box utilities for the detectors, in torch: formats, IoU, the Faster R-CNN box coder, clipping, and NMS.
+
+Boxes are (..., 4) float tensors. `xyxy` = (x1, y1, x2, y2) in continuous pixel coordinates, width
+x2 - x1 (no "+1"); `xywh` = (x, y, w, h) as in COCO JSON.
+
+NMS comes three ways, held equal by tests/unit/test_boxes_roi.py:
+- `nms_reference`: the greedy algorithm as written in papers, a Python loop over Python floats;
+- `nms_torch`: the IoU matrix in torch (in row blocks), then one pass over the boxes by score;
+- `nms`: a `torch.library` custom op (`torch.ops.kiln.nms`) whose eager kernel is `nms_torch`, with a fake
+  kernel whose output length is a fresh dynamic size, so `torch.export` traces through it, and an
+  onnxscript translation that emits ONNX `NonMaxSuppression`. Export a model that calls it with
+      torch.onnx.export(model, args, dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE)
+`batched_nms` runs per-class (or per-image) NMS in one call of `nms` with the offset trick: boxes of
+group g are shifted by g * (coordinate span + 1), so boxes of different groups never overlap.
+
+All three suppress a box whose IoU with a kept, higher-scoring box is > iou_threshold (strictly, as
+torchvision and ONNX do), visit equal scores in index order and return kept indices by decreasing score.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from onnxscript import opset18 as op
+from torch import Tensor
+
+# The clamp on dw, dh before exp (Detectron's and torchvision's): no box grows past 1000/16 times its anchor.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+class Detections(NamedTuple):
+    """What the detectors' inference returns for a batch, flat so it exports to ONNX: detection k is
+    `boxes[k]` (xyxy, input pixels) with `scores[k]` and class `labels[k]` (0 .. num_classes - 1) in image
+    `image_index[k]`; within an image, by decreasing score."""
+
+    boxes: Tensor  # (K, 4)
+    scores: Tensor  # (K,)
+    labels: Tensor  # (K,) int64
+    image_index: Tensor  # (K,) int64
+
+    def per_image(self, batch_size: int) -> list[dict[str, Tensor]]:
+        return [
+            {"boxes": self.boxes[m], "scores": self.scores[m], "labels": self.labels[m]}
+            for m in (self.image_index == b for b in range(batch_size))
+        ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formats, areas, IoU
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    x, y, w, h = boxes.unbind(-1)
+    return torch.stack([x, y, x + w, y + h], dim=-1)
+
+
+def xyxy_to_xywh(boxes: Tensor) -> Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU matrix (N, M) of xyxy boxes a (N, 4) and b (M, 4); 0 where the union is empty."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]  # (N, M)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(a.dtype).tiny), torch.zeros_like(inter))
+
+
+def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clip xyxy boxes (..., 4) to an image of (height, width)."""
+    h, w = size
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Box coder (Girshick et al. 2014, R-CNN appendix C; Ren et al. 2015, Faster R-CNN eq. 2)
+#   tx = wx (x - xa) / wa,  ty = wy (y - ya) / ha,  tw = ww log(w / wa),  th = wh log(h / ha)
+# with (x, y) box centres; the weights (wx, wy, ww, wh) scale the targets to unit-ish variance.
+
+
+def encode_boxes(
+    reference: Tensor, target: Tensor, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+) -> Tensor:
+    """Deltas (..., 4) that take `reference` boxes (anchors, proposals) to `target` boxes, both xyxy."""
+    wx, wy, ww, wh = weights
+    rw, rh = reference[..., 2] - reference[..., 0], reference[..., 3] - reference[..., 1]
+    rx, ry = reference[..., 0] + 0.5 * rw, reference[..., 1] + 0.5 * rh
+    tw, th = target[..., 2] - target[..., 0], target[..., 3] - target[..., 1]
+    tx, ty = target[..., 0] + 0.5 * tw, target[..., 1] + 0.5 * th
+    return torch.stack(
+        [wx * (tx - rx) / rw, wy * (ty - ry) / rh, ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=-1
+    )
+
+
+def decode_boxes(
+    deltas: Tensor,
+    reference: Tensor,
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    clamp: float = BBOX_XFORM_CLIP,
+) -> Tensor:
+    """Inverse of `encode_boxes`: boxes (..., 4) xyxy; `reference` broadcasts against `deltas`
+    (e.g. proposals (R, 1, 4) with per-class deltas (R, C, 4)). dw, dh are clamped at `clamp`."""
+    wx, wy, ww, wh = weights
+    rw, rh = reference[..., 2] - reference[..., 0], reference[..., 3] - reference[..., 1]
+    rx, ry = reference[..., 0] + 0.5 * rw, reference[..., 1] + 0.5 * rh
+    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+    dw, dh = (deltas[..., 2] / ww).clamp(max=clamp), (deltas[..., 3] / wh).clamp(max=clamp)
+    cx, cy = dx * rw + rx, dy * rh + ry
+    w, h = torch.exp(dw) * rw, torch.exp(dh) * rh
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NMS: the reference loop
+
+
+def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS, literally: take the best remaining box, drop every box overlapping it by > threshold."""
+    b = boxes.tolist()
+    remaining = sorted(range(len(b)), key=lambda i: -float(scores[i]))  # stable: ties in index order
+    keep = []
+    while remaining:
+        best = remaining.pop(0)
+        keep.append(best)
+        x1, y1, x2, y2 = b[best]
+        survivors = []
+        for j in remaining:
+            u1, v1, u2, v2 = b[j]
+            iw, ih = max(min(x2, u2) - max(x1, u1), 0.0), max(min(y2, v2) - max(y1, v1), 0.0)
+            inter = iw * ih
+            union = (x2 - x1) * (y2 - y1) + (u2 - u1) * (v2 - v1) - inter
+            if not (union > 0 and inter / union > iou_threshold):
+                survivors.append(j)
+        remaining = survivors
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def batched_nms_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group separately, merged by decreasing score (ties by index)."""
+    keep = [torch.nonzero(groups == g).flatten()[nms_reference(boxes[groups == g], scores[groups == g], iou_threshold)]
+            for g in torch.unique(groups).tolist()]
+    keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    order = sorted(range(len(keep)), key=lambda i: (-float(scores[keep[i]]), int(keep[i])))
+    return keep[torch.tensor(order, dtype=torch.long)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# NMS: the fast path
+
+_NMS_BLOCK = 1024  # rows of the IoU matrix computed at once: bounds the float memory to 1024 x N
+
+
+def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS: the "overlaps too much" matrix among boxes sorted by score, then one sweep that keeps a
+    box unless a kept box before it overlaps it. Returns kept indices (K,) by decreasing score."""
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = boxes[order]
+    over = torch.cat(
+        [(box_iou(b[i : i + _NMS_BLOCK], b) > iou_threshold) for i in range(0, n, _NMS_BLOCK)]
+    ).cpu().numpy()  # (N, N) bool
+    suppressed = np.zeros(n, dtype=bool)
+    kept = []
+    for i in range(n):
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= over[i]
+    return order[torch.as_tensor(kept, dtype=torch.long, device=boxes.device)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# NMS: the custom op, its fake kernel and its ONNX translation
+
+
+@torch.library.custom_op("kiln::nms", mutates_args=())
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """boxes (N, 4) xyxy, scores (N,) -> kept indices (K,) int64 by decreasing score."""
+    return nms_torch(boxes, scores, iou_threshold)
+
+
+@nms.register_fake
+def _nms_fake(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    k = torch.library.get_ctx().new_dynamic_size()  # data-dependent: K unknown until run time
+    return boxes.new_empty((k,), dtype=torch.long)
+
+
+def _nms_onnx(boxes, scores, iou_threshold: float):
+    """ONNX NonMaxSuppression on one batch and one class: boxes (1, N, 4), scores (1, 1, N); it returns
+    (K, 3) rows (batch, class, box) in decreasing score order; keep the box column."""
+    selected = op.NonMaxSuppression(
+        op.Unsqueeze(boxes, [0]),
+        op.Unsqueeze(scores, [0, 1]),
+        op.Shape(scores),  # max_output_boxes_per_class: all of them
+        op.Constant(value_floats=[iou_threshold]),
+    )
+    return op.Squeeze(op.Gather(selected, op.Constant(value_ints=[2]), axis=1), [1])
+
+
+ONNX_TRANSLATION_TABLE = {torch.ops.kiln.nms.default: _nms_onnx}
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within groups (classes, images) in one `nms` call: group g is shifted by g * (span + 1)."""
+    coords = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])  # never empty, so export-safe
+    span = coords.max() - coords.min() + 1
+    shifted = boxes + (groups.to(boxes.dtype) * span)[:, None]  # (N, 4)
+    return nms(shifted, scores, iou_threshold)

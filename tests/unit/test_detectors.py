@@ -1,0 +1,186 @@
+"""models/backbones.py, models/thundernet.py, models/one_stage.py: shapes, losses, gradients, the inference
+format, and ThunderNet's ONNX export against PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from models.backbones import BACKBONES, SNET_PRESETS, build_backbone
+from models.boxes import ONNX_TRANSLATION_TABLE, Detections
+from models.one_stage import FCOS, FCOSConfig
+from models.thundernet import ThunderNet, ThunderNetConfig, label_by_iou, make_anchors
+
+NUM_CLASSES = 3
+SIZE = 64
+
+
+def tiny_thundernet_config(**overrides) -> ThunderNetConfig:
+    kw = dict(
+        num_classes=NUM_CLASSES, backbone="snet_tiny", input_size=SIZE, ps_alpha=2, ps_size=3, rpn_channels=16,
+        anchor_sizes=[16.0, 32.0], anchor_ratios=[0.5, 1.0, 2.0], rpn_pre_nms_train=200, rpn_post_nms_train=50,
+        rpn_pre_nms_test=200, rpn_post_nms_test=30, rpn_batch_per_image=32, rcnn_batch_per_image=32, head_dim=32,
+        max_detections=20,
+    )
+    return ThunderNetConfig(**(kw | overrides))
+
+
+def tiny_fcos_config(**overrides) -> FCOSConfig:
+    kw = dict(num_classes=NUM_CLASSES, backbone="mobilenet_v2_tiny", input_size=SIZE, neck_channels=16, head_convs=1,
+              level_boundary=32.0, pre_nms_top_n=50, max_detections=20)
+    return FCOSConfig(**(kw | overrides))
+
+
+def toy_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},  # an image without objects
+    ]
+    return images, targets
+
+
+# ----------------------------------------------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_strides_and_channels(name):
+    model = build_backbone(name).eval()
+    with torch.no_grad():
+        c4, c5 = model(torch.randn(1, 3, 64, 96))
+    assert c4.shape == (1, model.out_channels["C4"], 64 // 16, 96 // 16)
+    assert c5.shape == (1, model.out_channels["C5"], 64 // 32, 96 // 32)
+    assert model.strides == {"C4": 16, "C5": 32}
+
+
+def test_snet_presets_follow_the_paper():
+    assert build_backbone("snet49").out_channels == {"C4": 120, "C5": 512}  # Conv5 of 512
+    assert build_backbone("snet146").out_channels == {"C4": 264, "C5": 528}
+    assert build_backbone("snet535").out_channels == {"C4": 496, "C5": 992}
+    # 5x5 depthwise convolutions throughout
+    dw = [m for m in build_backbone("snet49").modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert dw and all(m.kernel_size == (5, 5) for m in dw)
+    assert set(SNET_PRESETS) >= {"snet49", "snet146", "snet535"}
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("field,value", [("input_size", 100), ("num_classes", 0), ("backbone", "resnet"),
+                                         ("anchor_sizes", []), ("rpn_fg_iou", 1.5), ("box_weights", [1.0, 1.0]),
+                                         ("rpn_kernel", 4), ("max_detections", True)])
+def test_thundernet_config_rejects(field, value):
+    with pytest.raises(ValueError, match=field):
+        ThunderNetConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("neck_channels", 12), ("input_size", 48), ("focal_alpha", 0.0),
+                                         ("backbone", "vgg")])
+def test_fcos_config_rejects(field, value):
+    with pytest.raises(ValueError, match=field):
+        FCOSConfig(**{field: value})
+
+
+def test_default_configs_are_the_papers():
+    cfg = ThunderNetConfig()
+    assert cfg.ps_alpha * cfg.ps_size**2 == 245 and cfg.num_anchors == 25 and cfg.head_dim == 1024
+    assert cfg.rpn_post_nms_test == 200 and cfg.input_size == 320
+
+
+# ----------------------------------------------------------------------------------------------------- pieces
+
+
+def test_anchors_and_low_quality_matches():
+    anchors = make_anchors([16.0, 32.0], [0.5, 1.0, 2.0], 16, 2, 3)
+    assert anchors.shape == (2 * 3 * 6, 4)
+    wh = anchors[:, 2:] - anchors[:, :2]
+    assert torch.allclose((wh[:, 0] * wh[:, 1]).sqrt()[:6], torch.tensor([16.0, 32.0] * 3))
+    assert torch.allclose((anchors[:6, :2] + anchors[:6, 2:]) / 2, torch.tensor([8.0, 8.0]).expand(6, 2))
+    # A ground truth far from every anchor's IoU threshold still gets its best anchor as foreground.
+    iou = torch.tensor([[0.1, 0.25, 0.2], [0.0, 0.0, 0.8]])
+    labels, matched = label_by_iou(iou, fg=0.7, bg=0.3, allow_low_quality=True)
+    assert labels.tolist() == [0, 1, 1] and matched.tolist() == [0, 0, 1]
+
+
+# ----------------------------------------------------------------------------------------------------- detectors
+
+
+def check_detections(det: Detections, batch: int):
+    assert isinstance(det, Detections)
+    k = det.boxes.shape[0]
+    assert det.boxes.shape == (k, 4) and det.scores.shape == det.labels.shape == det.image_index.shape == (k,)
+    assert det.labels.dtype == det.image_index.dtype == torch.long
+    assert ((det.labels >= 0) & (det.labels < NUM_CLASSES)).all()
+    assert ((det.image_index >= 0) & (det.image_index < batch)).all()
+    assert (det.boxes >= 0).all() and (det.boxes <= SIZE).all()
+    for image in det.per_image(batch):
+        assert (image["scores"][1:] <= image["scores"][:-1]).all()  # by decreasing score
+
+
+@pytest.mark.parametrize("build", [lambda: ThunderNet(tiny_thundernet_config()), lambda: FCOS(tiny_fcos_config())],
+                         ids=["thundernet", "fcos"])
+def test_losses_are_finite_and_gradients_reach_every_part(build):
+    torch.manual_seed(0)
+    model = build()
+    images, targets = toy_batch()
+    losses = model(images, targets)
+    assert len(losses) >= 3 and all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    sum(losses.values()).backward()
+    for name, module in model.named_children():
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient reaches {name}"
+
+    model.eval()
+    with torch.no_grad():
+        check_detections(model(images), batch=2)
+
+
+def test_fcos_inference_format_with_detections():
+    torch.manual_seed(0)
+    model = FCOS(tiny_fcos_config(score_threshold=0.005)).eval()  # at init the class prior is 0.01
+    with torch.no_grad():
+        det = model(toy_batch()[0])
+    assert len(det.scores) > 0 and set(det.image_index.tolist()) == {0, 1}
+    check_detections(det, batch=2)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export
+def test_thundernet_onnx_export_matches_pytorch():
+    torch.manual_seed(0)
+    model = ThunderNet(tiny_thundernet_config())
+    images, targets = toy_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    # Train on the toy until the scores spread out: at initialisation they sit within 1e-4 of each
+    # other, where onnxruntime's last-bit differences could reorder them.
+    for _ in range(60):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert math.isfinite(loss.item())
+
+    model.eval()
+    x = images[:1]
+    with torch.no_grad():
+        want = model(x)
+    assert len(want.scores) > 5  # detections survive the score threshold: the comparison is not vacuous
+    assert (want.scores[:-1] - want.scores[1:]).min() > 1e-5
+    check_detections(want, batch=1)
+
+    program = torch.onnx.export(
+        model, (x,), dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE, verbose=False
+    )
+    ops = {n.op_type for n in program.model_proto.graph.node}
+    assert {"NonMaxSuppression", "GridSample"} <= ops
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    boxes, scores, labels, image_index = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert boxes.shape == tuple(want.boxes.shape)
+    np.testing.assert_allclose(boxes, want.boxes.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores, want.scores.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(labels, want.labels.numpy())
+    np.testing.assert_array_equal(image_index, want.image_index.numpy())

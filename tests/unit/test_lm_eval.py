@@ -1,0 +1,65 @@
+"""Neural LM evaluation: every token scored exactly once, as with the full context when it fits."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.lm import build_language_model
+from models.transformer_lm import TransformerConfig
+from tasks.lm import stream_nll, token_log_probs
+
+DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_language_model("transformer", TransformerConfig(vocab_size=11, context_length=16, n_layer=1,
+                                                                 n_head=2, d_model=16, dropout=0.0)).eval()
+
+
+def stream(length: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    s = rng.integers(3, 11, size=length).astype(np.int32)
+    s[0] = 1
+    s[rng.choice(np.arange(2, length), size=length // 6, replace=False)] = 2  # some </s>
+    for i in np.flatnonzero(s[:-1] == 2):
+        s[i + 1] = 1  # every </s> is followed by <s>
+    return s
+
+
+def test_full_context_equals_one_forward(model):
+    ids = stream(16)
+    with torch.no_grad():
+        direct = torch.log_softmax(model(torch.as_tensor(ids[:-1], dtype=torch.long)[None]), -1)[0]
+    expected = direct.gather(-1, torch.as_tensor(ids[1:], dtype=torch.long)[:, None])[:, 0].double().numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(token_log_probs(model, ids, 16, 4, DEVICE), expected, atol=1e-6)
+
+
+@torch.no_grad()
+def log_p_given(model, ids: np.ndarray, start: int, i: int) -> float:
+    """log p(ids[i + 1] | ids[start .. i]) by a direct forward."""
+    logits = model(torch.as_tensor(ids[start : i + 1], dtype=torch.long)[None])[0, -1]
+    return torch.log_softmax(logits, -1)[ids[i + 1]].item()
+
+
+@pytest.mark.parametrize("length", [5, 17, 40, 41, 100])
+def test_every_token_is_scored_once_with_at_least_half_a_window_of_history(model, length):
+    ids = stream(length, seed=length)
+    with torch.no_grad():
+        logp = token_log_probs(model, ids, 16, 3, DEVICE)
+    assert logp.shape == (length - 1,)
+    for i in range(length - 1):
+        # The window that scored position i started between 15 and 8 tokens back (or at the stream start).
+        starts = [0] if i < 8 else range(max(0, i - 15), i - 7)
+        assert any(np.isclose(logp[i], log_p_given(model, ids, s, i), atol=1e-5) for s in starts), i
+
+
+def test_nll_counts_every_target_but_bos(model):
+    ids = stream(60)
+    with torch.no_grad():
+        nll, count = stream_nll(model, ids, 16, 4, DEVICE)
+        logp = token_log_probs(model, ids, 16, 4, DEVICE)
+    assert count == int(np.sum(ids[1:] != 1))
+    assert nll == pytest.approx(-logp[ids[1:] != 1].sum())
