@@ -37,6 +37,8 @@ test: install-dev
 bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
+	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
+	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
 
 ui: install
 	kiln ui

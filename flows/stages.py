@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from flows.lm import lm_compare_flow, lm_flow
 from flows.text import corpus_flow, ngram_flow
 
 STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "corpus": corpus_flow,
     "ngram": ngram_flow,
+    "lm": lm_flow,
+    "lm_compare": lm_compare_flow,
 }
 
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.lm import LANGUAGE_MODELS
 from models.ngram import NgramConfig
 from tasks.params import ParamsError, load_params_file
+from tasks.training import TrainConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -66,21 +68,46 @@ class CorpusConfig:
             raise ValueError(f"max_documents must be >= 0, got {self.max_documents}")
 
 
+@dataclass(frozen=True)
+class LMEvalConfig:
+    """`params/lm.yaml: lm_eval`: how the neural LMs are evaluated and sampled."""
+
+    batch_size: int  # evaluation windows per forward pass
+    val_max_tokens: int  # tokens of the val stream scored at each mid-training evaluation; 0: all
+    sample_tokens: int  # length of the text sample logged to MLflow
+    sample_temperature: float
+    sample_top_k: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.val_max_tokens < 0 or self.sample_tokens < 0:
+            raise ValueError("val_max_tokens and sample_tokens must be >= 0")
+        if self.sample_temperature < 0 or self.sample_top_k < 1:
+            raise ValueError("sample_temperature must be >= 0 and sample_top_k >= 1")
+
+
 PARAMS_FILES: dict[str, dict[str, type]] = {
     "runtime.yaml": {"runtime": RuntimeConfig},
     "data.yaml": {"corpus": CorpusConfig},
-    "lm.yaml": {"ngram": NgramConfig},
+    "lm.yaml": {"ngram": NgramConfig, "lm_train": TrainConfig, "lm_eval": LMEvalConfig,
+                **{name: config for name, (config, _) in LANGUAGE_MODELS.items()}},
 }
+
+# Fields a stage fills in from its data, never from params; placeholders let `load_all` validate the rest.
+DERIVED_FIELDS: dict[str, dict[str, Any]] = {name: {"vocab_size": 1} for name in LANGUAGE_MODELS}
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}
 
 
-def load_section(params_dir: Path, section: str) -> Any:
-    """One section as its dataclass; its whole file is validated on the way."""
+def load_section(params_dir: Path, section: str, **derived: Any) -> Any:
+    """One section as its dataclass (its data-derived fields from `derived`); its whole file is validated
+    on the way."""
     if section not in SECTION_FILE:
         raise ParamsError(params_dir, section, f"no such params section (known: {', '.join(SECTION_FILE)})")
     file = SECTION_FILE[section]
-    return load_params_file(params_dir / file, PARAMS_FILES[file])[section]
+    fills = {**DERIVED_FIELDS, section: {**DERIVED_FIELDS.get(section, {}), **derived}}
+    return load_params_file(params_dir / file, PARAMS_FILES[file], fills)[section]
 
 
 def load_all(params_dir: Path) -> dict[str, Any]:
@@ -88,5 +115,5 @@ def load_all(params_dir: Path) -> dict[str, Any]:
     return {
         name: config
         for file, sections in PARAMS_FILES.items()
-        for name, config in load_params_file(params_dir / file, sections).items()
+        for name, config in load_params_file(params_dir / file, sections, DERIVED_FIELDS).items()
     }

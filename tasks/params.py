@@ -85,12 +85,21 @@ def _check_value(value: Any, tp: Any, path: Path, key: str) -> Any:
     return value
 
 
-def section_from_dict(cls: type[T], data: Any, path: Path, section: str) -> T:
-    """Build dataclass `cls` from the mapping `data` found at `path`:`section`, strictly."""
+def section_from_dict(cls: type[T], data: Any, path: Path, section: str,
+                      derived: dict[str, Any] | None = None) -> T:
+    """Build dataclass `cls` from the mapping `data` found at `path`:`section`, strictly.
+
+    `derived` fields come from the data, not from params (a language model's `vocab_size`): the YAML must
+    not set them and they are filled in from `derived`.
+    """
     if not isinstance(data, dict):
         raise ParamsError(path, section, f"expected a mapping, got {type(data).__name__}")
+    derived = derived or {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in derived:
+        if name in data:
+            raise ParamsError(path, f"{section}.{name}", "is set from the data; remove it from params")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in derived}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ParamsError(path, f"{section}.{unknown[0]}", f"unknown key (known: {', '.join(fields)})")
@@ -99,14 +108,16 @@ def section_from_dict(cls: type[T], data: Any, path: Path, section: str) -> T:
         raise ParamsError(path, f"{section}.{missing[0]}", "missing key")
     values = {name: _check_value(data[name], hints[name], path, f"{section}.{name}") for name in fields}
     try:
-        return cls(**values)
+        return cls(**values, **derived)
     except (ValueError, TypeError) as err:
         # __post_init__ validation names the field; prefix the file and section.
         raise ParamsError(path, section, str(err)) from err
 
 
-def load_params_file(path: Path, sections: dict[str, type]) -> dict[str, Any]:
-    """Every section of one params file, each as its dataclass. The file must hold exactly `sections`."""
+def load_params_file(path: Path, sections: dict[str, type],
+                     derived: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every section of one params file, each as its dataclass. The file must hold exactly `sections`;
+    `derived[section]` fills a section's data-derived fields (see `section_from_dict`)."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ParamsError(path, "<file>", "expected a mapping of sections")
@@ -116,7 +127,9 @@ def load_params_file(path: Path, sections: dict[str, type]) -> dict[str, Any]:
     missing = [s for s in sections if s not in data]
     if missing:
         raise ParamsError(path, missing[0], "missing section")
-    return {name: section_from_dict(cls, data[name], path, name) for name, cls in sections.items()}
+    derived = derived or {}
+    return {name: section_from_dict(cls, data[name], path, name, derived.get(name))
+            for name, cls in sections.items()}
 
 
 def as_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:

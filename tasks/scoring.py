@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models import ngram as kn
+from models.lm import LANGUAGE_MODELS
 from models.tokenizer import BOS_ID, EOS, EOS_ID, UNK, UNK_ID, split_sentences, tokenize_sentence
-from tasks.layout import NGRAM_DIR
+from tasks.layout import CORPUS_DIR, LM_DIR, NGRAM_DIR
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,35 @@ def score_with_ngram(root: Path, sentences: list[str]) -> list[SentenceScore]:
     return out
 
 
-SCORERS: dict[str, Callable[[Path, list[str]], list[SentenceScore]]] = {"ngram": score_with_ngram}
+def neural_scorer(name: str) -> Callable[[Path, list[str]], list[SentenceScore]]:
+    """Score with the trained `lm@name`: each sentence alone, `<s> ... </s>`, the corpus vocabulary."""
+
+    def score(root: Path, sentences: list[str]) -> list[SentenceScore]:
+        from tasks.lm import load_language_model, token_log_probs
+        from tasks.text import read_vocab
+
+        _, model = load_language_model(root / LM_DIR / name / "model.pt")
+        index = {w: i for i, w in enumerate(read_vocab(root / CORPUS_DIR))}
+        out = []
+        for sentence in sentences:
+            tokens = sentence_tokens(sentence)
+            ids = [index.get(t, UNK_ID) for t in tokens]
+            stream = np.array([BOS_ID, *ids, EOS_ID], dtype=np.int32)
+            with torch.no_grad():
+                log10 = token_log_probs(model, stream, model.cfg.context_length, 8, torch.device("cpu")) / np.log(10)
+            unknown = [i == UNK_ID and t != UNK for t, i in zip(tokens, ids)] + [False]
+            total = float(log10.sum())
+            out.append(SentenceScore(name, sentence, [*tokens, EOS], unknown, log10.tolist(), total,
+                                     float(10.0 ** (-total / len(log10)))))
+        return out
+
+    return score
+
+
+SCORERS: dict[str, Callable[[Path, list[str]], list[SentenceScore]]] = {
+    "ngram": score_with_ngram,
+    **{name: neural_scorer(name) for name in LANGUAGE_MODELS},
+}
 
 
 def score_sentences(root: Path, sentences: list[str], models: list[str] | None = None) -> list[SentenceScore]:
@@ -75,7 +105,7 @@ def score_sentences(root: Path, sentences: list[str], models: list[str] | None =
     if unknown:
         raise KeyError(f"no language model {unknown[0]!r} to score with (known: {', '.join(SCORERS)})")
     scores = [s for m in models for s in SCORERS[m](root, sentences)]
-    return sorted(scores, key=lambda s: (s.model, s.perplexity))
+    return sorted(scores, key=lambda s: (models.index(s.model), s.perplexity))
 
 
 def format_scores(scores: list[SentenceScore]) -> str:

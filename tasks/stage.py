@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.config import load_section
@@ -22,10 +23,15 @@ class OpenStage:
 
 
 @contextmanager
-def open_stage(stage: str, family: str, sections: list[str]) -> Iterator[OpenStage]:
-    """Load the stage's params sections (strictly), seed, and open its MLflow run with those params."""
+def open_stage(stage: str, family: str, sections: list[str],
+               derive: Callable[[Path], dict[str, dict[str, Any]]] | None = None) -> Iterator[OpenStage]:
+    """Load the stage's params sections (strictly), seed, and open its MLflow run with those params.
+
+    `derive(root)` gives the data-derived fields of sections that have them (`{"mamba": {"vocab_size": V}}`).
+    """
     env = stage_env()
-    configs = {name: load_section(env.params_dir, name) for name in sections}
+    derived = derive(env.root) if derive else {}
+    configs = {name: load_section(env.params_dir, name, **derived.get(name, {})) for name in sections}
     seed_everything(env.runtime.seed)
     if env.runtime.threads:
         import torch

@@ -1,28 +1,35 @@
 """dvc.yaml and the code agree: every stage runs its own flow and writes where the code says."""
 
-from ruamel.yaml import YAML
+import pytest
+from dvc.repo import Repo
 
 from flows.stages import STAGE_FLOWS, stage_flow
 from tasks import layout
+from tasks.lm import LM_NAMES
 
 
-def test_every_stage_cmd_runs_its_registered_flow(repo_root):
-    stages = YAML(typ="safe").load((repo_root / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        assert stage["cmd"] == f"kiln stage {name}"
+@pytest.fixture(scope="module")
+def stages(repo_root):
+    with Repo(str(repo_root)) as repo:
+        return {s.addressing: (s.cmd, {str(o.def_path) for o in s.outs}) for s in repo.index.stages}
+
+
+def test_every_stage_cmd_runs_its_registered_flow(stages):
+    for name, (cmd, _) in stages.items():
+        assert cmd == f"kiln stage {name}"
         assert name.partition("@")[0] in STAGE_FLOWS
         assert callable(stage_flow(name))
 
 
-def test_stage_outputs_are_the_layout_paths(repo_root):
-    stages = YAML(typ="safe").load((repo_root / "dvc.yaml").read_text())["stages"]
+def test_stage_outputs_are_the_layout_paths(stages):
+    assert stages["corpus"][1] == {layout.CORPUS_DIR, f"{layout.METRICS_DIR}/corpus.json"}
+    assert stages["ngram"][1] == {layout.NGRAM_DIR, f"{layout.METRICS_DIR}/ngram.json",
+                                  f"{layout.PLOTS_DIR}/ngram_perplexity.csv"}
+    for name in LM_NAMES:
+        assert stages[f"lm@{name}"][1] == {f"{layout.LM_DIR}/{name}/model.pt", f"{layout.LM_DIR}/{name}/checkpoint.pt",
+                                           f"{layout.METRICS_DIR}/lm/{name}.json", f"{layout.PLOTS_DIR}/lm/{name}.csv"}
+    assert all(path.startswith("data/") for _, outs in stages.values() for path in outs)
 
-    def outs(name):
-        entries = stages[name].get("outs", []) + stages[name].get("metrics", []) + stages[name].get("plots", [])
-        return {e if isinstance(e, str) else next(iter(e)) for e in entries}
 
-    assert outs("corpus") == {layout.CORPUS_DIR, f"{layout.METRICS_DIR}/corpus.json"}
-    assert outs("ngram") == {layout.NGRAM_DIR, f"{layout.METRICS_DIR}/ngram.json",
-                             f"{layout.PLOTS_DIR}/ngram_perplexity.csv"}
-    for name in stages:
-        assert all(path.startswith("data/") for path in outs(name))
+def test_every_language_model_has_a_stage(stages):
+    assert {name for name in stages if name.startswith("lm@")} == {f"lm@{n}" for n in LM_NAMES}

@@ -19,6 +19,15 @@ import pytest
 
 pytestmark = pytest.mark.pipeline
 
+LMS = ["lm@lstm", "lm@transformer", "lm@s4d", "lm@mamba"]
+STAGES = ["corpus", "ngram", *LMS, "lm_compare"]
+
+
+def statuses(**overrides: str) -> dict[str, str]:
+    """The expected summary: every stage `default` unless overridden (stage names with @ via dict)."""
+    default = overrides.pop("default")
+    return {stage: overrides.get(stage.replace("@", "_"), default) for stage in STAGES}
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -78,7 +87,7 @@ def runs_of(project: Path, experiment: str, name: str):
 
 
 def test_first_run_reproduces_every_text_stage_and_leaves_dvc_clean(project, first_run):
-    assert summary(first_run.stdout) == {"corpus": "ran", "ngram": "ran"}
+    assert summary(first_run.stdout) == statuses(default="ran")
     assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
     for path in ("data/prepared/corpus/train.parquet", "data/models/ngram/model.arpa",
                  "data/models/ngram/counts_3.parquet", "data/metrics/ngram.json", "data/plots/ngram_perplexity.csv"):
@@ -102,7 +111,7 @@ def test_lock_is_what_dvc_repro_writes(project, first_run, repo_root, tmp_path):
 
 
 def test_second_run_executes_nothing(project, first_run):
-    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "up to date", "ngram": "up to date"}
+    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date")
 
 
 def test_mlflow_holds_nested_stage_runs_with_params_metrics_inputs_and_artifacts(project, first_run):
@@ -126,7 +135,28 @@ def test_mlflow_holds_nested_stage_runs_with_params_metrics_inputs_and_artifacts
     assert {"model", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(ngram.info.run_id, "plots")}
     assert "plots/ngram_perplexity.png" in plots
-    assert parent.data.metrics["stages_ran"] == 2
+    assert parent.data.metrics["stages_ran"] == len(STAGES)
+
+
+def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_run):
+    client = mlflow_client(project)
+    run = runs_of(project, "text", "lm@mamba")[-1]
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and np.isfinite(metrics["test_perplexity"])
+    assert metrics["test_perplexity"] == pytest.approx(
+        json.loads((project / "data/metrics/lm/mamba.json").read_text())["test_perplexity"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_perplexity")] == [15, 30]
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
+    assert run.data.params["mamba.d_model"] == "32" and run.data.params["lm_train.steps"] == "30"
+    sample = client.download_artifacts(run.info.run_id, "sample.txt")
+    assert Path(sample).read_text().startswith("<s>")
+    compare = json.loads((project / "data/metrics/lm_compare.json").read_text())
+    assert set(compare) == {"unigram_test_perplexity", "kn2_test_perplexity", "kn3_test_perplexity",
+                            *(f"{m.split('@')[1]}_test_perplexity" for m in LMS)}
+    scored = json.loads(sh(project, "kiln", "score", "--json", "--model", "mamba", "--model", "ngram",
+                           "the object is returned .").stdout)
+    assert [s["model"] for s in scored] == ["mamba", "ngram"]
+    assert all(np.isfinite(s["perplexity"]) for s in scored)
 
 
 def test_kenlm_scores_the_pipeline_arpa_like_our_scorer(project, first_run):
@@ -160,12 +190,13 @@ def test_score_ranks_sentences_and_flags_unknown_words(project, first_run):
     assert odd["log10_prob"] == pytest.approx(sum(odd["token_log10"]))
 
 
-def test_changing_one_ngram_param_reruns_only_ngram(project, first_run):
+def test_changing_one_ngram_param_reruns_only_ngram_and_the_comparison(project, first_run):
     lm = project / "params/lm.yaml"
     lm.write_text(lm.read_text().replace("order: 3", "order: 2"))
     status = sh(project, "kiln", "status").stdout
-    assert "corpus: up to date" in status and "ngram: stale" in status and "ngram.order" in status
-    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "up to date", "ngram": "ran"}
+    assert "corpus: up to date" in status and "ngram: stale" in status and "ngram.order 3 -> 2" in status
+    assert "lm@mamba: up to date" in status
+    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date", ngram="ran", lm_compare="ran")
     assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
     assert not (project / "data/models/ngram/counts_3.parquet").exists()
 
@@ -178,6 +209,9 @@ def test_dvc_repro_of_one_stage_logs_a_top_level_run(project, first_run):
     latest = runs_of(project, "text", "ngram")[0]
     assert latest.info.status == "FINISHED" and "mlflow.parentRunId" not in latest.data.tags
     assert latest.data.params["ngram.order"] == "4"
+    # `dvc repro ngram` brings ngram and its upstream up to date, not what depends on it.
+    assert set(json.loads(sh(project, "dvc", "status", "--json").stdout)) == {"lm_compare"}
+    sh(project, "dvc", "repro", "lm_compare")
     assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
 
 
@@ -189,7 +223,7 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
         failed = sh(project, "kiln", "run", check=False)
         assert failed.returncode == 1
         table = summary(failed.stderr)
-        assert table == {"corpus": "failed", "ngram": "skipped"}
+        assert table == statuses(default="skipped", corpus="failed")
         assert "missing.txt" in failed.stderr
         leftovers = [p for p in (project / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
         assert leftovers == []
@@ -198,4 +232,5 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
         assert failed_run.info.status == "FAILED" and "missing.txt" in failed_run.data.tags["kiln.error"]
     finally:
         data.write_text(good)
-    assert summary(sh(project, "kiln", "run").stdout) == {"corpus": "ran", "ngram": "up to date"}
+    # The corpus comes back identical, so nothing downstream of it is stale.
+    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date", corpus="ran")

@@ -1,0 +1,217 @@
+"""The one training loop of Kiln: every model family trains through `train`.
+
+AdamW (decoupled weight decay on matrices only), linear warmup then cosine decay, gradient clipping,
+evaluation every K steps, a clear error on a NaN/inf loss, deterministic seeding, a progress bar with
+throughput, and a checkpoint every K steps that a re-run resumes from. A checkpoint carries a
+fingerprint of everything that shaped the run (configs and data); a checkpoint whose fingerprint differs
+is set aside, never resumed into the wrong run. Checkpoints hold only tensors and plain Python values and
+load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tasks.io import atomic_path
+from tasks.tracking import StageRun
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training section of params (e.g. `params/lm.yaml: lm_train`)."""
+
+    steps: int  # optimizer steps in total
+    batch_size: int
+    lr: float  # peak learning rate, reached after warmup
+    min_lr_ratio: float  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int
+    weight_decay: float  # AdamW, on weight matrices and embeddings only
+    beta1: float
+    beta2: float
+    grad_clip: float  # max global gradient norm; 0 turns clipping off
+    eval_every: int  # steps between evaluations (and one at the end)
+    checkpoint_every: int  # steps between resumable checkpoints (and one at the end)
+    log_every: int  # steps between logged train metrics
+    precision: Literal["fp32", "bf16"]  # bf16: autocast where the device supports it, else fp32
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or inf: training stops instead of writing a broken model."""
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on tensors of rank >= 2 only: not on biases and norms, nor on parameters a
+    model marks `_no_weight_decay` (the SSM state matrices and step sizes, as the S4/Mamba papers do)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decays = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
+    groups = [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
+              {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast where the device runs it natively; fp32 otherwise (bf16 on CPU is slower)."""
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int  # 0: a fresh start
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    train_seconds: float = 0.0
+    items_per_second: float = 0.0
+
+
+Batch = Any
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    *,
+    next_batch: Callable[[torch.Generator], Batch],
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    items_per_batch: int,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    run: StageRun | None = None,
+    item_name: str = "tokens",
+    desc: str = "train",
+) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps, resuming from `checkpoint` when it matches.
+
+    `next_batch(generator)` draws a batch with the loop's seeded generator (its state is checkpointed, so a
+    resumed run sees the batches an uninterrupted one would); `loss_fn(model, batch)` returns the mean loss;
+    `evaluate(model)` returns metrics (logged at the eval step). `items_per_batch` counts throughput.
+    """
+    fingerprint = fingerprint or {}
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    result = TrainResult(steps=cfg.steps, resumed_from=0)
+
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint and state.get("step", 0) <= cfg.steps:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            generator.set_state(state["batch_rng"])
+            result.resumed_from = int(state["step"])
+            result.history = list(state["history"])
+            print(f"{desc}: resuming from {checkpoint} at step {result.resumed_from}")
+        else:
+            print(f"{desc}: {checkpoint} was made by another configuration or data; starting afresh")
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint is None:
+            return
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                        "batch_rng": generator.get_state(), "history": result.history}, tmp)
+
+    def run_evaluation(step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model)
+        model.train()
+        result.history.append({"step": float(step), **metrics})
+        if run is not None:
+            run.log_metrics(metrics, step=step)
+
+    model.train()
+    start, items, window_start, window_items = time.perf_counter(), 0, time.perf_counter(), 0
+    bar = tqdm(range(result.resumed_from, cfg.steps), desc=desc, initial=result.resumed_from, total=cfg.steps,
+               file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
+    for step in bar:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next_batch(generator)
+        with autocast_context(device, cfg.precision):
+            loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step} (lr {lr:.3g}); "
+                                "lower the learning rate or raise warmup_steps")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        items += items_per_batch
+        window_items += items_per_batch
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            rate = window_items / max(now - window_start, 1e-9)
+            window_start, window_items = now, 0
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{f"{item_name}/s": f"{rate:,.0f}"})
+            if run is not None:
+                run.log_metrics({"train_loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                                 f"{item_name}_per_s": rate}, step=done)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            run_evaluation(done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(done)
+    bar.close()
+    result.train_seconds = time.perf_counter() - start
+    result.items_per_second = items / max(result.train_seconds, 1e-9)
+    if result.resumed_from == cfg.steps and not result.history:
+        run_evaluation(cfg.steps)
+    return result
