@@ -12,9 +12,14 @@ NMS comes three ways, held equal by tests/unit/test_boxes_roi.py:
       torch.onnx.export(model, args, dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE)
 `batched_nms` runs per-class (or per-image) NMS in one call of `nms` with the offset trick: boxes of
 group g are shifted by g * (coordinate span + 1), so boxes of different groups never overlap.
+`multiclass_nms` is ONNX `NonMaxSuppression` itself, batches and classes included, as a custom op on
+padded tensors that returns a keep mask: what the detectors' batched inference calls. A batch costs
+what its images cost one by one (no offsets, whose float32 rounding grows with the batch), and only the
+final selection of a model has a data-dependent size.
 
-All three suppress a box whose IoU with a kept, higher-scoring box is > iou_threshold (strictly, as
-torchvision and ONNX do), visit equal scores in index order and return kept indices by decreasing score.
+All of them suppress a box whose IoU with a kept, higher-scoring box is > iou_threshold (strictly, as
+torchvision and ONNX do), visit equal scores in index order and return kept indices by decreasing score
+(`multiclass_nms`: the kept set, as a mask; `top_kept` orders it).
 """
 
 from __future__ import annotations
@@ -41,11 +46,26 @@ class Detections(NamedTuple):
     labels: Tensor  # (K,) int64
     image_index: Tensor  # (K,) int64
 
+    @classmethod
+    def from_padded(cls, boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor) -> Detections:
+        """Per-image rows, (B, D, 4) boxes and (B, D) scores, labels and validity, each row by decreasing
+        score with its padding last -> the flat form, image by image."""
+        image, k = torch.nonzero(valid, as_tuple=True)  # image-major: each image's rows in order
+        return cls(boxes[image, k], scores[image, k], labels[image, k], image)
+
     def per_image(self, batch_size: int) -> list[dict[str, Tensor]]:
         return [
             {"boxes": self.boxes[m], "scores": self.scores[m], "labels": self.labels[m]}
             for m in (self.image_index == b for b in range(batch_size))
         ]
+
+
+def top_kept(scores: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of scores (B, M): the indices (B, k) of the best k entries where keep (B, M) holds, by
+    decreasing score (ties by index), then the others; and whether each is a kept one (B, k). This is
+    "NMS then the first k" for every image at once, with a static k."""
+    order = torch.where(keep, scores, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return order, torch.gather(keep, 1, order)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,12 +229,55 @@ def _nms_onnx(boxes, scores, iou_threshold: float):
     return op.Squeeze(op.Gather(selected, op.Constant(value_ints=[2]), axis=1), [1])
 
 
-ONNX_TRANSLATION_TABLE = {torch.ops.kiln.nms.default: _nms_onnx}
-
-
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """NMS within groups (classes, images) in one `nms` call: group g is shifted by g * (span + 1)."""
     coords = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])  # never empty, so export-safe
     span = coords.max() - coords.min() + 1
     shifted = boxes + (groups.to(boxes.dtype) * span)[:, None]  # (N, 4)
     return nms(shifted, scores, iou_threshold)
+
+
+@torch.library.custom_op("kiln::multiclass_nms", mutates_args=())
+def multiclass_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    """ONNX NonMaxSuppression on padded tensors: boxes (N, M, 4) xyxy, scores (N, K, M) -> keep (N, K, M)
+    bool. For each batch n and class k, greedy NMS (as `nms`) among the boxes m of batch n whose
+    scores[n, k, m] > score_threshold; the others are never kept and suppress nothing."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    candidate = scores > score_threshold  # (N, K, M)
+    for n, k in torch.nonzero(candidate.any(dim=2)).tolist():  # the non-empty (batch, class) pairs
+        idx = torch.nonzero(candidate[n, k]).flatten()
+        keep[n, k, idx[nms_torch(boxes[n, idx], scores[n, k, idx], iou_threshold)]] = True
+    return keep
+
+
+@multiclass_nms.register_fake
+def _multiclass_nms_fake(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    return torch.empty_like(scores, dtype=torch.bool)  # a static shape: the mask, not the kept count
+
+
+def _multiclass_nms_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
+    """NonMaxSuppression returns (S, 3) rows (batch, class, box): scatter ones there into a zero mask."""
+    selected = op.NonMaxSuppression(
+        boxes,
+        scores,
+        op.Shape(boxes, start=1, end=2),  # max_output_boxes_per_class: all of them
+        op.Constant(value_floats=[iou_threshold]),
+        op.Constant(value_floats=[score_threshold]),
+    )
+    zeros = op.Expand(op.Constant(value_int=0), op.Shape(scores))  # (N, K, M) int64
+    ones = op.Expand(op.Constant(value_int=1), op.Shape(selected, start=0, end=1))  # (S,)
+    return op.Cast(op.ScatterND(zeros, selected, ones), to=9)  # 9: BOOL
+
+
+def _sort_stable_onnx(self, stable: bool | None = None, dim: int = -1, descending: bool = False):
+    """`torch.sort(..., stable=True)`, which the exporter does not translate: ONNX TopK over the whole axis
+    is one, as it puts equal values in index order (TopK spec, opset 11 on), for either direction."""
+    n = op.Gather(op.Shape(self), op.Constant(value_ints=[dim]))  # (1,)
+    return op.TopK(self, n, axis=dim, largest=int(descending), sorted=1)
+
+
+ONNX_TRANSLATION_TABLE = {
+    torch.ops.kiln.nms.default: _nms_onnx,
+    torch.ops.kiln.multiclass_nms.default: _multiclass_nms_onnx,
+    torch.ops.aten.sort.stable: _sort_stable_onnx,
+}

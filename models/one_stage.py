@@ -20,7 +20,8 @@ far from an object's centre. Read top to bottom:
 6. Inference: per level the top `pre_nms_top_n` (location, class) pairs by class probability above
    `score_threshold`, score = sqrt(p_class * centerness) (as the FCOS code reports), class-wise NMS, the
    best `max_detections`. Output: models.boxes.Detections, as ThunderNet's, and it exports to ONNX the
-   same way.
+   same way: the whole batch at once (scores (B, locations, C), -inf where not selected, and
+   models/boxes.py's `multiclass_nms` op), so with a dynamic batch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import BACKBONES, build_backbone
-from models.boxes import Detections, batched_nms, clip_boxes
+from models.boxes import Detections, clip_boxes, multiclass_nms, top_kept
 
 
 @dataclass
@@ -225,27 +226,24 @@ class FCOS(nn.Module):
     def detect(
         self, outs: list[tuple[Tensor, Tensor, Tensor]], points: list[Tensor], size: tuple[int, int]
     ) -> Detections:
+        """Step 6 for the whole batch at once (no loop over images, so the ONNX export keeps a dynamic
+        batch): every location's box, its (location, class) scores where selected, -inf elsewhere."""
         cfg = self.config
         C = cfg.num_classes
         B = outs[0][0].shape[0]
-        out_boxes, out_scores, out_labels, out_image = [], [], [], []
-        for b in range(B):
-            boxes_l, scores_l, labels_l = [], [], []
-            for (logits, ltrb, ctr), pts in zip(outs, points):
-                prob = torch.sigmoid(logits[b]).reshape(-1)  # (H W C,), location-major
-                # Top-k then threshold selects what threshold then top-k would, with a static k.
-                top, idx = prob.topk(min(cfg.pre_nms_top_n, prob.shape[0]))
-                hit = torch.nonzero(top > cfg.score_threshold).flatten()
-                top, idx = top[hit], idx[hit]
-                loc, label = idx // C, idx % C
-                p, d = pts[loc], ltrb[b, loc]  # (k, 2), (k, 4)
-                boxes_l.append(clip_boxes(torch.cat([p - d[:, :2], p + d[:, 2:]], dim=-1), size))
-                scores_l.append(torch.sqrt(top * torch.sigmoid(ctr[b, loc])))
-                labels_l.append(label)
-            boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
-            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_detections]
-            out_boxes.append(boxes[keep])
-            out_scores.append(scores[keep])
-            out_labels.append(labels[keep])
-            out_image.append(torch.full_like(labels[keep], b))
-        return Detections(torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_labels), torch.cat(out_image))
+        boxes_l, scores_l = [], []
+        for (logits, ltrb, ctr), pts in zip(outs, points):  # levels
+            prob = torch.sigmoid(logits).reshape(B, -1)  # (B, H W C), location-major
+            # Top-k then threshold selects what threshold then top-k would, with a static k.
+            _, idx = prob.topk(min(cfg.pre_nms_top_n, prob.shape[1]), dim=1)  # (B, k)
+            chosen = torch.zeros_like(prob, dtype=torch.bool).scatter(1, idx, True) & (prob > cfg.score_threshold)
+            score = torch.sqrt(prob.reshape(B, -1, C) * torch.sigmoid(ctr)[:, :, None])  # (B, H W, C)
+            scores_l.append(torch.where(chosen.reshape(B, -1, C), score, -math.inf))
+            boxes_l.append(clip_boxes(torch.cat([pts - ltrb[..., :2], pts + ltrb[..., 2:]], dim=-1), size))
+        boxes, scores = torch.cat(boxes_l, dim=1), torch.cat(scores_l, dim=1)  # (B, L, 4), (B, L, C): L locations
+        L = boxes.shape[1]
+        keep = multiclass_nms(boxes, scores.transpose(1, 2), cfg.nms_iou, -math.inf)  # (B, C, L): class-wise
+        scores = scores.reshape(B, L * C)  # location-major
+        order, kept = top_kept(scores, keep.transpose(1, 2).reshape(B, L * C), min(cfg.max_detections, L * C))
+        boxes = torch.gather(boxes, 1, (order // C)[:, :, None].expand(-1, -1, 4))  # (B, D, 4)
+        return Detections.from_padded(boxes, torch.gather(scores, 1, order), order % C, kept)

@@ -13,11 +13,11 @@ feature pixel (u, v) covers [u, u + 1) x [v, v + 1), so its value sits at (u + 0
 RoIAlign, no half-pixel shift left to fix). Bilinear sampling reads zero outside the map, i.e. exactly
 `grid_sample(..., mode="bilinear", padding_mode="zeros", align_corners=False)`.
 
-`ps_roi_align` is the vectorised path: the p * p bins become the batch of one `grid_sample`, each bin
-sampling only its alpha channels at every RoI's points, so no work is wasted on the other p^2 - 1 slices;
-it exports to ONNX (GridSample) with a dynamic number of RoIs. `ps_roi_align_reference` loops over RoIs,
-channels, bins and samples with explicit bilinear weights; a test holds them equal in values and
-gradients.
+`ps_roi_align` is the vectorised path: the (image, bin) pairs become the batch of one `grid_sample`, each
+sampling only its alpha channels at its image's RoI points, so no work is wasted on the other p^2 - 1
+slices; RoIs come as a (B, R, 4) tensor (per-image lists are padded to one), so it exports to ONNX
+(GridSample) with a dynamic batch. `ps_roi_align_reference` loops over RoIs, channels, bins and samples
+with explicit bilinear weights; a test holds them equal in values and gradients.
 """
 
 from __future__ import annotations
@@ -39,32 +39,45 @@ def _sample_points(rois: Tensor, p: int, s: int, spatial_scale: float) -> tuple[
 
 
 def ps_roi_align(
-    features: Tensor, rois: list[Tensor], output_size: int, spatial_scale: float, sampling_ratio: int = 2
+    features: Tensor, rois: list[Tensor] | Tensor, output_size: int, spatial_scale: float, sampling_ratio: int = 2
 ) -> Tensor:
-    """features (B, alpha * p * p, H, W); rois: one (R_b, 4) xyxy tensor per image, in image pixels.
-    Returns (sum R_b, alpha, p, p), RoIs in the order given."""
+    """features (B, alpha * p * p, H, W); rois in image pixels, xyxy: one (R_b, 4) tensor per image, or one
+    (B, R, 4) tensor, R RoIs for every image (what batched inference passes, with no loop over images).
+    Returns (sum R_b, alpha, p, p) or (B R, alpha, p, p), RoIs in the order given, image-major."""
     B, C, H, W = features.shape
     p, s = output_size, sampling_ratio
     if C % (p * p):
         raise ValueError(f"ps_roi_align: {C} channels is not alpha * {p} * {p}")
-    if len(rois) != B:
-        raise ValueError(f"ps_roi_align: {len(rois)} RoI tensors for a batch of {B}")
+    n = rois.shape[0] if isinstance(rois, Tensor) else len(rois)  # not len(tensor): it would fix B in export
+    if n != B:
+        raise ValueError(f"ps_roi_align: {n} RoI tensors for a batch of {B}")
+    if isinstance(rois, Tensor):
+        return _ps_roi_align_padded(features, rois, p, spatial_scale, s)
+    # Per-image lists pad to one (B, R_max, 4) tensor; the padding rows are sampled, then dropped.
+    counts = [len(r) for r in rois]
+    padded = features.new_zeros(B, max(counts, default=0), 4)
+    for b, r in enumerate(rois):
+        padded[b, : len(r)] = r
+    out = _ps_roi_align_padded(features, padded, p, spatial_scale, s)  # (B R_max, alpha, p, p)
+    valid = torch.arange(padded.shape[1], device=features.device) < padded.new_tensor(counts)[:, None]  # (B, R_max)
+    return out[valid.flatten()]
+
+
+def _ps_roi_align_padded(features: Tensor, rois: Tensor, p: int, spatial_scale: float, s: int) -> Tensor:
+    """features (B, alpha p p, H, W), rois (B, R, 4) -> (B R, alpha, p, p): one `grid_sample` for the batch."""
+    B, C, H, W = features.shape
+    R = rois.shape[1]
     alpha = C // (p * p)
     # Bins as batch: (B * p * p, alpha, H, W), row (b, i, j) holding channels (c * p + i) * p + j.
     per_bin = features.reshape(B, alpha, p, p, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B * p * p, alpha, H, W)
-    out = []
-    for b, r in enumerate(rois):
-        xs, ys = _sample_points(r, p, s, spatial_scale)  # (R, p, s)
-        gx = (2.0 * xs / W - 1.0).permute(1, 0, 2)[None, :, :, None, :]  # (1, p_j, R, 1, s_x)
-        gy = (2.0 * ys / H - 1.0).permute(1, 0, 2)[:, None, :, :, None]  # (p_i, 1, R, s_y, 1)
-        shape = torch.broadcast_shapes(gx.shape, gy.shape)  # (p_i, p_j, R, s_y, s_x)
-        grid = torch.stack([gx.expand(shape), gy.expand(shape)], dim=-1).reshape(p * p, -1, s * s, 2)
-        sampled = F.grid_sample(
-            per_bin[b * p * p : (b + 1) * p * p], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (p * p, alpha, R, s * s)
-        pooled = sampled.mean(dim=3)  # (p * p, alpha, R)
-        out.append(pooled.permute(2, 1, 0).reshape(-1, alpha, p, p))  # (R, alpha, p, p)
-    return torch.cat(out, dim=0)
+    xs, ys = _sample_points(rois.reshape(-1, 4), p, s, spatial_scale)  # (B R, p, s)
+    gx = (2.0 * xs / W - 1.0).reshape(B, R, p, s).permute(0, 2, 1, 3)[:, None, :, :, None, :]  # (B, 1, p_j, R, 1, s_x)
+    gy = (2.0 * ys / H - 1.0).reshape(B, R, p, s).permute(0, 2, 1, 3)[:, :, None, :, :, None]  # (B, p_i, 1, R, s_y, 1)
+    shape = torch.broadcast_shapes(gx.shape, gy.shape)  # (B, p_i, p_j, R, s_y, s_x)
+    grid = torch.stack([gx.expand(shape), gy.expand(shape)], dim=-1).reshape(B * p * p, R, s * s, 2)
+    sampled = F.grid_sample(per_bin, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    pooled = sampled.mean(dim=3)  # (B p p, alpha, R)
+    return pooled.reshape(B, p * p, alpha, R).permute(0, 3, 2, 1).reshape(B * R, alpha, p, p)
 
 
 def _bilinear(plane: Tensor, y: float, x: float) -> Tensor:

@@ -18,7 +18,9 @@ A two-stage detector built for small inputs (320 x 320) and light compute, read 
 Training: anchors and RoIs are labelled by IoU and sampled with a foreground fraction (Faster R-CNN,
 Ren et al. 2015); losses are binary cross-entropy and smooth L1 for the RPN, cross-entropy and smooth L1
 for the R-CNN. Inference: per-class decoding, score threshold, class-wise NMS, the best
-`max_detections`; the inference path exports to ONNX with a fixed input size (models/boxes.py's NMS op).
+`max_detections`. It runs the whole batch at once (proposals padded to (B, post, 4) with a validity mask,
+per-image top-k as sorts along a row, models/boxes.py's `multiclass_nms` op per image and class), so it
+exports to ONNX with a fixed input size and a dynamic batch.
 
 Images come in normalised (B, 3, H, W), H and W multiples of 32. Targets: one dict per image, "boxes"
 (n, 4) xyxy in input pixels, positive sizes, and "labels" (n,) int64 in 0 .. num_classes - 1.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import BACKBONES, build_backbone
-from models.boxes import Detections, batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes, nms
+from models.boxes import Detections, box_iou, clip_boxes, decode_boxes, encode_boxes, multiclass_nms, top_kept
 from models.roi import ps_roi_align
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,32 +271,33 @@ class ThunderNet(nn.Module):
         sam = self.sam(cem, rpn_feat)  # (B, alpha p p, H/16, W/16)
         anchors = make_anchors(self.config.anchor_sizes, self.config.anchor_ratios, self.stride,
                                cem.shape[2], cem.shape[3], cem.dtype, cem.device)  # (N, 4)
-        proposals = self.propose(objectness.detach(), deltas.detach(), anchors, (H, W), targets is not None)
+        proposals, valid = self.propose(objectness.detach(), deltas.detach(), anchors, (H, W), targets is not None)
         if targets is None:
-            return self.detect(sam, proposals, (H, W))
+            return self.detect(sam, proposals, valid, (H, W))
         losses = self.rpn_loss(objectness, deltas, anchors, targets)
-        losses.update(self.rcnn_loss(sam, proposals, targets))
+        losses.update(self.rcnn_loss(sam, [p[v] for p, v in zip(proposals, valid)], targets))
         return losses
 
     def propose(
         self, objectness: Tensor, deltas: Tensor, anchors: Tensor, size: tuple[int, int], training: bool
-    ) -> list[Tensor]:
-        """Step 5: per image, (R_b, 4) proposals by decreasing objectness."""
+    ) -> tuple[Tensor, Tensor]:
+        """Step 5 for the whole batch: proposals (B, P, 4), each image's by decreasing objectness, and which
+        are real (B, P) bool (an image may keep fewer than P after NMS)."""
         cfg = self.config
         pre = cfg.rpn_pre_nms_train if training else cfg.rpn_pre_nms_test
         post = cfg.rpn_post_nms_train if training else cfg.rpn_post_nms_test
-        out = []
-        for obj, d in zip(objectness, deltas):  # (N,), (N, 4)
-            scores, top = obj.topk(min(pre, obj.shape[0]))  # (k,)
-            boxes = clip_boxes(decode_boxes(d[top], anchors[top]), size)  # (k, 4)
-            wide = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= cfg.rpn_min_size)
-                                 & ((boxes[:, 3] - boxes[:, 1]) >= cfg.rpn_min_size)).flatten()
-            boxes, scores = boxes[wide], scores[wide]
-            keep = nms(boxes, scores, cfg.rpn_nms_iou)[:post]
-            out.append(boxes[keep])
-        return out
+        k = min(pre, objectness.shape[1])
+        scores, top = objectness.topk(k, dim=1)  # (B, k)
+        d = torch.gather(deltas, 1, top[:, :, None].expand(-1, -1, 4))  # (B, k, 4)
+        boxes = clip_boxes(decode_boxes(d, anchors[top]), size)  # (B, k, 4)
+        wide = (boxes[..., 2:] - boxes[..., :2] >= cfg.rpn_min_size).all(dim=-1)  # (B, k)
+        scores = torch.where(wide, scores, -math.inf)  # narrow boxes: out of NMS
+        keep = multiclass_nms(boxes, scores[:, None], cfg.rpn_nms_iou, -math.inf)[:, 0]  # (B, k)
+        order, kept = top_kept(scores, keep, min(post, k))  # (B, P)
+        return torch.gather(boxes, 1, order[:, :, None].expand(-1, -1, 4)), kept
 
-    def roi_head(self, sam: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def roi_head(self, sam: Tensor, rois: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
+        """rois: one (R_b, 4) tensor per image, or (B, P, 4); R = sum R_b or B P."""
         cfg = self.config
         feats = ps_roi_align(sam, rois, cfg.ps_size, 1.0 / self.stride, cfg.sampling_ratio)  # (R, alpha, p, p)
         return self.head(feats)  # (R, C + 1), (R, C, 4)
@@ -362,25 +365,22 @@ class ThunderNet(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ inference
 
-    def detect(self, sam: Tensor, proposals: list[Tensor], size: tuple[int, int]) -> Detections:
+    def detect(self, sam: Tensor, proposals: Tensor, valid: Tensor, size: tuple[int, int]) -> Detections:
+        """Per image and class: decode, score threshold, NMS; per image the best `max_detections`. The whole
+        batch at once (no loop over images), so the ONNX export keeps a dynamic batch."""
         cfg = self.config
         C = cfg.num_classes
-        logits, deltas = self.roi_head(sam, proposals)  # (R, C + 1), (R, C, 4)
-        probs = F.softmax(logits, dim=-1)[:, 1:]  # (R, C), background dropped
-        out_boxes, out_scores, out_labels, out_image = [], [], [], []
-        start = 0
-        for b, props in enumerate(proposals):
-            n = props.shape[0]
-            p, d = probs[start : start + n], deltas[start : start + n]
-            start = start + n
-            boxes = clip_boxes(decode_boxes(d, props[:, None, :], tuple(cfg.box_weights)), size)  # (R_b, C, 4)
-            scores = p.reshape(-1)  # (R_b C,), roi-major
-            labels = torch.arange(C, device=scores.device).repeat(n)
-            hit = torch.nonzero(scores > cfg.score_threshold).flatten()
-            boxes, scores, labels = boxes.reshape(-1, 4)[hit], scores[hit], labels[hit]
-            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_detections]
-            out_boxes.append(boxes[keep])
-            out_scores.append(scores[keep])
-            out_labels.append(labels[keep])
-            out_image.append(torch.full_like(labels[keep], b))
-        return Detections(torch.cat(out_boxes), torch.cat(out_scores), torch.cat(out_labels), torch.cat(out_image))
+        B, P = valid.shape
+        logits, deltas = self.roi_head(sam, proposals)  # (B P, C + 1), (B P, C, 4)
+        probs = F.softmax(logits, dim=-1)[:, 1:].reshape(B, P, C)  # background dropped
+        probs = torch.where(valid[:, :, None], probs, -math.inf)  # padding proposals: never detections
+        boxes = decode_boxes(deltas.reshape(B, P, C, 4), proposals[:, :, None, :], tuple(cfg.box_weights))
+        boxes = clip_boxes(boxes, size)  # (B, P, C, 4)
+        # Boxes are class-specific: NMS "batches" are the (image, class) pairs, each over its P boxes.
+        keep = multiclass_nms(boxes.transpose(1, 2).reshape(B * C, P, 4), probs.transpose(1, 2).reshape(B * C, 1, P),
+                              cfg.nms_iou, cfg.score_threshold)  # (B C, 1, P)
+        keep = keep.reshape(B, C, P).transpose(1, 2).reshape(B, P * C)  # roi-major, as the scores
+        scores = probs.reshape(B, P * C)
+        order, kept = top_kept(scores, keep, min(cfg.max_detections, P * C))  # (B, D)
+        boxes = torch.gather(boxes.reshape(B, P * C, 4), 1, order[:, :, None].expand(-1, -1, 4))
+        return Detections.from_padded(boxes, torch.gather(scores, 1, order), order % C, kept)

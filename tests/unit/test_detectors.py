@@ -1,5 +1,5 @@
 """models/backbones.py, models/thundernet.py, models/one_stage.py: shapes, losses, gradients, the inference
-format, and ThunderNet's ONNX export against PyTorch."""
+format, batched inference against image by image, and the ONNX exports (dynamic batch) against PyTorch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from models.backbones import BACKBONES, SNET_PRESETS, build_backbone
-from models.boxes import ONNX_TRANSLATION_TABLE, Detections
+from models.boxes import ONNX_TRANSLATION_TABLE, Detections, multiclass_nms, nms_reference
+from models.detector import GrayscaleDetector, to_model_input
 from models.one_stage import FCOS, FCOSConfig
 from models.thundernet import ThunderNet, ThunderNetConfig, label_by_iou, make_anchors
 
@@ -184,3 +185,92 @@ def test_thundernet_onnx_export_matches_pytorch():
     np.testing.assert_allclose(scores, want.scores.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_array_equal(labels, want.labels.numpy())
     np.testing.assert_array_equal(image_index, want.image_index.numpy())
+
+
+# ----------------------------------------------------------------------------------------------------- batched
+# Inference runs the whole batch at once (no loop over images), so the ONNX export keeps a dynamic batch.
+
+
+def gray_toy():
+    """Three gray images in [0, 1], what the exported models take: objects in two, none in the middle one."""
+    gray = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    _, targets = toy_batch()
+    targets = [targets[0], targets[1], {"boxes": torch.tensor([[8.0, 30.0, 40.0, 62.0]]), "labels": torch.tensor([1])}]
+    return gray, targets
+
+
+@pytest.fixture(scope="module", params=["thundernet", "fcos"])
+def trained_gray(request) -> GrayscaleDetector:
+    """A detector trained on the gray toy until its detections are confident and their scores spread out
+    (at initialisation they sit within 1e-4 of each other, where last-bit differences reorder them)."""
+    torch.manual_seed(0)
+    model = ThunderNet(tiny_thundernet_config()) if request.param == "thundernet" else FCOS(tiny_fcos_config())
+    gray, targets = gray_toy()
+    x = to_model_input(gray)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(60):
+        loss = sum(model(x, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert math.isfinite(loss.item())
+    return GrayscaleDetector(model).eval()
+
+
+def assert_same_detections(got, want: Detections, atol: float, box_rtol: float = 0.0):
+    """got: Detections or onnxruntime's (boxes, scores, labels, image_index) arrays."""
+    got = [torch.as_tensor(np.asarray(v)) for v in got]
+    assert got[0].shape == want.boxes.shape
+    torch.testing.assert_close(got[0], want.boxes, rtol=box_rtol, atol=atol)
+    torch.testing.assert_close(got[1], want.scores, rtol=0, atol=atol)
+    assert torch.equal(got[2], want.labels) and torch.equal(got[3], want.image_index)
+
+
+def test_batched_inference_equals_image_by_image(trained_gray):
+    gray, _ = gray_toy()
+    with torch.no_grad():
+        batched = trained_gray(gray)
+        alone = [trained_gray(gray[b : b + 1]) for b in range(len(gray))]
+    check_detections(batched, batch=len(gray))
+    assert len(batched.scores) > 5 and {0, 2} <= set(batched.image_index.tolist())  # not vacuous
+    for d in alone:
+        assert (d.scores[:-1] - d.scores[1:] > 1e-5).all()  # no near-ties that last bits could reorder
+    want = Detections(*(torch.cat(parts) for parts in zip(*alone)))
+    want = want._replace(image_index=torch.cat([torch.full_like(d.labels, b) for b, d in enumerate(alone)]))
+    # Convolutions round differently for another batch size (features ~1e-7 apart, relatively), and
+    # FCOS's exp(distance) carries that to a few float32 ulps of a coordinate (pixels, up to SIZE).
+    assert_same_detections(batched, want, atol=1e-5, box_rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export
+def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch(trained_gray):
+    gray, _ = gray_toy()
+    program = torch.onnx.export(
+        trained_gray, (torch.rand(2, 1, SIZE, SIZE),), dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE,
+        dynamic_shapes={"gray": {0: torch.export.Dim("batch", min=1, max=1024)}},
+        input_names=["pixels"], output_names=["boxes", "scores", "labels", "image_index"], verbose=False,
+    )
+    graph = program.model_proto.graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not specialised to 2
+    assert "NonMaxSuppression" in {n.op_type for n in graph.node}
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x in (gray[:1], gray):
+        with torch.no_grad():
+            want = trained_gray(x)
+        assert len(want.scores) > 2
+        assert_same_detections(session.run(None, {"pixels": x.numpy()}), want, atol=1e-4)
+
+
+def test_multiclass_nms_is_nms_per_batch_and_class():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 80, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + torch.rand(3, 80, 2, generator=g) * 20 + 1], dim=-1)  # (N, M, 4)
+    scores = torch.rand(3, 4, 80, generator=g)  # (N, K, M)
+    keep = multiclass_nms(boxes, scores, 0.5, 0.3)
+    assert keep.shape == scores.shape and keep.dtype == torch.bool
+    for n in range(3):
+        for k in range(4):
+            cand = torch.nonzero(scores[n, k] > 0.3).flatten()
+            want = cand[nms_reference(boxes[n, cand], scores[n, k, cand], 0.5)]
+            assert 0 < len(want) < len(cand)
+            assert torch.equal(torch.nonzero(keep[n, k]).flatten(), want.sort().values)
