@@ -24,8 +24,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from tasks.io import atomic_path
 from tasks.layout import SPLITS
+from tasks.tracking import StageRun
 
 INK_LEVEL = 64  # a pixel (uint8) is ink at >= this level; boxes are the tight extent of such pixels
 PLACE_TRIES = 50  # positions tried per digit before it is dropped from the scene
@@ -506,7 +510,6 @@ def write_scenes(cfg: ScenesConfig, out_dir: Path, root: Path) -> dict[str, dict
         stats = {}
         for split in SPLITS:
             coco = _coco_split(data, parts[split], images_dir, split, cfg, str(annotations), tmp / split)
-            (tmp / split / "images").mkdir(parents=True, exist_ok=True)
             _write_json(tmp / split / "annotations.json", coco)
             stats[split] = split_stats(coco)
     return stats
@@ -553,3 +556,20 @@ def load_split(split_dir: Path) -> tuple[np.ndarray, list[dict[str, np.ndarray]]
         targets.append({"boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
                         "labels": np.array([category_index[a["category_id"]] for a in anns], dtype=np.int64)})
     return images, targets, coco
+
+
+# ------------------------------------------------------------------------------------- stage task
+
+
+@task(name="scenes", cache_policy=NO_CACHE)
+def scenes_task(root: Path, cfg: ScenesConfig, run: StageRun) -> dict[str, float]:
+    from tasks.io import write_json
+    from tasks.layout import METRICS_DIR, SCENES_DIR
+
+    stats = write_scenes(cfg, root / SCENES_DIR, root)
+    metrics = {f"{split}_{key}": float(value) for split, values in stats.items() for key, value in values.items()}
+    write_json(root / METRICS_DIR / "scenes.json", metrics)
+    for split in SPLITS:
+        run.log_artifact(root / SCENES_DIR / split / "annotations.json", f"scenes/{split}")
+    run.log_metrics(metrics)
+    return metrics
