@@ -39,6 +39,8 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
 	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
+	$(BIN)/python benchmarks/bench_coco_eval.py --out benchmarks/results/coco_eval.json
+	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
 
 ui: install
 	kiln ui

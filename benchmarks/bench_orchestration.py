@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.pipeline.test_text_pipeline import ENV, copy_project, sh, summary  # noqa: E402
+from tests.pipeline.helpers import copy_project, sh, summary  # noqa: E402
 
 
 def main() -> None:

@@ -155,11 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     from tasks.params import ParamsError
+    from tasks.scenes import ScenesError
+    from tasks.text import CorpusError
 
     try:
         return args.func(args)
-    except (ParamsError, FileNotFoundError, KeyError, ValueError) as err:
-        # Input errors: one clear line naming the file/key/record, not a traceback.
+    except (ParamsError, CorpusError, ScenesError, FileNotFoundError, KeyError) as err:
+        # Input errors: one clear line naming the file, key or record, not a traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kiln {args.command}: error: {message}", file=sys.stderr)
         return 2

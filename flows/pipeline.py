@@ -70,8 +70,10 @@ def stage_order(root: Path, targets: list[str] | None = None) -> tuple[list[str]
             for target in targets:
                 keep |= {target} | {s.addressing for s in nx.descendants(graph, by_name[target])}
             graph = graph.subgraph([by_name[name] for name in keep])
-        # Reverse topological order of "depends on" puts dependencies first; ties broken by name.
-        order = [s.addressing for s in reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.addressing)))]
+        # Topological order of "is needed by": dependencies first, ties broken by dvc.yaml order.
+        position = {stage.addressing: i for i, stage in enumerate(repo.index.stages)}
+        order = [s.addressing for s in nx.lexicographical_topological_sort(
+            graph.reverse(copy=False), key=lambda s: f"{position[s.addressing]:06d}")]
         upstream = {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in graph.nodes}
     return order, upstream
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from flows.detection import detector_flow, map_flow, onnx_flow, scenes_flow
 from flows.lm import lm_compare_flow, lm_flow
 from flows.text import corpus_flow, ngram_flow
 
@@ -13,6 +14,10 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "ngram": ngram_flow,
     "lm": lm_flow,
     "lm_compare": lm_compare_flow,
+    "scenes": scenes_flow,
+    "detector": detector_flow,
+    "map": map_flow,
+    "onnx": onnx_flow,
 }
 
 

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.detector import DETECTORS
 from models.lm import LANGUAGE_MODELS
 from models.ngram import NgramConfig
 from tasks.params import ParamsError, load_params_file
+from tasks.scenes import ScenesConfig
 from tasks.training import TrainConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -87,15 +89,50 @@ class LMEvalConfig:
             raise ValueError("sample_temperature must be >= 0 and sample_top_k >= 1")
 
 
+@dataclass(frozen=True)
+class DetectionEvalConfig:
+    """`params/detection.yaml: detection_eval`: how detectors are evaluated during and after training."""
+
+    batch_size: int  # images per inference batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    """`params/detection.yaml: onnx`: export, parity, int8 and latency of the detectors."""
+
+    batch_size: int  # images per onnxruntime call in the parity run (the batch dimension is dynamic)
+    quantize_int8: bool  # also write <name>.int8.onnx (static QDQ quantisation) and measure it
+    calibration_images: int  # train images that calibrate the int8 activations
+    latency_warmup: int
+    latency_runs: int  # batch-1 calls timed for p50/p95
+    registered_model_prefix: str  # MLflow registry name = prefix + detector name
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "calibration_images", "latency_runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latency_warmup < 0:
+            raise ValueError(f"latency_warmup must be >= 0, got {self.latency_warmup}")
+
+
 PARAMS_FILES: dict[str, dict[str, type]] = {
     "runtime.yaml": {"runtime": RuntimeConfig},
     "data.yaml": {"corpus": CorpusConfig},
     "lm.yaml": {"ngram": NgramConfig, "lm_train": TrainConfig, "lm_eval": LMEvalConfig,
                 **{name: config for name, (config, _) in LANGUAGE_MODELS.items()}},
+    "detection.yaml": {"scenes": ScenesConfig, "detector_train": TrainConfig, "detection_eval": DetectionEvalConfig,
+                       **{name: config for name, (config, _) in DETECTORS.items()}, "onnx": OnnxConfig},
 }
 
 # Fields a stage fills in from its data, never from params; placeholders let `load_all` validate the rest.
-DERIVED_FIELDS: dict[str, dict[str, Any]] = {name: {"vocab_size": 1} for name in LANGUAGE_MODELS}
+DERIVED_FIELDS: dict[str, dict[str, Any]] = {
+    **{name: {"vocab_size": 1} for name in LANGUAGE_MODELS},
+    **{name: {"num_classes": 1, "input_size": 32} for name in DETECTORS},
+}
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}
 

@@ -4,6 +4,9 @@ tests/test_layout.py holds the two equal."""
 CORPUS_DIR = "data/prepared/corpus"  # train/val/test.parquet (token streams), vocab.parquet, documents.parquet
 NGRAM_DIR = "data/models/ngram"  # counts_<n>.parquet, model.arpa
 LM_DIR = "data/models/lm"  # <name>/model.pt (weights + config), <name>/checkpoint.pt (resumable, persisted)
+SCENES_DIR = "data/prepared/scenes"  # <split>/images/*.png, <split>/annotations.json (COCO)
+DETECTOR_DIR = "data/models/detector"  # <name>/model.pt, checkpoint.pt (persisted), predictions_test.json
+ONNX_DIR = "data/models/onnx"  # <name>.onnx, <name>.int8.onnx
 METRICS_DIR = "data/metrics"  # <stage>.json, for `dvc metrics`
 PLOTS_DIR = "data/plots"  # <stage>_*.csv, for `dvc plots`
 

@@ -29,7 +29,7 @@ from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
 from tasks.text import read_stream, read_vocab
 from tasks.tracking import StageRun
-from tasks.training import TrainConfig, TrainResult, resolve_device, train
+from tasks.training import TrainConfig, TrainResult, load_model, resolve_device, save_model, train
 
 LM_NAMES = tuple(LANGUAGE_MODELS)
 
@@ -156,20 +156,8 @@ def sample_text(model: nn.Module, vocab: list[str], cfg: LMEvalConfig, seed: int
     return " ".join(words).replace(" </s> <s> ", " </s>\n<s> ")
 
 
-def save_language_model(path: Path, name: str, fit: LMFit) -> None:
-    """The final model: weights plus the config it was built from (rebuilt by `load_language_model`)."""
-    with atomic_path(path) as tmp:
-        torch.save({"model": name, "config": dataclasses.asdict(fit.model.cfg),
-                    "state_dict": fit.model.state_dict()}, tmp)
-
-
 def load_language_model(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained model; run its lm stage first")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    model = build_language_model(saved["model"], saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    return saved["model"], model.eval()
+    return load_model(path, build_language_model, device)
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -192,7 +180,7 @@ def lm_task(root: Path, name: str, model_cfg: Any, train_cfg: TrainConfig, eval_
     device = resolve_device(device_name)
     fit = fit_language_model(name, model_cfg, train_cfg, eval_cfg, streams, vocab, seed=seed, device=device,
                              checkpoint=out_dir / "checkpoint.pt", run=run)
-    save_language_model(out_dir / "model.pt", name, fit)
+    save_model(out_dir / "model.pt", name, model_cfg, fit.model)
 
     metrics = fit.metrics()
     write_json(root / METRICS_DIR / "lm" / f"{name}.json", fit.results())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
 
 from tasks.io import atomic_path
 
@@ -165,6 +166,16 @@ def overlay_keys(overlay: dict[str, dict[str, dict[str, Any]]]) -> set[tuple[str
     return {(f, s, k) for f, sections in overlay.items() for s, keys in sections.items() for k in keys}
 
 
+def _keep_style(old: Any, value: Any) -> Any:
+    """A list replacing a `[a, b]` list stays on one line, so switching back restores the file exactly."""
+    if isinstance(value, list) and isinstance(old, CommentedSeq):
+        seq = CommentedSeq(value)
+        if old.fa.flow_style():
+            seq.fa.set_flow_style()
+        return seq
+    return value
+
+
 def apply_profile(params_dir: Path, name: str) -> list[str]:
     """Rewrite `params_dir/*.yaml` with profile `name`'s values; return the dotted keys that changed."""
     overlay = profile_overlay(params_dir / "profiles", name)
@@ -184,7 +195,7 @@ def apply_profile(params_dir: Path, name: str) -> list[str]:
                 if key not in document[section]:
                     raise ParamsError(path, f"{section}.{key}", f"profile {name!r} sets a key the file does not have")
                 if document[section][key] != value:
-                    document[section][key] = value
+                    document[section][key] = _keep_style(document[section][key], value)
                     changed.append(f"{file}:{section}.{key}")
         with atomic_path(path) as tmp:
             with open(tmp, "w", encoding="utf-8") as out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ class StageRun:
 
     def log_input(self, df: pd.DataFrame, source: Path | str, name: str, context: str) -> None:
         """Record the dataset this stage read: its schema, a digest of its contents and where it lies."""
-        dataset = mlflow.data.from_pandas(df, source=str(source), name=name)
-        entity = dataset._to_mlflow_entity()  # the public fluent log_input only knows the active run
+        with warnings.catch_warnings():  # its hint about integer columns and missing values does not apply
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=str(source), name=name)
+            entity = dataset._to_mlflow_entity()  # the public fluent log_input only knows the active run
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
 

@@ -116,6 +116,27 @@ class TrainResult:
 Batch = Any
 
 
+def code_digest(model: nn.Module, *modules: Any) -> str:
+    """sha256 of the source files that define the model's modules, the given Python modules (the task's
+    loss) and this loop: a checkpoint made by other code is never resumed, as DVC reruns a stage precisely
+    when its code changed."""
+    import hashlib
+    import inspect
+
+    own = {sys.modules[type(m).__module__] for m in model.modules() if not type(m).__module__.startswith("torch")}
+    # ... and the project modules those import from (box coding, RoI align, HiPPO matrices).
+    package = {m.__name__.split(".")[0] for m in own}
+    used = {sys.modules[v.__module__] if not inspect.ismodule(v) else v
+            for m in own for v in vars(m).values()
+            if (inspect.ismodule(v) and v.__name__.split(".")[0] in package)
+            or (callable(v) and getattr(v, "__module__", "").split(".")[0] in package)}
+    files = {Path(inspect.getfile(m)) for m in own | used | set(modules)} | {Path(__file__)}
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def train(
     model: nn.Module,
     cfg: TrainConfig,
@@ -138,7 +159,9 @@ def train(
     resumed run sees the batches an uninterrupted one would); `loss_fn(model, batch)` returns the mean loss;
     `evaluate(model)` returns metrics (logged at the eval step). `items_per_batch` counts throughput.
     """
-    fingerprint = fingerprint or {}
+    import inspect
+
+    fingerprint = {**(fingerprint or {}), "code": code_digest(model, *filter(None, [inspect.getmodule(loss_fn)]))}
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -215,3 +238,22 @@ def train(
     if result.resumed_from == cfg.steps and not result.history:
         run_evaluation(cfg.steps)
     return result
+
+
+def save_model(path: Path, name: str, config: Any, model: nn.Module) -> None:
+    """A trained model as an artifact that carries its config: registry name, config fields, weights."""
+    import dataclasses
+
+    with atomic_path(path) as tmp:
+        torch.save({"model": name, "config": dataclasses.asdict(config), "state_dict": model.state_dict()}, tmp)
+
+
+def load_model(path: Path, build: Callable[[str, dict[str, Any]], nn.Module],
+               device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
+    """Rebuild a `save_model` artifact with `build(name, config)` and load its weights (eval mode)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained model here; run the stage that trains it first")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    model = build(saved["model"], saved["config"])
+    model.load_state_dict(saved["state_dict"])
+    return saved["model"], model.to(device).eval()

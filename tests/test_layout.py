@@ -5,6 +5,7 @@ from dvc.repo import Repo
 
 from flows.stages import STAGE_FLOWS, stage_flow
 from tasks import layout
+from tasks.detection import DETECTOR_NAMES
 from tasks.lm import LM_NAMES
 
 
@@ -28,8 +29,15 @@ def test_stage_outputs_are_the_layout_paths(stages):
     for name in LM_NAMES:
         assert stages[f"lm@{name}"][1] == {f"{layout.LM_DIR}/{name}/model.pt", f"{layout.LM_DIR}/{name}/checkpoint.pt",
                                            f"{layout.METRICS_DIR}/lm/{name}.json", f"{layout.PLOTS_DIR}/lm/{name}.csv"}
+    assert stages["scenes"][1] == {layout.SCENES_DIR, f"{layout.METRICS_DIR}/scenes.json"}
+    for name in DETECTOR_NAMES:
+        assert stages[f"detector@{name}"][1] == {
+            f"{layout.DETECTOR_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "predictions_test.json")
+        } | {f"{layout.METRICS_DIR}/detector/{name}.json", f"{layout.PLOTS_DIR}/detector/{name}.csv"}
+    assert stages["onnx"][1] == {layout.ONNX_DIR, f"{layout.METRICS_DIR}/onnx.json"}
     assert all(path.startswith("data/") for _, outs in stages.values() for path in outs)
 
 
-def test_every_language_model_has_a_stage(stages):
+def test_every_registered_model_has_a_stage(stages):
     assert {name for name in stages if name.startswith("lm@")} == {f"lm@{n}" for n in LM_NAMES}
+    assert {name for name in stages if name.startswith("detector@")} == {f"detector@{n}" for n in DETECTOR_NAMES}

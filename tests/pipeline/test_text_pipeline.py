@@ -7,20 +7,21 @@ The tests of this module run in file order on one shared copy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.pipeline.helpers import copy_project, kiln_run, mlflow_client, runs_of, sh, smoke_project, stale, summary
+
 pytestmark = pytest.mark.pipeline
 
 LMS = ["lm@lstm", "lm@transformer", "lm@s4d", "lm@mamba"]
 STAGES = ["corpus", "ngram", *LMS, "lm_compare"]
+TARGET = "lm_compare"  # the text family's last stage
 
 
 def statuses(**overrides: str) -> dict[str, str]:
@@ -28,67 +29,19 @@ def statuses(**overrides: str) -> dict[str, str]:
     default = overrides.pop("default")
     return {stage: overrides.get(stage.replace("@", "_"), default) for stage in STAGES}
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def sh(cwd: Path, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, input=stdin)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return done
-
-
-def copy_project(source: Path, dest: Path) -> Path:
-    """The working tree as git sees it (tracked and unignored files), as a fresh git repo."""
-    listed = sh(source, "git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
-    for name in filter(None, listed.split("\0")):
-        if (source / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, dest / name)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    sh(dest, "git", "init", "-q")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "copy")
-    return dest
-
-
-def summary(output: str) -> dict[str, str]:
-    """stage -> status from the summary table that `kiln run` prints last."""
-    rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip() != "stage"}
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root) -> Path:
-    dest = copy_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
-    sh(dest, "kiln", "profile", "smoke")
-    sh(dest, "git", "commit", "-qam", "smoke profile")
-    return dest
+    return smoke_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
 
 
 @pytest.fixture(scope="module")
 def first_run(project) -> subprocess.CompletedProcess:
-    return sh(project, "kiln", "run")
-
-
-def mlflow_client(project: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-
-
-def runs_of(project: Path, experiment: str, name: str):
-    client = mlflow_client(project)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r}"
-    return client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'", order_by=["start_time DESC"])
+    return kiln_run(project, TARGET)
 
 
 def test_first_run_reproduces_every_text_stage_and_leaves_dvc_clean(project, first_run):
     assert summary(first_run.stdout) == statuses(default="ran")
-    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+    assert stale(project, TARGET) == {}
     for path in ("data/prepared/corpus/train.parquet", "data/models/ngram/model.arpa",
                  "data/models/ngram/counts_3.parquet", "data/metrics/ngram.json", "data/plots/ngram_perplexity.csv"):
         assert (project / path).is_file(), path
@@ -102,7 +55,7 @@ def test_lock_is_what_dvc_repro_writes(project, first_run, repo_root, tmp_path):
     other = copy_project(project, tmp_path / "repo")
     shutil.rmtree(other / "data", ignore_errors=True)
     (other / "mlflow.db").unlink(missing_ok=True)
-    sh(other, "dvc", "repro")
+    sh(other, "dvc", "repro", TARGET)
     from ruamel.yaml import YAML
 
     ours = YAML(typ="safe").load((project / "dvc.lock").read_text())
@@ -111,7 +64,7 @@ def test_lock_is_what_dvc_repro_writes(project, first_run, repo_root, tmp_path):
 
 
 def test_second_run_executes_nothing(project, first_run):
-    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date")
+    assert summary(kiln_run(project, TARGET).stdout) == statuses(default="up to date")
 
 
 def test_mlflow_holds_nested_stage_runs_with_params_metrics_inputs_and_artifacts(project, first_run):
@@ -193,11 +146,11 @@ def test_score_ranks_sentences_and_flags_unknown_words(project, first_run):
 def test_changing_one_ngram_param_reruns_only_ngram_and_the_comparison(project, first_run):
     lm = project / "params/lm.yaml"
     lm.write_text(lm.read_text().replace("order: 3", "order: 2"))
-    status = sh(project, "kiln", "status").stdout
+    status = sh(project, "kiln", "status", "--target", TARGET).stdout
     assert "corpus: up to date" in status and "ngram: stale" in status and "ngram.order 3 -> 2" in status
     assert "lm@mamba: up to date" in status
-    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date", ngram="ran", lm_compare="ran")
-    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+    assert summary(kiln_run(project, TARGET).stdout) == statuses(default="up to date", ngram="ran", lm_compare="ran")
+    assert stale(project, TARGET) == {}
     assert not (project / "data/models/ngram/counts_3.parquet").exists()
 
 
@@ -210,9 +163,9 @@ def test_dvc_repro_of_one_stage_logs_a_top_level_run(project, first_run):
     assert latest.info.status == "FINISHED" and "mlflow.parentRunId" not in latest.data.tags
     assert latest.data.params["ngram.order"] == "4"
     # `dvc repro ngram` brings ngram and its upstream up to date, not what depends on it.
-    assert set(json.loads(sh(project, "dvc", "status", "--json").stdout)) == {"lm_compare"}
+    assert set(stale(project, TARGET)) == {"lm_compare"}
     sh(project, "dvc", "repro", "lm_compare")
-    assert json.loads(sh(project, "dvc", "status", "--json").stdout) == {}
+    assert stale(project, TARGET) == {}
 
 
 def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, first_run):
@@ -220,7 +173,7 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
     good = data.read_text()
     data.write_text(good.replace("source: builtin", "source: path").replace('path: ""', 'path: "missing.txt"'))
     try:
-        failed = sh(project, "kiln", "run", check=False)
+        failed = kiln_run(project, TARGET, check=False)
         assert failed.returncode == 1
         table = summary(failed.stderr)
         assert table == statuses(default="skipped", corpus="failed")
@@ -233,4 +186,4 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
     finally:
         data.write_text(good)
     # The corpus comes back identical, so nothing downstream of it is stale.
-    assert summary(sh(project, "kiln", "run").stdout) == statuses(default="up to date", corpus="ran")
+    assert summary(kiln_run(project, TARGET).stdout) == statuses(default="up to date", corpus="ran")

@@ -63,3 +63,48 @@ def test_nll_counts_every_target_but_bos(model):
         logp = token_log_probs(model, ids, 16, 4, DEVICE)
     assert count == int(np.sum(ids[1:] != 1))
     assert nll == pytest.approx(-logp[ids[1:] != 1].sum())
+
+
+def test_saved_model_reloads_to_identical_logits(model, tmp_path):
+    from tasks.lm import load_language_model
+    from tasks.training import save_model
+
+    path = tmp_path / "model.pt"
+    save_model(path, "transformer", model.cfg, model)
+    name, again = load_language_model(path)
+    x = torch.as_tensor(stream(16)[None, :16], dtype=torch.long)
+    assert name == "transformer"
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_context_longer_than_the_corpus_names_the_key():
+    from tasks.config import LMEvalConfig
+    from tasks.lm import fit_language_model
+    from tasks.training import TrainConfig
+
+    cfg = TransformerConfig(vocab_size=11, context_length=64, n_layer=1, n_head=2, d_model=16)
+    train = TrainConfig(steps=1, batch_size=1, lr=1e-3, min_lr_ratio=0.1, warmup_steps=0, weight_decay=0.0, beta1=0.9,
+                        beta2=0.95, grad_clip=1.0, eval_every=1, checkpoint_every=1, log_every=1, precision="fp32")
+    evaluation = LMEvalConfig(batch_size=1, val_max_tokens=0, sample_tokens=1, sample_temperature=1.0, sample_top_k=1)
+    streams = {"train": stream(200), "val": stream(40), "test": stream(200)}
+    with pytest.raises(ValueError, match=r"transformer.context_length = 64 is longer than the val stream \(40 tokens\)"):
+        fit_language_model("transformer", cfg, train, evaluation, streams, ["w"] * 11, seed=0, device=DEVICE,
+                           checkpoint=None, run=None)
+
+
+def test_bad_model_params_name_the_file_and_key(tmp_path, repo_root):
+    import shutil
+
+    from tasks.config import load_section
+    from tasks.params import ParamsError
+
+    params = tmp_path / "params"
+    shutil.copytree(repo_root / "params", params)
+    lm = params / "lm.yaml"
+    lm.write_text(lm.read_text().replace("  d_state: 16", "  d_state: 0"))
+    with pytest.raises(ParamsError, match=r"lm.yaml: mamba: d_state must be >= 1"):
+        load_section(params, "mamba", vocab_size=100)
+    lm.write_text(lm.read_text().replace("  d_state: 0", "  d_state: 16\n  vocab_size: 5", 1))
+    with pytest.raises(ParamsError, match=r"mamba.vocab_size: is set from the data"):
+        load_section(params, "mamba", vocab_size=100)
