@@ -30,13 +30,7 @@ MEAN_TOL = 5 * S / math.sqrt(N) + 0.005  # 5 standard errors + a discretisation 
 VAR_TOL = 5 * math.sqrt(2 / (N - 1)) + 0.02  # on var / S^2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # thousands of small ops: intra-op threads only add contention (6x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exact_eps_model(gd: GaussianDiffusion, mu: float | torch.Tensor = MU, s: float = S):

@@ -19,13 +19,7 @@ from models.fid import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine is shared: intra-op threads contend more than they help at these sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _direct_fid(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,14 +22,7 @@ from models.hippo import (
 from models.s4d import S4DConfig, S4DLayer, discretize_zoh
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds OpenMP barrier waits, which cost seconds a test
-    # (10x the whole module) when another process keeps the other core busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_legs_matrices_by_hand_n3():

@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from models.mamba import MambaBlock, MambaConfig, selective_scan_parallel, selective_scan_ref
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds OpenMP barrier waits, which cost seconds a test
-    # (10x the whole module) when another process keeps the other core busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(L: int, dtype: torch.dtype, Bsz: int = 2, D: int = 6, N: int = 4, dt_shift: float = 0.0, seed: int = 0):

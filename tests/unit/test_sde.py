@@ -21,12 +21,7 @@ MEAN_TOL = 5 * S / math.sqrt(N) + 0.005  # 5 standard errors + a discretisation 
 VAR_TOL = 5 * math.sqrt(2 / (N - 1)) + 0.02  # on var / S^2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exact_score(sde, mu: float = MU, s: float = S):

@@ -12,12 +12,7 @@ from models.unet import EncoderClassifier, UNet, UNetConfig, timestep_embedding
 from models.vae import VAE, VAEConfig, gaussian_kl, psnr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_unet_config(**overrides) -> UNetConfig:
