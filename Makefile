@@ -27,8 +27,9 @@ run: install
 	$(if $(PROFILE),kiln profile $(PROFILE),)
 	kiln run
 	@echo
-	@dvc metrics show
+	@kiln summary
 	@echo
+	@echo "All metrics: dvc metrics show; stage by stage: kiln status"
 	@echo "Runs, metrics and artifacts: make ui  (the MLflow UI on http://127.0.0.1:5000)"
 
 test: install-dev

@@ -5,6 +5,7 @@
     kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
     kiln status              which stages are stale, and why
     kiln profile NAME        switch params/ to the smoke, default or gpu profile
+    kiln summary             the headline metrics of the last run
     kiln ui                  the MLflow UI for this project's tracking store, on loopback
 """
 
@@ -94,6 +95,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    root = _enter_root()
+    from tasks.summary import headline
+
+    print(headline(root))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     root = _enter_root()
     from tasks.config import load_section
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="switch params/ to a profile (smoke, default, gpu)")
     p.add_argument("name")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("summary", help="the headline metrics of the last run")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

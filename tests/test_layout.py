@@ -41,3 +41,4 @@ def test_stage_outputs_are_the_layout_paths(stages):
 def test_every_registered_model_has_a_stage(stages):
     assert {name for name in stages if name.startswith("lm@")} == {f"lm@{n}" for n in LM_NAMES}
     assert {name for name in stages if name.startswith("detector@")} == {f"detector@{n}" for n in DETECTOR_NAMES}
+
