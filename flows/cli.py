@@ -36,16 +36,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _enter_root()
+    root = _enter_root()
     from flows.pipeline import PipelineFailed, pipeline_flow, summary_markdown
     from flows.prefect_api import local_prefect_api
+    from flows.run_lock import RunInProgress, exclusive_run
 
-    with local_prefect_api():
-        try:
+    try:
+        with exclusive_run(root), local_prefect_api():
             outcomes = pipeline_flow(targets=args.target or None)
-        except PipelineFailed as failed:
-            print(f"\nkiln run: {failed}\n\n{failed.summary}", file=sys.stderr)
-            return 1
+    except RunInProgress as busy:
+        print(f"kiln run: {busy}", file=sys.stderr)
+        return 3
+    except PipelineFailed as failed:
+        print(f"\nkiln run: {failed}\n\n{failed.summary}", file=sys.stderr)
+        return 1
     print("\n" + summary_markdown(outcomes))
     return 0
 
