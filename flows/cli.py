@@ -27,8 +27,22 @@ def _enter_root() -> Path:
     return root
 
 
+def _require_tracking_server(root: Path) -> None:
+    """Fail before any stage starts when the configured MLflow server is down: MLflow's client would
+    otherwise retry for minutes at the first log call (sqlite and file stores are not checked)."""
+    from tasks.config import load_section
+    from tasks.tracking import TrackingServerUnreachable, check_tracking_server, resolve_tracking_uri
+
+    try:
+        check_tracking_server(resolve_tracking_uri(load_section(root / "params", "runtime").tracking_uri(), root))
+    except TrackingServerUnreachable as err:
+        raise TrackingServerUnreachable(f"{err}; start it, or point runtime.mlflow_tracking_uri "
+                                        "(params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere") from None
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
-    _enter_root()
+    root = _enter_root()
+    _require_tracking_server(root)
     from flows.stages import stage_flow
 
     stage_flow(args.name)()
@@ -37,6 +51,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
+    _require_tracking_server(root)
     from flows.pipeline import PipelineFailed, pipeline_flow, summary_markdown
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
@@ -173,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tasks.params import ParamsError
     from tasks.scenes import ScenesError
     from tasks.text import CorpusError
+    from tasks.tracking import TrackingServerUnreachable
 
     try:
         return args.func(args)
-    except (ParamsError, CorpusError, ScenesError, FileNotFoundError, KeyError) as err:
+    except (ParamsError, CorpusError, ScenesError, TrackingServerUnreachable, FileNotFoundError, KeyError) as err:
         # Input errors: one clear line naming the file, key or record, not a traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kiln {args.command}: error: {message}", file=sys.stderr)

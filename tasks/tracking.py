@@ -37,6 +37,63 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     return uri
 
 
+class TrackingServerUnreachable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def redact_uri(uri: str) -> str:
+    """`https://user:secret@host/path` -> `https://***@host/path`: a URI in an error message or a log
+    must not carry the password some users put in it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error under requests' and urllib3's wrappers: `Connection refused`, not three
+    nested pool reprs."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+
+
+def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
+    """Raise `TrackingServerUnreachable` unless an http(s) tracking URI answers `GET <uri>/health` within
+    `timeout_s` with a status below 500 (a 502/503 from a proxy means the server behind it is down).
+
+    MLflow's client retries a refused connection with backoff for minutes before it gives up, so a run
+    against a server that is down would hang at its first log call instead of saying so. Any other URI
+    (sqlite, file, databricks) is left alone: a local store is created on first use. The probe uses
+    MLflow's own TLS settings, so a certificate MLflow would reject fails here too.
+    """
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import requests
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_CLIENT_CERT_PATH,
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+    )
+
+    verify = False if MLFLOW_TRACKING_INSECURE_TLS.get() else (MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True)
+    shown = redact_uri(uri)
+    try:
+        with warnings.catch_warnings():  # the insecure-TLS warning repeats what the user chose
+            warnings.simplefilter("ignore")
+            answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, verify=verify,
+                                  cert=MLFLOW_TRACKING_CLIENT_CERT_PATH.get())
+    except requests.Timeout:
+        raise TrackingServerUnreachable(f"MLflow tracking server {shown} did not answer within {timeout_s:g} s") from None
+    except requests.RequestException as err:
+        raise TrackingServerUnreachable(f"MLflow tracking server {shown} is unreachable: {_root_cause(err)}") from None
+    if answer.status_code >= 500:
+        raise TrackingServerUnreachable(f"MLflow tracking server {shown} answered GET /health with "
+                                        f"{answer.status_code} {answer.reason}")
+
+
 def git_commit(root: Path) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
