@@ -56,14 +56,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
 
+    failure: PipelineFailed | None = None
     try:
         with exclusive_run(root), local_prefect_api():
-            outcomes = pipeline_flow(targets=args.target or None)
+            try:
+                outcomes = pipeline_flow(targets=args.target or None)
+            except PipelineFailed as failed:
+                # Caught inside, so the local API outlives the delivery of the failed run's logs: with
+                # the server gone first, Prefect's log worker retries for a minute at exit.
+                failure = failed
     except RunInProgress as busy:
         print(f"kiln run: {busy}", file=sys.stderr)
         return 3
-    except PipelineFailed as failed:
-        print(f"\nkiln run: {failed}\n\n{failed.summary}", file=sys.stderr)
+    if failure is not None:
+        print(f"\nkiln run: {failure}\n\n{failure.summary}", file=sys.stderr)
         return 1
     print("\n" + summary_markdown(outcomes))
     return 0
