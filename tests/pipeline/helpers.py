@@ -7,15 +7,20 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
-def sh(cwd: Path, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, input=stdin)
+def sh(cwd: Path, *args: str, check: bool = True, stdin: str | None = None,
+       env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment."""
+    done = subprocess.run(list(args), cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=600, input=stdin)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -35,8 +40,9 @@ def copy_project(source: Path, dest: Path) -> Path:
     return dest
 
 
-def kiln_run(project: Path, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
-    return sh(project, "kiln", "run", *(a for t in targets for a in ("--target", t)), check=check)
+def kiln_run(project: Path, *targets: str, check: bool = True,
+             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    return sh(project, "kiln", "run", *(a for t in targets for a in ("--target", t)), check=check, env=env)
 
 
 def stale(project: Path, *targets: str) -> dict:
@@ -48,6 +54,21 @@ def summary(output: str) -> dict[str, str]:
     """stage -> status from the summary table that `kiln run` prints last."""
     rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
     return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip() != "stage"}
+
+
+def set_params(project: Path, file: str, section: str, **values: Any) -> None:
+    """Set keys of one section of `params/FILE` in a copy, keeping its comments (what a user's edit does)."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = project / "params" / file
+    document = yaml.load(path.read_text(encoding="utf-8"))
+    for key, value in values.items():
+        if key not in document[section]:
+            raise KeyError(f"{path}: {section} has no key {key!r}")
+        document[section][key] = value
+    with open(path, "w", encoding="utf-8") as out:
+        yaml.dump(document, out)
 
 
 def smoke_project(source: Path, dest: Path) -> Path:
