@@ -1,0 +1,187 @@
+"""Faults, in a copy of the project on the smoke profile: a `kiln run` killed mid-training leaves no
+partial output and the rerun resumes from the checkpoint; a transient stage failure is retried as
+`runtime.stage_retries` says; a second `kiln run` refuses while one holds the repo.
+
+Two stages exist only in the copy's dvc.yaml, as `dvc repro --single-item` runs any command that is not
+`kiln stage NAME`: `flaky` fails as many times as `faults/failures_left` says, then succeeds; `hold`
+runs until the test creates `faults/release`. The tests of this module share one copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.helpers import ENV, kiln_run, runs_of, set_params, sh, smoke_project, stale, summary
+
+pytestmark = pytest.mark.pipeline
+
+FLAKY = '''\
+import sys
+from pathlib import Path
+
+with open("faults/attempts.log", "a") as log:
+    log.write("attempt\\n")
+budget = Path("faults/failures_left")
+left = int(budget.read_text()) if budget.exists() else 0
+if left:
+    budget.write_text(str(left - 1))
+    sys.exit(f"flaky: transient failure ({left} left)")
+Path("data/flaky").mkdir(parents=True, exist_ok=True)
+Path("data/flaky/ok.txt").write_text("ok\\n")
+'''
+
+HOLD = '''\
+import sys
+import time
+from pathlib import Path
+
+Path("faults/holding").touch()
+deadline = time.monotonic() + 300
+while not Path("faults/release").exists():
+    if time.monotonic() > deadline:
+        sys.exit("hold: never released")
+    time.sleep(0.05)
+Path("data/hold").mkdir(parents=True, exist_ok=True)
+Path("data/hold/done.txt").write_text("done\\n")
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    from ruamel.yaml import YAML
+
+    project = smoke_project(repo_root, tmp_path_factory.mktemp("faults") / "repo")
+    (project / "faults").mkdir()
+    (project / "faults" / "flaky.py").write_text(FLAKY)
+    (project / "faults" / "hold.py").write_text(HOLD)
+    yaml = YAML()
+    dvc_yaml = project / "dvc.yaml"
+    document = yaml.load(dvc_yaml.read_text())
+    for name in ("flaky", "hold"):
+        # A dependency, so that DVC does not treat the stage as always changed.
+        document["stages"][name] = {"cmd": f"python faults/{name}.py", "deps": [f"faults/{name}.py"],
+                                    "outs": [f"data/{name}"]}
+    with open(dvc_yaml, "w") as out:
+        yaml.dump(document, out)
+    sh(project, "git", "add", "dvc.yaml", "faults")
+    sh(project, "git", "commit", "-qm", "fault stages")
+    return project
+
+
+def temp_leftovers(project: Path) -> list[Path]:
+    """What tasks/io.py's atomic writer leaves when it is stopped between its temp file and the rename."""
+    return [p for p in (project / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"exited {process.returncode} before {path} appeared\n{log.read_text()[-6000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout_s} s\n{log.read_text()[-6000:]}")
+        time.sleep(0.02)
+
+
+def start_kiln_run(project: Path, target: str, log: Path) -> subprocess.Popen:
+    """`kiln run --target TARGET` in the background, in its own process group (it starts a Prefect API
+    server and maybe `dvc repro` children), with its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(["kiln", "run", "--target", target], cwd=project, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resumes(project: Path, tmp_path: Path) -> None:
+    import torch
+
+    lm_yaml = project / "params" / "lm.yaml"
+    smoke = lm_yaml.read_text()
+    # Long enough to still be training when the first checkpoint appears: checkpoints ~1 s apart, so
+    # the kill lands between two checkpoint writes, not inside one.
+    steps = 3000
+    set_params(project, "lm.yaml", "lm_train", steps=steps, checkpoint_every=1000, eval_every=steps, log_every=1000)
+    out_dir = project / "data" / "models" / "lm" / "lstm"
+    try:
+        log = tmp_path / "killed.log"
+        killed = start_kiln_run(project, "lm@lstm", log)
+        try:
+            wait_for(out_dir / "checkpoint.pt", killed, timeout_s=300, log=log)
+        finally:
+            stop(killed)
+        assert killed.returncode == -signal.SIGKILL
+        assert not (out_dir / "model.pt").exists()
+        assert not (project / "data" / "metrics" / "lm" / "lstm.json").exists()
+        assert temp_leftovers(project) == []
+        # The checkpoint was renamed into place whole, so it loads.
+        interrupted_at = torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"]
+        assert 0 < interrupted_at < steps and interrupted_at % 1000 == 0
+
+        # The kernel dropped the killed run's lock, DVC's checkpoint out is persistent: the rerun resumes.
+        resumed = kiln_run(project, "lm@lstm")
+        assert summary(resumed.stdout) == {"corpus": "up to date", "lm@lstm": "ran"}
+        assert re.search(rf"lm@lstm: resuming from \S+/checkpoint\.pt at step {interrupted_at}\b",
+                         resumed.stdout + resumed.stderr)  # print() goes through Prefect's logger
+        run = runs_of(project, "text", "lm@lstm")[0]
+        assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_step"] == interrupted_at
+        assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == steps
+        assert (out_dir / "model.pt").is_file() and temp_leftovers(project) == []
+        assert stale(project, "lm@lstm") == {}
+    finally:
+        lm_yaml.write_text(smoke)
+
+
+def test_a_transient_failure_is_retried_as_many_times_as_stage_retries_says(project: Path) -> None:
+    runtime_yaml = project / "params" / "runtime.yaml"
+    smoke = runtime_yaml.read_text()
+    attempts, budget = project / "faults" / "attempts.log", project / "faults" / "failures_left"
+    try:
+        set_params(project, "runtime.yaml", "runtime", stage_retries=0, retry_delay_s=0.0)
+        budget.write_text("1")
+        failed = kiln_run(project, "flaky", check=False)
+        assert failed.returncode == 1
+        assert summary(failed.stderr) == {"flaky": "failed"}
+        assert "flaky: transient failure (1 left)" in failed.stdout + failed.stderr
+        assert re.search(r"\| flaky \| failed \| [\d.]+ \| RuntimeError: dvc repro --single-item flaky exited with \d+ \|",
+                         failed.stderr)
+        assert attempts.read_text().count("attempt") == 1
+
+        set_params(project, "runtime.yaml", "runtime", stage_retries=1)
+        budget.write_text("1")
+        attempts.unlink()
+        ran = kiln_run(project, "flaky")
+        assert summary(ran.stdout) == {"flaky": "ran"}
+        assert attempts.read_text().count("attempt") == 2, "one failed attempt, one retry"
+        assert (project / "data" / "flaky" / "ok.txt").is_file() and stale(project, "flaky") == {}
+    finally:
+        runtime_yaml.write_text(smoke)
+
+
+def test_a_second_kiln_run_refuses_while_the_first_holds_the_repo(project: Path, tmp_path: Path) -> None:
+    log = tmp_path / "first.log"
+    first = start_kiln_run(project, "hold", log)
+    try:
+        # `hold` runs inside the first run, so the first run holds the repo lock for certain now.
+        wait_for(project / "faults" / "holding", first, timeout_s=300, log=log)
+        second = kiln_run(project, "corpus", check=False)
+        assert second.returncode == 3
+        assert re.fullmatch(rf"kiln run: another kiln run \(pid {first.pid}\) is running in \S+ and holds "
+                            r"\S+kiln-run\.lock; wait for it to finish, or stop it", second.stderr.strip())
+        assert summary(second.stdout) == {}
+        (project / "faults" / "release").touch()
+        assert first.wait(timeout=300) == 0, log.read_text()[-6000:]
+    finally:
+        stop(first)
+    assert summary(log.read_text()) == {"hold": "ran"}
