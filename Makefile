@@ -42,6 +42,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
 	$(BIN)/python benchmarks/bench_coco_eval.py --out benchmarks/results/coco_eval.json
 	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
+	$(BIN)/python benchmarks/bench_images.py --out benchmarks/results/images.json
 
 ui: install
 	kiln ui

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flows.detection import detector_flow, map_flow, onnx_flow, scenes_flow
+from flows.images import diffusion_flow, fid_net_flow, guidance_flow, images_flow, latents_flow, vae_flow
 from flows.lm import lm_compare_flow, lm_flow
 from flows.text import corpus_flow, ngram_flow
 
@@ -18,6 +19,12 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "detector": detector_flow,
     "map": map_flow,
     "onnx": onnx_flow,
+    "images": images_flow,
+    "fid_net": fid_net_flow,
+    "vae": vae_flow,
+    "latents": latents_flow,
+    "diffusion": diffusion_flow,
+    "guidance": guidance_flow,
 }
 
 

@@ -11,10 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.classifier import FIDNetConfig
 from models.detector import DETECTORS
+from models.diffusion import DiffusionConfig
 from models.lm import LANGUAGE_MODELS
 from models.ngram import NgramConfig
+from models.sde import SDEConfig
+from models.unet import UNetConfig
+from models.vae import VAEConfig
 from tasks.params import ParamsError, load_params_file
+from tasks.autoencoder import LatentsConfig
+from tasks.diffusion import DiffusionEvalConfig, GuidanceConfig
+from tasks.images import FIDConfig, ImagesConfig
 from tasks.scenes import ScenesConfig
 from tasks.training import TrainConfig
 
@@ -126,12 +134,24 @@ PARAMS_FILES: dict[str, dict[str, type]] = {
                 **{name: config for name, (config, _) in LANGUAGE_MODELS.items()}},
     "detection.yaml": {"scenes": ScenesConfig, "detector_train": TrainConfig, "detection_eval": DetectionEvalConfig,
                        **{name: config for name, (config, _) in DETECTORS.items()}, "onnx": OnnxConfig},
+    "images.yaml": {"images": ImagesConfig, "fid_net": FIDNetConfig, "fid_net_train": TrainConfig, "fid": FIDConfig,
+                    "vae": VAEConfig, "vae_train": TrainConfig, "latents": LatentsConfig,
+                    "unet": UNetConfig, "ldm_unet": UNetConfig, "diffusion_train": TrainConfig,
+                    "ldm_train": TrainConfig, "diffusion_eval": DiffusionEvalConfig, "ddpm": DiffusionConfig,
+                    "sde_vp": SDEConfig, "sde_ve": SDEConfig, "ldm": DiffusionConfig,
+                    "guidance_classifier": UNetConfig, "guidance_train": TrainConfig, "guidance": GuidanceConfig},
 }
 
 # Fields a stage fills in from its data, never from params; placeholders let `load_all` validate the rest.
 DERIVED_FIELDS: dict[str, dict[str, Any]] = {
     **{name: {"vocab_size": 1} for name in LANGUAGE_MODELS},
     **{name: {"num_classes": 1, "input_size": 32} for name in DETECTORS},
+    # The built-in images' values (16 px gray digits, 10 classes; latents 4x8x8), so configs validate.
+    "fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+    "vae": {"in_channels": 1},
+    "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+    "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
+    "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10},
 }
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}

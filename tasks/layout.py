@@ -10,4 +10,11 @@ ONNX_DIR = "data/models/onnx"  # <name>.onnx, <name>.int8.onnx
 METRICS_DIR = "data/metrics"  # <stage>.json, for `dvc metrics`
 PLOTS_DIR = "data/plots"  # <stage>_*.csv, for `dvc plots`
 
+IMAGES_DIR = "data/prepared/images"  # train/val/test.parquet: label, pixels (C*H*W uint8 bytes), source
+FID_NET_DIR = "data/models/fid_net"  # model.pt, checkpoint.pt (persisted)
+VAE_DIR = "data/models/vae"  # model.pt, checkpoint.pt (persisted), reconstructions.png
+LATENTS_DIR = "data/cache/latents"  # <split>.npy (N, c, h, w) float32, memory-mapped; <split>.parquet index
+DIFFUSION_DIR = "data/models/diffusion"  # <name>/model.pt, checkpoint.pt (persisted), samples.png
+GUIDANCE_DIR = "data/models/guidance"  # classifier.pt, checkpoint.pt (persisted), <kind>_samples.png
+
 SPLITS = ("train", "val", "test")

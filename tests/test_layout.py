@@ -6,6 +6,7 @@ from dvc.repo import Repo
 from flows.stages import STAGE_FLOWS, stage_flow
 from tasks import layout
 from tasks.detection import DETECTOR_NAMES
+from tasks.diffusion import GENERATOR_NAMES
 from tasks.lm import LM_NAMES
 
 
@@ -35,6 +36,16 @@ def test_stage_outputs_are_the_layout_paths(stages):
             f"{layout.DETECTOR_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "predictions_test.json")
         } | {f"{layout.METRICS_DIR}/detector/{name}.json", f"{layout.PLOTS_DIR}/detector/{name}.csv"}
     assert stages["onnx"][1] == {layout.ONNX_DIR, f"{layout.METRICS_DIR}/onnx.json"}
+    assert stages["images"][1] == {layout.IMAGES_DIR, f"{layout.PLOTS_DIR}/images_test_grid.png",
+                                   f"{layout.METRICS_DIR}/images.json"}
+    assert stages["latents"][1] == {layout.LATENTS_DIR, f"{layout.METRICS_DIR}/latents.json"}
+    for name in GENERATOR_NAMES:
+        assert stages[f"diffusion@{name}"][1] == {
+            f"{layout.DIFFUSION_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
+        } | {f"{layout.METRICS_DIR}/diffusion/{name}.json", f"{layout.PLOTS_DIR}/diffusion/{name}_fid_vs_steps.csv"}
+    assert {p for p in stages["guidance"][1] if p.startswith(layout.GUIDANCE_DIR)} == {
+        f"{layout.GUIDANCE_DIR}/{f}" for f in ("classifier.pt", "checkpoint.pt", "classifier_free_samples.png",
+                                               "classifier_samples.png")}
     assert all(path.startswith("data/") for _, outs in stages.values() for path in outs)
 
 

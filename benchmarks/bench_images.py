@@ -1,0 +1,179 @@
+"""Image-family speed at the committed (default-profile) configuration.
+
+1. Sampling images/s for every sampler (DDPM ancestral and DDIM, the VP SDE's Euler-Maruyama, predictor-
+   corrector and probability-flow ODE, latent DDPM with VAE decoding), at a fixed number of steps, with the
+   UNets of params/images.yaml. The networks are randomly initialised with their zero-initialised output
+   layers re-drawn, so the score is not 0 (the adaptive ODE's evaluation count depends on the model; the
+   trained count is in data/metrics/diffusion/sde_*.json).
+2. FID computation time, ours (float64 statistics, SVD route) against torchmetrics'
+   FrechetInceptionDistance on the same features (identity extractor), for 32-d and 2048-d features.
+3. The latent cache: one epoch of latent-diffusion training reading cached latents, against encoding each
+   batch with the VAE on the fly; the ratio is the cache's speed-up.
+
+    .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def seconds(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def randomise_zero_layers(model) -> None:
+    """Re-draw the zero-initialised convolutions so the network's output is not identically 0."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=360, help="images per sampling batch")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/images.json")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from models.diffusion import GaussianDiffusion
+    from models.fid import frechet_distance
+    from models.sde import build_sde
+    from models.unet import UNet
+    from models.vae import VAE
+    from tasks.config import DERIVED_FIELDS, load_section
+    from tasks.images import builtin_digits, to_model_range
+    from tasks.training import make_optimizer
+
+    params = ROOT / "params"
+    torch.manual_seed(0)
+    n, steps = args.images, args.steps
+    labels = torch.arange(n) % 10
+    results: dict = {"images": n, "steps": steps, "threads": torch.get_num_threads(),
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"}
+
+    # 1. sampling --------------------------------------------------------------------------------------
+    unet = UNet(load_section(params, "unet", **DERIVED_FIELDS["unet"])).eval()
+    ldm_unet = UNet(load_section(params, "ldm_unet", **DERIVED_FIELDS["ldm_unet"])).eval()
+    vae = VAE(load_section(params, "vae", **DERIVED_FIELDS["vae"])).eval()
+    for m in (unet, ldm_unet):
+        randomise_zero_layers(m)
+    ddpm = GaussianDiffusion(load_section(params, "ddpm"))
+    vp = build_sde(load_section(params, "sde_vp"))
+    ldm = GaussianDiffusion(load_section(params, "ldm"))
+    latent_shape = (ldm_unet.cfg.in_channels, ldm_unet.cfg.image_size, ldm_unet.cfg.image_size)
+    cases = {
+        "ddpm_ancestral": (ddpm, unet, (1, 16, 16), "ancestral", None),
+        "ddpm_ddim": (ddpm, unet, (1, 16, 16), "ddim", None),
+        "sde_vp_euler_maruyama": (vp, unet, (1, 16, 16), "euler_maruyama", None),
+        "sde_vp_pc": (vp, unet, (1, 16, 16), "pc", None),
+        "sde_vp_ode": (vp, unet, (1, 16, 16), "ode", None),
+        "ldm_ddim_with_decode": (ldm, ldm_unet, latent_shape, "ddim", vae),
+    }
+    sampling = {}
+    for name, (process, model, shape, sampler, decoder) in cases.items():
+        out = {}
+
+        def run() -> None:
+            g = torch.Generator().manual_seed(0)
+            result = process.sample(model, (n, *shape), steps=steps, sampler=sampler, generator=g, y=labels)
+            if decoder is not None:
+                with torch.no_grad():
+                    decoder.decode(result.x)
+            out["nfe"] = result.nfe
+
+        t = seconds(run)
+        sampling[name] = {"images_per_s": n / t, "seconds": t, "nfe": out["nfe"]}
+        print(f"sampling {name}: {n / t:.1f} images/s ({out['nfe']} network evaluations per image, {t:.2f} s)")
+    results["sampling"] = sampling
+
+    # 2. FID against torchmetrics -------------------------------------------------------------------------
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Identity(torch.nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.num_features = dim
+
+        def forward(self, x):
+            return x
+
+    fid_results = {}
+    for dim, count in ((32, 5000), (2048, 5000)):
+        g = torch.Generator().manual_seed(dim)
+        a = torch.randn(count, dim, generator=g, dtype=torch.float64)
+        b = torch.randn(count, dim, generator=g, dtype=torch.float64) * 1.1 + 0.1
+        ours_value = {}
+
+        def ours() -> None:
+            ours_value["fid"] = frechet_distance(a, b).fid
+
+        def theirs() -> None:
+            metric = FrechetInceptionDistance(feature=Identity(dim), normalize=True)
+            metric.update(a, real=True)
+            metric.update(b, real=False)
+            ours_value["torchmetrics"] = float(metric.compute())
+
+        t_ours, t_theirs = seconds(ours, 3), seconds(theirs, 3)
+        fid_results[f"d{dim}"] = {"samples": count, "ours_s": t_ours, "torchmetrics_s": t_theirs,
+                                  "speedup": t_theirs / t_ours, "fid_ours": ours_value["fid"],
+                                  "fid_torchmetrics": ours_value["torchmetrics"]}
+        print(f"FID d={dim}, {count} samples each: ours {t_ours * 1000:.1f} ms, torchmetrics {t_theirs * 1000:.1f} ms "
+              f"({t_theirs / t_ours:.1f}x); values {ours_value['fid']:.6f} vs {ours_value['torchmetrics']:.6f}")
+    results["fid"] = fid_results
+
+    # 3. latent cache -------------------------------------------------------------------------------------
+    train_cfg = load_section(params, "ldm_train")
+    digits = to_model_range(builtin_digits(16).pixels)  # all 1,797 images: one epoch
+    with torch.no_grad():
+        cached = vae.encode(digits)
+    model = UNet(load_section(params, "ldm_unet", **DERIVED_FIELDS["ldm_unet"]))
+    optimizer = make_optimizer(model, train_cfg)
+    y = torch.arange(len(digits)) % 10
+
+    def epoch(encode_on_the_fly: bool) -> None:
+        for i in range(0, len(digits), train_cfg.batch_size):
+            if encode_on_the_fly:
+                with torch.no_grad():
+                    z = vae.encode(digits[i: i + train_cfg.batch_size])
+            else:
+                z = cached[i: i + train_cfg.batch_size]
+            loss = ldm.training_losses(model, z, y=y[i: i + train_cfg.batch_size])["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    t_cache, t_fly = seconds(lambda: epoch(False), 2), seconds(lambda: epoch(True), 2)
+    results["latent_cache"] = {"epoch_images": len(digits), "batch_size": train_cfg.batch_size,
+                               "cached_s": t_cache, "on_the_fly_s": t_fly, "speedup": t_fly / t_cache}
+    print(f"latent cache: an epoch of {len(digits)} images takes {t_cache:.2f} s from the cache, {t_fly:.2f} s "
+          f"encoding on the fly ({t_fly / t_cache:.2f}x)")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    np.testing.assert_allclose(fid_results["d32"]["fid_ours"], fid_results["d32"]["fid_torchmetrics"], rtol=1e-3)
+
+
+if __name__ == "__main__":
+    main()

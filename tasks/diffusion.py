@@ -1,0 +1,447 @@
+"""Diffusion tasks: `diffusion@{ddpm,sde_vp,sde_ve,ldm}` (train a UNet under one generative process, then
+FID against the test split for every sampler and number of steps) and `guidance` (classifier-free and
+classifier guidance swept over the guidance scale: FID against class accuracy).
+
+The process (models/diffusion.py, models/sde.py) and the network (models/unet.py) are separate: every
+generator here is a (process, UNet, data space) triple from `GENERATORS`, trained by the one training loop
+and sampled through the processes' shared `sample(model, shape, steps=, sampler=, guidance=, y=)`.
+All UNets are class-conditional and trained with label dropout (the process's `p_uncond`), so one model
+samples conditionally, unconditionally (the null label) and with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import Tensor, nn
+
+from models.diffusion import ClassifierFreeGuidance, ClassifierGuidance, DiffusionConfig, GaussianDiffusion, Guidance
+from models.sde import SDE, SDEConfig, build_sde
+from models.unet import EncoderClassifier, UNet, UNetConfig
+from tasks.autoencoder import load_vae, read_latents
+from tasks.images import FIDConfig, FIDEvaluator, balanced_labels, image_grid, read_images, to_model_range, to_pixels, write_png
+from tasks.io import atomic_path, write_json
+from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.tracking import StageRun
+from tasks.training import TrainConfig, code_digest, load_model, resolve_device, save_model, train
+
+Process = GaussianDiffusion | SDE
+
+
+@dataclass(frozen=True)
+class DiffusionEvalConfig:
+    """`params/images.yaml: diffusion_eval`: how every generator is sampled and scored."""
+
+    steps: list[int]  # the FID-versus-steps sweep, for each fixed-step sampler (the ODE solver is adaptive)
+    val_images: int  # val images in the validation loss at each evaluation
+    grid_per_class: int  # samples per class in the logged grid
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise ValueError(f"steps must be a non-empty list of ints >= 1, got {self.steps}")
+        if self.val_images < 1 or self.grid_per_class < 1:
+            raise ValueError("val_images and grid_per_class must be >= 1")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """`params/images.yaml: guidance`: the guidance-scale sweeps on the DDPM."""
+
+    cfg_scales: list[float]  # classifier-free: 0 unconditional, 1 conditional, > 1 guided
+    classifier_scales: list[float]  # classifier guidance on the unconditional model: 0 is unguided
+    sampler: Literal["ancestral", "ddim"]
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not self.cfg_scales or not self.classifier_scales:
+            raise ValueError("cfg_scales and classifier_scales must be non-empty")
+        if any(s < 0 for s in [*self.cfg_scales, *self.classifier_scales]):
+            raise ValueError("guidance scales must be >= 0")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    process_section: str  # params section of the process config (DiffusionConfig or SDEConfig)
+    unet_section: str
+    space: Literal["pixels", "latents"]
+    samplers: tuple[str, ...]  # all evaluated; "ode" once (adaptive), the others at every diffusion_eval.steps
+    headline: str  # the sampler whose FID at the most steps is the stage's `fid`
+
+
+GENERATORS: dict[str, GeneratorSpec] = {
+    "ddpm": GeneratorSpec("ddpm", "unet", "pixels", ("ancestral", "ddim"), "ancestral"),
+    "sde_vp": GeneratorSpec("sde_vp", "unet", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
+    "sde_ve": GeneratorSpec("sde_ve", "unet", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
+    "ldm": GeneratorSpec("ldm", "ldm_unet", "latents", ("ancestral", "ddim"), "ancestral"),
+}
+GENERATOR_NAMES = tuple(GENERATORS)
+SDE_KINDS = {"sde_vp": "vp", "sde_ve": "ve"}
+
+
+def build_process(name: str, cfg: DiffusionConfig | SDEConfig) -> Process:
+    if isinstance(cfg, SDEConfig):
+        if cfg.kind != SDE_KINDS[name]:
+            raise ValueError(f"params/images.yaml: {name}.kind must be {SDE_KINDS[name]!r}, got {cfg.kind!r}")
+        return build_sde(cfg)
+    return GaussianDiffusion(cfg)
+
+
+def build_unet(name: str, config: dict[str, Any]) -> UNet:
+    return UNet(UNetConfig(**config))
+
+
+def derived_generator_fields(name: str):
+    """The UNet's channels, size and classes: from the images, or from the latent cache for `ldm`."""
+
+    def derive(root: Path) -> dict[str, dict[str, Any]]:
+        meta = json.loads((root / METRICS_DIR / "images.json").read_text())
+        spec = GENERATORS[name]
+        fields = {"in_channels": int(meta["channels"]), "image_size": int(meta["height"]),
+                  "num_classes": int(meta["classes"])}
+        if spec.space == "latents":
+            c, h, _ = json.loads((root / LATENTS_DIR / "latents.json").read_text())["shape"]
+            fields.update(in_channels=int(c), image_size=int(h))
+        return {spec.unet_section: fields}
+
+    return derive
+
+
+# ----------------------------------------------------------------------------------- data space
+
+
+@dataclass
+class DataSpace:
+    """Training data in the space the process runs in, and the way back to pixels."""
+
+    train: Tensor  # (N, c, h, w) model inputs
+    train_labels: Tensor
+    val: Tensor
+    val_labels: Tensor
+    decode: Callable[[Tensor], Tensor]  # model space -> images in [-1, 1]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+
+def pixel_space(root: Path) -> DataSpace:
+    train, val = read_images(root, "train"), read_images(root, "val")
+    return DataSpace(to_model_range(train.pixels), torch.as_tensor(train.labels), to_model_range(val.pixels),
+                     torch.as_tensor(val.labels), decode=lambda x: x.clamp(-1, 1))
+
+
+def latent_space(root: Path, device: torch.device, batch_size: int) -> DataSpace:
+    """The cached latents times the scale factor (unit variance); decoding divides it out again."""
+    train, val = read_latents(root, "train"), read_latents(root, "val")
+    vae = load_vae(root, device)
+    scale = train.scale_factor
+
+    @torch.no_grad()
+    def decode(z: Tensor) -> Tensor:
+        return torch.cat([vae.decode(z[i: i + batch_size].to(device) / scale).cpu()
+                          for i in range(0, len(z), batch_size)]).clamp(-1, 1)
+
+    return DataSpace(torch.from_numpy(np.array(train.latents)) * scale, torch.as_tensor(train.labels),
+                     torch.from_numpy(np.array(val.latents)) * scale, torch.as_tensor(val.labels), decode)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def sample_images(process: Process, model: nn.Module, space: DataSpace, labels: Tensor, *, sampler: str,
+                  steps: int | None, guidance: Callable[[Tensor], Guidance] | None = None, seed: int,
+                  batch_size: int, conditional: bool = True) -> tuple[Tensor, int]:
+    """len(labels) images in [-1, 1] and the network evaluations per image. Every call with the same seed
+    starts from the same noise, so samplers and step counts are compared on equal footing."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    parts, nfe = [], 0
+    for i in range(0, len(labels), batch_size):
+        y = labels[i: i + batch_size].to(device)
+        if guidance is not None:
+            cond: dict[str, Any] = {"guidance": guidance(y)}
+        else:
+            cond = {"y": y} if conditional else {}
+        out = process.sample(model, (len(y), *space.sample_shape), steps=steps, sampler=sampler,
+                             generator=generator, device="cpu" if device.type == "cpu" else device, **cond)
+        parts.append(out.x.float().cpu())
+        nfe = out.nfe
+    return space.decode(torch.cat(parts)), nfe
+
+
+@dataclass
+class Sweep:
+    rows: list[dict[str, Any]]  # one per (sampler, steps): fid, class accuracy, nfe, speed
+    headline: dict[str, Any]  # the full FID report of the headline sampler at the most steps
+    images: Tensor  # its samples, in [-1, 1]
+    labels: Tensor
+
+
+def sweep_samplers(name: str, process: Process, model: nn.Module, space: DataSpace, evaluator: FIDEvaluator,
+                   eval_cfg: DiffusionEvalConfig, fid_cfg: FIDConfig, seed: int) -> Sweep:
+    """FID and class accuracy for every sampler and step count, and the headline samples."""
+    spec = GENERATORS[name]
+    labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
+    rows: list[dict[str, Any]] = []
+    sweep = None
+    for sampler in spec.samplers:
+        for steps in ([None] if sampler == "ode" else sorted(eval_cfg.steps)):
+            start = time.perf_counter()
+            images, nfe = sample_images(process, model, space, labels, sampler=sampler, steps=steps,
+                                        seed=seed + 1, batch_size=fid_cfg.batch_size)
+            seconds = time.perf_counter() - start
+            report = evaluator.report(images, labels)
+            rows.append({"sampler": sampler, "steps": steps or nfe, "nfe": nfe, "fid": report["fid"],
+                         "class_accuracy": report["class_accuracy"], "sample_seconds": seconds,
+                         "images_per_s": len(labels) / seconds})
+            print(f"{name}: {sampler} {steps or 'adaptive'} steps ({nfe} evaluations): FID {report['fid']:.3f}, "
+                  f"class accuracy {report['class_accuracy']:.3f}, {len(labels) / seconds:.1f} images/s")
+            if sampler == spec.headline and (sampler == "ode" or steps == max(eval_cfg.steps)):
+                sweep = Sweep(rows, {**report, "headline_steps": steps or nfe}, images, labels)
+    assert sweep is not None, f"{name}: headline sampler {spec.headline!r} is not among its samplers"
+    return sweep
+
+
+def fid_steps_figure(name: str, rows: list[dict], floor: float, ceiling: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    frame = pd.DataFrame(rows)
+    for sampler, part in frame.groupby("sampler", sort=False):
+        ax.plot(part["nfe"], part["fid"], marker="o", label=sampler)
+    ax.axhline(floor, color="gray", linestyle="--", label=f"floor (train vs test) {floor:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="FID vs test",
+           title=f"{name}: FID by sampler and steps (noise ceiling {ceiling:.0f})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def class_grid_of(images: Tensor, labels: Tensor, per_class: int, num_classes: int) -> np.ndarray:
+    """A grid with one row per class: its first `per_class` samples (fewer if every class has fewer)."""
+    per_class = min(per_class, *(int((labels == k).sum()) for k in range(num_classes)))
+    index = torch.cat([torch.nonzero(labels == k).flatten()[:per_class] for k in range(num_classes)])
+    return image_grid(to_pixels(images[index]), per_class)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def diffusion_loss(process: Process) -> Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]:
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x0, y = batch
+        return process.training_losses(model, x0, y=y)["loss"]
+
+    return loss
+
+
+def fit_generator(name: str, process: Process, unet_cfg: UNetConfig, train_cfg: TrainConfig, space: DataSpace,
+                  eval_cfg: DiffusionEvalConfig, *, seed: int, device: torch.device, checkpoint: Path | None,
+                  run: StageRun | None, fingerprint: dict[str, Any]):
+    torch.manual_seed(seed)
+    model = UNet(unet_cfg)
+    x_train, y_train = space.train.to(device), space.train_labels.to(device)
+    x_val, y_val = space.val[: eval_cfg.val_images].to(device), space.val_labels[: eval_cfg.val_images].to(device)
+
+    def next_batch(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (train_cfg.batch_size,), generator=generator)
+        return x_train[idx], y_train[idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        # The same timesteps and noise at every evaluation, so the curve shows the model, not the draw.
+        g = torch.Generator(device).manual_seed(seed)
+        return {"val_loss": float(process.training_losses(m, x_val, y=y_val, generator=g)["loss"])}
+
+    fingerprint = {**fingerprint, "process_code": code_digest(model, sys.modules[type(process).__module__]),
+                   "unet": asdict(unet_cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
+                   "train_checksum": float(space.train.double().sum())}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=diffusion_loss(process), evaluate=evaluate,
+                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
+                   fingerprint=fingerprint, run=run, item_name="images", desc=f"diffusion@{name}")
+    model.eval()
+    return model, result
+
+
+@task(name="diffusion", cache_policy=NO_CACHE)
+def diffusion_task(root: Path, name: str, process_cfg: DiffusionConfig | SDEConfig, unet_cfg: UNetConfig,
+                   train_cfg: TrainConfig, eval_cfg: DiffusionEvalConfig, fid_cfg: FIDConfig, seed: int,
+                   device_name: str, run: StageRun) -> dict[str, float]:
+    device = resolve_device(device_name)
+    spec = GENERATORS[name]
+    process = build_process(name, process_cfg)
+    space = pixel_space(root) if spec.space == "pixels" else latent_space(root, device, fid_cfg.batch_size)
+    out = root / DIFFUSION_DIR / name
+    model, result = fit_generator(name, process, unet_cfg, train_cfg, space, eval_cfg, seed=seed, device=device,
+                                  checkpoint=out / "checkpoint.pt", run=run,
+                                  fingerprint={"process": asdict(process_cfg)})
+    save_model(out / "model.pt", "unet", unet_cfg, model)
+
+    evaluator = FIDEvaluator.load(root, fid_cfg, device)
+    sweep = sweep_samplers(name, process, model, space, evaluator, eval_cfg, fid_cfg, seed)
+    rows, images, labels, headline = sweep.rows, sweep.images, sweep.labels, sweep.headline
+    metrics = {**headline, "headline_sampler": spec.headline, "train_seconds": result.train_seconds,
+               "train_images_per_s": result.items_per_second, "sweep": rows}
+    write_json(root / METRICS_DIR / "diffusion" / f"{name}.json", metrics)
+    with atomic_path(root / PLOTS_DIR / "diffusion" / f"{name}_fid_vs_steps.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    grid = write_png(class_grid_of(images, labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes),
+                     out / "samples.png", upscale=2)
+
+    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run.log_metrics(flat)
+    for sampler in spec.samplers:
+        part = [r for r in rows if r["sampler"] == sampler]
+        run.log_metric_series(f"fid_{sampler}", {int(r["steps"]): r["fid"] for r in part})
+        run.log_metric_series(f"images_per_s_{sampler}", {int(r["steps"]): r["images_per_s"] for r in part})
+    run.log_figure(fid_steps_figure(name, rows, evaluator.floor, evaluator.ceiling), "plots/fid_vs_steps.png")
+    run.log_artifact(grid, "samples")
+    run.set_tags({"kiln.headline": f"{spec.headline} sampler at {metrics['headline_steps']} steps"})
+    print(f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
+          f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
+          f"class accuracy {headline['class_accuracy']:.3f}")
+    return flat
+
+
+# ------------------------------------------------------------------------------------ guidance
+
+
+def noisy_classification_loss(process: GaussianDiffusion):
+    """Cross-entropy of the classifier on x_t ~ q(x_t | x_0) at a uniform t (Dhariwal & Nichol Section 4.1)."""
+
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x0, y = batch
+        t = torch.randint(0, process.num_timesteps, (len(x0),), device=x0.device)
+        return F.cross_entropy(model(process.q_sample(x0, t), t), y)
+
+    return loss
+
+
+def fit_noisy_classifier(process: GaussianDiffusion, cfg: UNetConfig, train_cfg: TrainConfig, space: DataSpace, *,
+                         seed: int, device: torch.device, checkpoint: Path | None,
+                         run: StageRun | None) -> tuple[EncoderClassifier, dict[str, float]]:
+    torch.manual_seed(seed)
+    model = EncoderClassifier(cfg)
+    x_train, y_train = space.train.to(device), space.train_labels.to(device)
+    x_val, y_val = space.val.to(device), space.val_labels.to(device)
+
+    def next_batch(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (train_cfg.batch_size,), generator=generator)
+        return x_train[idx], y_train[idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        g = torch.Generator(device).manual_seed(seed)
+        metrics = {}
+        # Accuracy on clean-ish and on mid-noise inputs: guidance needs both ends to carry signal.
+        for label, frac in (("t10", 0.1), ("t50", 0.5)):
+            t = torch.full((len(x_val),), int(frac * process.num_timesteps), device=device)
+            noise = torch.randn(x_val.shape, generator=g, device=device)
+            logits = m(process.q_sample(x_val, t, noise), t)
+            metrics[f"val_accuracy_{label}"] = float((logits.argmax(-1) == y_val).float().mean())
+        return metrics
+
+    fingerprint = {"unet": asdict(cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
+                   "process": asdict(process.cfg)}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=noisy_classification_loss(process),
+                   evaluate=evaluate, items_per_batch=train_cfg.batch_size, seed=seed, device=device,
+                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, item_name="images",
+                   desc="guidance classifier")
+    model.eval()
+    return model, {f"classifier_{k}": v for k, v in result.history[-1].items() if k != "step"}
+
+
+def tradeoff_figure(rows: list[dict], floor: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    frame = pd.DataFrame(rows)
+    for kind, part in frame.groupby("guidance", sort=False):
+        ax.plot(part["class_accuracy"], part["fid"], marker="o", label=kind)
+        for _, r in part.iterrows():
+            ax.annotate(f"{r['scale']:g}", (r["class_accuracy"], r["fid"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
+    ax.set(xlabel="class accuracy of samples (fid_net)", ylabel="FID vs test", yscale="log",
+           title="Guidance scale: fidelity vs class accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+@task(name="guidance", cache_policy=NO_CACHE)
+def guidance_task(root: Path, ddpm_cfg: DiffusionConfig, classifier_cfg: UNetConfig, train_cfg: TrainConfig,
+                  cfg: GuidanceConfig, eval_cfg: DiffusionEvalConfig, fid_cfg: FIDConfig, seed: int,
+                  device_name: str, run: StageRun) -> dict[str, float]:
+    device = resolve_device(device_name)
+    process = GaussianDiffusion(ddpm_cfg)
+    _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_unet, device)
+    space = pixel_space(root)
+    out = root / GUIDANCE_DIR
+    classifier, classifier_metrics = fit_noisy_classifier(process, classifier_cfg, train_cfg, space, seed=seed,
+                                                          device=device, checkpoint=out / "checkpoint.pt", run=run)
+    save_model(out / "classifier.pt", "encoder_classifier", classifier_cfg, classifier)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+
+    evaluator = FIDEvaluator.load(root, fid_cfg, device)
+    labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
+    guidances: dict[str, tuple[list[float], Callable[[float], Callable[[Tensor], Guidance]]]] = {
+        "classifier_free": (cfg.cfg_scales, lambda s: lambda y: ClassifierFreeGuidance(y=y, scale=s)),
+        "classifier": (cfg.classifier_scales, lambda s: lambda y: ClassifierGuidance(classifier, y=y, scale=s)),
+    }
+    rows, grids = [], {}
+    for kind, (scales, make) in guidances.items():
+        for scale in scales:
+            start = time.perf_counter()
+            images, nfe = sample_images(process, model, space, labels, sampler=cfg.sampler, steps=cfg.steps,
+                                        guidance=make(scale), seed=seed + 1, batch_size=fid_cfg.batch_size)
+            report = evaluator.report(images, labels)
+            rows.append({"guidance": kind, "scale": scale, "fid": report["fid"],
+                         "class_accuracy": report["class_accuracy"], "nfe": nfe,
+                         "sample_seconds": time.perf_counter() - start})
+            print(f"guidance: {kind} scale {scale:g}: FID {report['fid']:.3f}, class accuracy "
+                  f"{report['class_accuracy']:.3f}")
+            grids[(kind, scale)] = images
+    with atomic_path(root / PLOTS_DIR / "guidance.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics: dict[str, Any] = {**classifier_metrics, "fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling,
+                               "sweep": rows}
+    for kind in guidances:
+        part = [r for r in rows if r["guidance"] == kind]
+        best = max(part, key=lambda r: r["class_accuracy"])
+        metrics[f"{kind}_best_accuracy"] = best["class_accuracy"]
+        metrics[f"{kind}_best_accuracy_scale"] = best["scale"]
+        metrics[f"{kind}_best_fid"] = min(r["fid"] for r in part)
+        strongest = max(part, key=lambda r: r["scale"])
+        grid = class_grid_of(grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class,
+                             evaluator.classifier.cfg.num_classes)
+        run.log_artifact(write_png(grid, out / f"{kind}_samples.png", upscale=2), "samples")
+        # Scales are floats; MLflow steps are ints, so the series is indexed by position in the sweep.
+        run.log_metric_series(f"{kind}_fid", {i: r["fid"] for i, r in enumerate(part)})
+        run.log_metric_series(f"{kind}_class_accuracy", {i: r["class_accuracy"] for i, r in enumerate(part)})
+    write_json(root / METRICS_DIR / "guidance.json", metrics)
+    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run.log_metrics(flat)
+    run.log_figure(tradeoff_figure(rows, evaluator.floor), "plots/guidance_tradeoff.png")
+    return flat

@@ -1,0 +1,95 @@
+"""The image family end to end in a copy of the repo (smoke profile): images -> fid_net -> vae -> latents
+-> diffusion@{ddpm, ldm} -> guidance, then what DVC, the metrics files, the cache and MLflow hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, smoke_project, stale, summary
+
+pytestmark = pytest.mark.pipeline
+
+STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "guidance"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root) -> Path:
+    return smoke_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
+
+
+@pytest.fixture(scope="module")
+def first_run(project):
+    return kiln_run(project, "guidance", "diffusion@ldm")
+
+
+def metrics(project: Path, name: str) -> dict:
+    return json.loads((project / "data/metrics" / f"{name}.json").read_text())
+
+
+def test_image_stages_run_and_dvc_is_clean(project, first_run):
+    assert summary(first_run.stdout) == {stage: "ran" for stage in STAGES}
+    assert stale(project, "guidance", "diffusion@ldm") == {}
+    images = metrics(project, "images")
+    assert (images["train_images"], images["val_images"], images["test_images"]) == (1167, 270, 360)
+
+
+def test_ddpm_logs_fid_with_floor_ceiling_and_samples_to_mlflow(project, first_run):
+    run = runs_of(project, "images", "diffusion@ddpm")[0]
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    reference = metrics(project, "fid_net")
+    assert m["fid_floor"] == pytest.approx(reference["fid_floor"]) and m["fid_ceiling"] == pytest.approx(reference["fid_ceiling"])
+    assert np.isfinite(m["fid"]) and m["fid"] >= 0 and m["fid_samples"] == 40 and m["fid_feature_dim"] == 8
+    assert 0 <= m["class_accuracy"] <= 1
+    # FID versus sampling steps: one point per step count of the smoke sweep, for both samplers
+    client = mlflow_client(project)
+    for sampler in ("ancestral", "ddim"):
+        history = client.get_metric_history(run.info.run_id, f"fid_{sampler}")
+        assert sorted(h.step for h in history) == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {"samples/samples.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/fid_vs_steps.png"}
+    grid = np.asarray(Image.open(project / "data/models/diffusion/ddpm/samples.png"))
+    per_class = 4  # the smoke profile's 40 samples: 10 rows (one per class) of 4, 1 px gaps, upscaled 2x
+    assert grid.shape == (2 * (10 * 17 + 1), 2 * (per_class * 17 + 1))
+    sweep = metrics(project, "diffusion/ddpm")["sweep"]
+    assert {(r["sampler"], r["steps"]) for r in sweep} == {(s, n) for s in ("ancestral", "ddim") for n in (2, 4)}
+
+
+def test_latent_cache_records_its_scale_and_matches_the_index(project, first_run):
+    cache = project / "data/cache/latents"
+    meta = json.loads((cache / "latents.json").read_text())
+    train = np.load(cache / "train.npy", mmap_mode="r")
+    assert train.shape == (1167, *meta["shape"]) and meta["shape"][1:] == [8, 8]
+    assert meta["scale_factor"] == pytest.approx(1 / float(np.asarray(train).std()), rel=1e-5)
+    import pandas as pd
+
+    index = pd.read_parquet(cache / "train.parquet")
+    images = pd.read_parquet(project / "data/prepared/images/train.parquet")
+    assert index["label"].tolist() == images["label"].tolist()
+    ldm = runs_of(project, "images", "diffusion@ldm")[0]
+    assert ldm.data.params["ldm_unet.in_channels"] == str(meta["shape"][0])  # from the cache
+    assert np.isfinite(ldm.data.metrics["fid"])
+
+
+def test_guidance_sweeps_both_kinds_and_writes_the_tradeoff(project, first_run):
+    report = metrics(project, "guidance")
+    assert {(r["guidance"], r["scale"]) for r in report["sweep"]} == {
+        ("classifier_free", 0.0), ("classifier_free", 2.0), ("classifier", 0.0), ("classifier", 4.0)}
+    # classifier-free guidance runs the network twice per step
+    nfe = {(r["guidance"], r["scale"]): r["nfe"] for r in report["sweep"]}
+    assert nfe[("classifier_free", 2.0)] == 2 * nfe[("classifier", 4.0)] == 8
+    client = mlflow_client(project)
+    run = runs_of(project, "images", "guidance")[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/guidance_tradeoff.png"}
+    assert (project / "data/plots/guidance.csv").read_text().startswith("guidance,scale,fid,class_accuracy")
+
+
+def test_second_run_executes_nothing(project, first_run):
+    again = kiln_run(project, "guidance", "diffusion@ldm")
+    assert set(summary(again.stdout).values()) == {"up to date"}
