@@ -4,11 +4,17 @@ VENV        ?= .venv
 # The CPU torch wheel. With a GPU: `make run CONSTRAINTS=` (any torch) or your own pin file.
 CONSTRAINTS ?= constraints.txt
 PROFILE     ?=
+# Background servers on loopback (pid, log and data files under $(SERVICES)); see README, Operations.
+SERVICES     ?= .services
+PREFECT_PORT ?= 4200
+MLFLOW_PORT  ?= 5001
+PG_PORT      ?= 5433
+SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 BIN         := $(abspath $(VENV))/bin
 PIP_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-dev run test bench ui status clean
+.PHONY: install install-dev run test bench ui status clean services postgresql chromium prefect-server mlflow-server services-stop
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +38,7 @@ run: install
 	@echo "All metrics: dvc metrics show; stage by stage: kiln status"
 	@echo "Runs, metrics and artifacts: make ui  (the MLflow UI on http://127.0.0.1:5000)"
 
-test: install-dev
+test: install-dev services
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
@@ -43,6 +49,34 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_coco_eval.py --out benchmarks/results/coco_eval.json
 	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
 	$(BIN)/python benchmarks/bench_images.py --out benchmarks/results/images.json
+
+# Debian packages the operations tests drive, apt-installed only when missing (tests/ops/ fail without
+# them). KILN_SKIP_SERVICE_TESTS=1 skips both the installs and those tests.
+services: postgresql chromium
+
+postgresql:
+ifneq ($(KILN_SKIP_SERVICE_TESTS),1)
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
+endif
+
+chromium:
+ifneq ($(KILN_SKIP_SERVICE_TESTS),1)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+endif
+
+# A Prefect server for schedules (`kiln serve --cron`, prefect.yaml): its database under $(SERVICES)/prefect.
+prefect-server: install
+	$(BIN)/python -m flows.services prefect --dir $(SERVICES) --port $(PREFECT_PORT)
+
+# PostgreSQL (cluster in $(SERVICES)/pg, database mlflow) and an MLflow server on it, artifacts served
+# from $(SERVICES)/mlflow-artifacts.
+mlflow-server: install postgresql
+	$(BIN)/python -m flows.services mlflow --dir $(SERVICES) --port $(MLFLOW_PORT) --pg-port $(PG_PORT)
+
+services-stop:
+	$(BIN)/python -m flows.services stop --dir $(SERVICES)
 
 ui: install
 	kiln ui

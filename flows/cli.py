@@ -7,6 +7,7 @@
     kiln profile NAME        switch params/ to the smoke, default or gpu profile
     kiln summary             the headline metrics of the last run
     kiln ui                  the MLflow UI for this project's tracking store, on loopback
+    kiln serve --cron EXPR   serve the end-to-end run on a cron schedule (needs a Prefect server)
 """
 
 from __future__ import annotations
@@ -141,6 +142,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    root = _enter_root()
+    _require_tracking_server(root)
+    from flows.schedule import NoPrefectServer, serve
+
+    try:
+        serve(args.cron, args.target, root, args.name)
+    except NoPrefectServer as err:
+        print(f"kiln serve: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("serve", help="serve the end-to-end run on a cron schedule from a Prefect server")
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 every day)')
+    p.add_argument("--target", action="append", help="as for kiln run (repeatable)")
+    p.add_argument("--name", default="kiln-cron", help="deployment name (default: kiln-cron)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

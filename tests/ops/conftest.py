@@ -1,0 +1,51 @@
+"""Operations tests talk to real servers on loopback (Prefect, PostgreSQL + MLflow, Chromium).
+
+`make test` installs what they need (`make services`). A missing program fails the test with what to
+install; only KILN_SKIP_SERVICE_TESTS=1 turns that into a skip (for a machine where you know you cannot
+install them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"  # git-ignored: screenshots and server logs worth keeping from a run
+# requests sends even loopback traffic through a configured proxy unless NO_PROXY says otherwise.
+LOOPBACK = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def require(program: str, install: str) -> str:
+    """The path of `program`, or fail (skip only with KILN_SKIP_SERVICE_TESTS=1) saying how to install it."""
+    found = shutil.which(program) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))), None)
+    if found:
+        return str(found)
+    message = f"{program} is not installed: `make services` ({install}) installs it"
+    if os.environ.get("KILN_SKIP_SERVICE_TESTS") == "1":
+        pytest.skip(message + "; skipped because KILN_SKIP_SERVICE_TESTS=1")
+    pytest.fail(message + "; set KILN_SKIP_SERVICE_TESTS=1 to skip the service tests instead", pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def keep_artifact(source: Path, name: str) -> Path:
+    """Copy a file worth looking at after the run into test-artifacts/ and return where it is."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = ARTIFACTS / name
+    shutil.copyfile(source, target)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def _loopback_without_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in LOOPBACK.items():
+        monkeypatch.setenv(key, value)
