@@ -53,9 +53,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
     _require_tracking_server(root)
-    from flows.pipeline import PipelineFailed, pipeline_flow, summary_markdown
+    from flows.pipeline import PipelineFailed, configured_pipeline_flow, summary_markdown
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
+    from tasks.config import load_section
+
+    pipeline_flow = configured_pipeline_flow(load_section(root / "params", "runtime"))
 
     failure: PipelineFailed | None = None
     try:

@@ -9,6 +9,14 @@ stage; any other command runs through `dvc repro --single-item`.
 
 A stage that fails (after its retries) stops its dependents; independent stages still run; the run ends
 with a summary table (stdout, a Prefect markdown artifact, the MLflow parent run) naming what failed.
+
+With `runtime.max_parallel` > 1, up to that many independent stages run at once (a stage starts when all
+its upstream stages finished), submitted to the flow's task runner: Prefect's thread pool, or Dask
+(`runtime.task_runner: dask`). A stage's flow then runs as a `kiln stage` subprocess, never in this
+process: torch's and numpy's global RNGs, which seed model initialisation and dropout, are process-wide,
+so two training stages in threads of one process would draw from each other's streams and their outputs
+would differ from a serial run's. DVC's steps (the status check, removing outputs, the commit that writes
+dvc.lock) stay in this process and run one at a time; a DVC lock held by another process is retried.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from dvc.repo import Repo, lock_repo
 from prefect import flow, task
@@ -29,8 +39,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.stages import stage_flow
+from tasks.config import RuntimeConfig
 from tasks.runtime import StageEnv, stage_env
-from tasks.tracking import pipeline_run
+from tasks.tracking import PARENT_RUN_ENV, pipeline_run
 
 Status = Literal["ran", "up to date", "failed", "skipped"]
 
@@ -54,9 +65,43 @@ def _open_repo(root: Path) -> Repo:
     return Repo(str(root))
 
 
+T = TypeVar("T")
+# DVC's index reads and its dvc.lock writes, one at a time in this process: stage tasks of a parallel run
+# call them from several threads, and a Repo (or dvc.lock half rewritten by a commit) is not for sharing.
+_DVC_MUTEX = threading.RLock()
+
+
+def _retryable_dvc_error(err: BaseException) -> bool:
+    """DVC's repo lock held by another process (a `dvc repro` child, a Dask worker, a user's `dvc` call),
+    or its state database busy: DVC issues #9805, #10465, #11054."""
+    from dvc.lock import LockError
+
+    text = str(err)
+    return isinstance(err, LockError) or "is busy" in text or "database is locked" in text
+
+
+def _dvc(call: Callable[[], T], attempts: int = 8, delay_s: float = 0.5) -> T:
+    """Run a DVC step under this process's DVC mutex, retrying lock and busy errors (DVC itself already
+    waits ~3 s for its lock before raising)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with _DVC_MUTEX:
+                return call()
+        except Exception as err:
+            if attempt == attempts or not _retryable_dvc_error(err):
+                raise
+            print(f"DVC busy ({err}); retrying in {delay_s * attempt:g} s")
+            time.sleep(delay_s * attempt)
+    raise AssertionError("unreachable")
+
+
 def stage_order(root: Path, targets: list[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
     """Stages in dependency order (restricted to `targets` and what they depend on) and each stage's
     direct upstream stages, as DVC's graph has them."""
+    return _dvc(lambda: _stage_order(root, targets))
+
+
+def _stage_order(root: Path, targets: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
     import networkx as nx
 
     with _open_repo(root) as repo:
@@ -80,6 +125,10 @@ def stage_order(root: Path, targets: list[str] | None = None) -> tuple[list[str]
 
 def stale_reasons(root: Path, name: str) -> list[str]:
     """Why DVC considers stage `name` changed (empty: up to date), params down to the changed key."""
+    return _dvc(lambda: _stale_reasons(root, name))
+
+
+def _stale_reasons(root: Path, name: str) -> list[str]:
     from dvc.dependency.param import ParamsDependency
 
     with _open_repo(root) as repo, lock_repo(repo):
@@ -126,26 +175,54 @@ def _in_process_name(cmd: str | list[str]) -> str | None:
     return words[2] if len(words) == 3 and words[:2] == ["kiln", "stage"] else None
 
 
-@task(name="reproduce-stage", cache_policy=NO_CACHE)
-def reproduce_stage(root: Path, name: str) -> Status:
-    reasons = stale_reasons(root, name)
-    if not reasons:
-        return "up to date"
-    print(f"{name} is stale: {'; '.join(reasons[:5])}")
+def _prepare(root: Path, name: str) -> str | None:
+    """The kiln stage name of the stage's command (None: another command), its outputs removed if so."""
     with _open_repo(root) as repo, lock_repo(repo):
         (stage,) = repo.stage.collect(name)
         in_process = _in_process_name(stage.cmd)
         if in_process:
             stage.remove_outs(ignore_remove=False, force=False)
-    if in_process:
+    return in_process
+
+
+def _commit(root: Path, name: str) -> None:
+    with _open_repo(root) as repo:
+        repo.commit(name, force=True)
+
+
+@task(name="reproduce-stage", cache_policy=NO_CACHE)
+def reproduce_stage(root: Path, name: str, isolated: bool = False,
+                    child_env: dict[str, str] | None = None) -> Status:
+    """Bring stage `name` up to date. `isolated`: run a kiln flow as a `kiln stage` subprocess (parallel
+    runs), not in this process; `child_env`: variables the subprocesses get on top of this environment
+    (a Dask worker's environment is the one its cluster started with)."""
+    reasons = stale_reasons(root, name)
+    if not reasons:
+        return "up to date"
+    print(f"{name} is stale: {'; '.join(reasons[:5])}")
+    in_process = _dvc(lambda: _prepare(root, name))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **(child_env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    if in_process and not isolated:
         stage_flow(in_process)()
-        with _open_repo(root) as repo:
-            repo.commit(name, force=True)
+        _dvc(lambda: _commit(root, name))
+    elif in_process:
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", in_process], cwd=root, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"kiln stage {in_process} exited with {done.returncode}")
+        _dvc(lambda: _commit(root, name))
     else:
         # Not a kiln flow: let DVC run the command itself. The child reuses this run's Prefect API.
-        bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root, env=env)
+        command = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
+        if not isolated:
+            done = subprocess.run(command, cwd=root, env=env)
+        for attempt in range(3 if isolated else 0):  # concurrent `dvc repro`s may meet DVC's lock: retried
+            done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+            sys.stdout.write(done.stdout)
+            sys.stderr.write(done.stderr)
+            if done.returncode == 0 or not ("Unable to acquire lock" in done.stderr or "is busy" in done.stderr):
+                break
+            time.sleep(1.0 + attempt)
         if done.returncode != 0:
             raise RuntimeError(f"dvc repro --single-item {name} exited with {done.returncode}")
     return "ran"
@@ -177,9 +254,43 @@ def pipeline_flow(targets: list[str] | None = None) -> list[StageOutcome]:
     return result
 
 
+def task_runner(runtime: RuntimeConfig):
+    """The task runner `runtime` asks for: Prefect's thread pool of `max_parallel` workers, or Dask (a
+    local cluster of `max_parallel` single-threaded worker processes, or the scheduler at `dask_address`)."""
+    if runtime.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if runtime.dask_address:
+            return DaskTaskRunner(address=runtime.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": runtime.max_parallel, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=runtime.max_parallel)
+
+
+def configured_pipeline_flow(runtime: RuntimeConfig):
+    """`pipeline_flow` with the task runner of `runtime` (a flow's runner is fixed before it starts)."""
+    if runtime.max_parallel == 1 and runtime.task_runner == "thread":
+        return pipeline_flow  # serial: every stage runs in the flow's own thread, as it always did
+    return pipeline_flow.with_options(task_runner=task_runner(runtime))
+
+
+def _outcome(name: str, state, seconds: float, result: Callable[[], object]) -> StageOutcome:
+    if state.is_completed():
+        return StageOutcome(name, result(), seconds)
+    error = state.result(raise_on_failure=False)
+    detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    if isinstance(error, BaseException):
+        print("".join(traceback.format_exception(error)))
+    return StageOutcome(name, "failed", seconds, detail)
+
+
 def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, list[str]]) -> list[StageOutcome]:
     retrying = reproduce_stage.with_options(retries=env.runtime.stage_retries,
                                             retry_delay_seconds=env.runtime.retry_delay_s)
+    if env.runtime.max_parallel > 1 or env.runtime.task_runner == "dask":
+        return _reproduce_in_parallel(env, order, upstream, retrying)
     outcomes: dict[str, StageOutcome] = {}
     for name in order:
         blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
@@ -188,13 +299,41 @@ def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, lis
             continue
         start = time.perf_counter()
         state = retrying.with_options(task_run_name=f"stage:{name}")(env.root, name, return_state=True)
-        seconds = time.perf_counter() - start
-        if state.is_completed():
-            outcomes[name] = StageOutcome(name, state.result(), seconds)
-        else:
-            error = state.result(raise_on_failure=False)
-            detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-            if isinstance(error, BaseException):
-                print("".join(traceback.format_exception(error)))
-            outcomes[name] = StageOutcome(name, "failed", seconds, detail)
+        outcomes[name] = _outcome(name, state, time.perf_counter() - start, state.result)
+    return [outcomes[name] for name in order]
+
+
+def _reproduce_in_parallel(env: StageEnv, order: list[str], upstream: dict[str, list[str]],
+                           retrying) -> list[StageOutcome]:
+    """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once; a
+    stage whose upstream failed or was skipped is skipped. Stage flows run as subprocesses."""
+    from prefect.futures import as_completed
+
+    # What the stage subprocesses need from this run; a Dask worker's environment predates the parent run.
+    child_env = {key: os.environ[key] for key in (PARENT_RUN_ENV, "PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+                 if os.environ.get(key)}
+    outcomes: dict[str, StageOutcome] = {}
+    running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
+    waiting = list(order)
+    while waiting or running:
+        for name in list(waiting):  # in dependency order, so a skip reaches its dependents in this pass
+            if len(running) >= env.runtime.max_parallel:
+                break
+            if any(u not in outcomes for u in upstream[name]):
+                continue
+            waiting.remove(name)
+            blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
+            if blocked:
+                outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
+                continue
+            future = retrying.with_options(task_run_name=f"stage:{name}").submit(
+                env.root, name, isolated=True, child_env=child_env)
+            running[future] = (name, time.perf_counter())
+        if not running:
+            continue
+        future = next(iter(as_completed(list(running))))
+        name, start = running.pop(future)
+        future.wait()
+        outcomes[name] = _outcome(name, future.state, time.perf_counter() - start,
+                                  lambda: future.result(raise_on_failure=False))
     return [outcomes[name] for name in order]

@@ -41,8 +41,13 @@ class RuntimeConfig:
     mlflow_tracking_uri: str  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repo root
     stage_retries: int  # retries of a failed stage inside `kiln run`
     retry_delay_s: float
+    max_parallel: int  # stages `kiln run` runs at once (independent ones only); 1: one after another
+    task_runner: Literal["thread", "dask"]  # what runs the stage tasks of `kiln run` in parallel
+    dask_address: str  # with task_runner dask: a scheduler address; empty: a local cluster of max_parallel workers
 
     def __post_init__(self) -> None:
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be >= 1, got {self.max_parallel}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.stage_retries < 0:
