@@ -49,6 +49,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_coco_eval.py --out benchmarks/results/coco_eval.json
 	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
 	$(BIN)/python benchmarks/bench_images.py --out benchmarks/results/images.json
+	$(BIN)/python benchmarks/bench_nflow.py --out benchmarks/results/nflow.json
 
 # Debian packages the operations tests drive, apt-installed only when missing (tests/ops/ fail without
 # them). KILN_SKIP_SERVICE_TESTS=1 skips both the installs and those tests.

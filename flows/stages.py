@@ -8,6 +8,7 @@ from typing import Any
 from flows.detection import detector_flow, map_flow, onnx_flow, scenes_flow
 from flows.images import diffusion_flow, fid_net_flow, guidance_flow, images_flow, latents_flow, vae_flow
 from flows.lm import lm_compare_flow, lm_flow
+from flows.nflow import nflow_flow
 from flows.text import corpus_flow, ngram_flow
 
 STAGE_FLOWS: dict[str, Callable[..., Any]] = {
@@ -25,6 +26,7 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "latents": latents_flow,
     "diffusion": diffusion_flow,
     "guidance": guidance_flow,
+    "nflow": nflow_flow,
 }
 
 

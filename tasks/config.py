@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.classifier import FIDNetConfig
+from models.cnf import CNFConfig
 from models.detector import DETECTORS
 from models.diffusion import DiffusionConfig
 from models.lm import LANGUAGE_MODELS
 from models.ngram import NgramConfig
+from models.realnvp import RealNVPConfig
 from models.sde import SDEConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
@@ -23,6 +25,7 @@ from tasks.params import ParamsError, load_params_file
 from tasks.autoencoder import LatentsConfig
 from tasks.diffusion import DiffusionEvalConfig, GuidanceConfig
 from tasks.images import FIDConfig, ImagesConfig
+from tasks.nflow import NFlowEvalConfig
 from tasks.scenes import ScenesConfig
 from tasks.training import TrainConfig
 
@@ -145,6 +148,8 @@ PARAMS_FILES: dict[str, dict[str, type]] = {
                     "ldm_train": TrainConfig, "diffusion_eval": DiffusionEvalConfig, "ddpm": DiffusionConfig,
                     "sde_vp": SDEConfig, "sde_ve": SDEConfig, "ldm": DiffusionConfig,
                     "guidance_classifier": UNetConfig, "guidance_train": TrainConfig, "guidance": GuidanceConfig},
+    "nflow.yaml": {"realnvp": RealNVPConfig, "realnvp_train": TrainConfig, "cnf": CNFConfig, "cnf_unet": UNetConfig,
+                   "cnf_train": TrainConfig, "nflow_eval": NFlowEvalConfig},
 }
 
 # Fields a stage fills in from its data, never from params; placeholders let `load_all` validate the rest.
@@ -157,6 +162,8 @@ DERIVED_FIELDS: dict[str, dict[str, Any]] = {
     "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
     "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+    "realnvp": {"in_channels": 1, "image_size": 16},
+    "cnf_unet": {"in_channels": 1, "image_size": 16},
 }
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}

@@ -8,6 +8,7 @@ from tasks import layout
 from tasks.detection import DETECTOR_NAMES
 from tasks.diffusion import GENERATOR_NAMES
 from tasks.lm import LM_NAMES
+from tasks.nflow import FLOW_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,10 @@ def test_stage_outputs_are_the_layout_paths(stages):
     assert {p for p in stages["guidance"][1] if p.startswith(layout.GUIDANCE_DIR)} == {
         f"{layout.GUIDANCE_DIR}/{f}" for f in ("classifier.pt", "checkpoint.pt", "classifier_free_samples.png",
                                                "classifier_samples.png")}
+    for name in FLOW_NAMES:
+        assert stages[f"nflow@{name}"][1] == {
+            f"{layout.NFLOW_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
+        } | {f"{layout.METRICS_DIR}/nflow/{name}.json"}
     assert all(path.startswith("data/") for _, outs in stages.values() for path in outs)
 
 
