@@ -43,13 +43,14 @@ def diffusion_flow(name: str) -> dict[str, float]:
     if name not in GENERATORS:
         raise KeyError(f"no generator {name!r} (known: {', '.join(GENERATORS)})")
     spec = GENERATORS[name]
-    train_section = "ldm_train" if spec.space == "latents" else "diffusion_train"
-    sections = [spec.process_section, spec.unet_section, train_section, "diffusion_eval", "fid"]
+    compare = [GENERATORS[spec.compare_with].process_section] if spec.compare_with else []
+    sections = [spec.process_section, spec.network_section, spec.train_section, "diffusion_eval", "fid", *compare]
     with open_stage(f"diffusion@{name}", family="images", sections=sections,
                     derive=derived_generator_fields(name)) as stage:
         c, rt = stage.configs, stage.env.runtime
-        return diffusion_task(stage.env.root, name, c[spec.process_section], c[spec.unet_section], c[train_section],
-                              c["diffusion_eval"], c["fid"], rt.seed, rt.device, stage.run)
+        return diffusion_task(stage.env.root, name, c[spec.process_section], c[spec.network_section],
+                              c[spec.train_section], c["diffusion_eval"], c["fid"], rt.seed, rt.device, stage.run,
+                              compare_cfg=c[compare[0]] if compare else None)
 
 
 @flow(name="guidance", log_prints=True)

@@ -1,12 +1,13 @@
-"""Diffusion tasks: `diffusion@{ddpm,sde_vp,sde_ve,ldm}` (train a UNet under one generative process, then
-FID against the test split for every sampler and number of steps) and `guidance` (classifier-free and
-classifier guidance swept over the guidance scale: FID against class accuracy).
+"""Diffusion tasks: `diffusion@{ddpm,sde_vp,sde_ve,ldm,dit_rf}` (train a network under one generative
+process, then FID against the test split for every sampler and number of steps) and `guidance`
+(classifier-free and classifier guidance swept over the guidance scale: FID against class accuracy).
 
-The process (models/diffusion.py, models/sde.py) and the network (models/unet.py) are separate: every
-generator here is a (process, UNet, data space) triple from `GENERATORS`, trained by the one training loop
-and sampled through the processes' shared `sample(model, shape, steps=, sampler=, guidance=, y=)`.
-All UNets are class-conditional and trained with label dropout (the process's `p_uncond`), so one model
-samples conditionally, unconditionally (the null label) and with classifier-free guidance.
+The process (models/diffusion.py, models/sde.py, models/rectified_flow.py) and the network (models/unet.py,
+models/dit.py) are separate: every generator here is a (process, network, data space) triple from
+`GENERATORS`, trained by the one training loop and sampled through the processes' shared
+`sample(model, shape, steps=, sampler=, guidance=, y=)`. All networks are class-conditional and trained
+with label dropout (the process's `p_uncond`), so one model samples conditionally, unconditionally (the
+null label) and with classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from prefect.cache_policies import NO_CACHE
 from torch import Tensor, nn
 
 from models.diffusion import ClassifierFreeGuidance, ClassifierGuidance, DiffusionConfig, GaussianDiffusion, Guidance
+from models.dit import DiT, DiTConfig
+from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.sde import SDE, SDEConfig, build_sde
 from models.unet import EncoderClassifier, UNet, UNetConfig
 from tasks.autoencoder import load_vae, read_latents
@@ -37,7 +40,10 @@ from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, LATENTS_DIR, METRICS_DIR, 
 from tasks.tracking import StageRun
 from tasks.training import TrainConfig, code_digest, load_model, resolve_device, save_model, train
 
-Process = GaussianDiffusion | SDE
+Process = GaussianDiffusion | SDE | RectifiedFlow
+ProcessConfig = DiffusionConfig | SDEConfig | RectifiedFlowConfig
+NetworkConfig = UNetConfig | DiTConfig
+NETWORKS: dict[str, tuple[type, type[nn.Module]]] = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,14 @@ class DiffusionEvalConfig:
     """`params/images.yaml: diffusion_eval`: how every generator is sampled and scored."""
 
     steps: list[int]  # the FID-versus-steps sweep, for each fixed-step sampler (the ODE solver is adaptive)
+    flow_steps: list[int]  # the rectified-flow (Euler) sweep; dit_rf also runs the ldm UNet at these steps
     val_images: int  # val images in the validation loss at each evaluation
     grid_per_class: int  # samples per class in the logged grid
 
     def __post_init__(self) -> None:
-        if not self.steps or any(s < 1 for s in self.steps):
-            raise ValueError(f"steps must be a non-empty list of ints >= 1, got {self.steps}")
+        for name in ("steps", "flow_steps"):
+            if not getattr(self, name) or any(s < 1 for s in getattr(self, name)):
+                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {getattr(self, name)}")
         if self.val_images < 1 or self.grid_per_class < 1:
             raise ValueError("val_images and grid_per_class must be >= 1")
 
@@ -75,33 +83,43 @@ class GuidanceConfig:
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    process_section: str  # params section of the process config (DiffusionConfig or SDEConfig)
-    unet_section: str
+    process_section: str  # params section of the process config
+    network_section: str  # params section of the network config
+    network: Literal["unet", "dit"]
+    train_section: str
     space: Literal["pixels", "latents"]
-    samplers: tuple[str, ...]  # all evaluated; "ode" once (adaptive), the others at every diffusion_eval.steps
+    samplers: tuple[str, ...]  # all evaluated; "ode" once (adaptive), the others at every step count
     headline: str  # the sampler whose FID at the most steps is the stage's `fid`
+    steps_field: Literal["steps", "flow_steps"] = "steps"  # which diffusion_eval list is swept
+    compare_with: str | None = None  # another generator sampled at the same step counts, for the comparison
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
-    "ddpm": GeneratorSpec("ddpm", "unet", "pixels", ("ancestral", "ddim"), "ancestral"),
-    "sde_vp": GeneratorSpec("sde_vp", "unet", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
-    "sde_ve": GeneratorSpec("sde_ve", "unet", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
-    "ldm": GeneratorSpec("ldm", "ldm_unet", "latents", ("ancestral", "ddim"), "ancestral"),
+    "ddpm": GeneratorSpec("ddpm", "unet", "unet", "diffusion_train", "pixels", ("ancestral", "ddim"), "ancestral"),
+    "sde_vp": GeneratorSpec("sde_vp", "unet", "unet", "diffusion_train", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
+    "sde_ve": GeneratorSpec("sde_ve", "unet", "unet", "diffusion_train", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
+    "ldm": GeneratorSpec("ldm", "ldm_unet", "unet", "ldm_train", "latents", ("ancestral", "ddim"), "ancestral"),
+    "dit_rf": GeneratorSpec("dit_rf", "dit", "dit", "dit_train", "latents", ("euler",), "euler",
+                            steps_field="flow_steps", compare_with="ldm"),
 }
 GENERATOR_NAMES = tuple(GENERATORS)
 SDE_KINDS = {"sde_vp": "vp", "sde_ve": "ve"}
 
 
-def build_process(name: str, cfg: DiffusionConfig | SDEConfig) -> Process:
+def build_process(name: str, cfg: ProcessConfig) -> Process:
     if isinstance(cfg, SDEConfig):
         if cfg.kind != SDE_KINDS[name]:
             raise ValueError(f"params/images.yaml: {name}.kind must be {SDE_KINDS[name]!r}, got {cfg.kind!r}")
         return build_sde(cfg)
+    if isinstance(cfg, RectifiedFlowConfig):
+        return RectifiedFlow(cfg)
     return GaussianDiffusion(cfg)
 
 
-def build_unet(name: str, config: dict[str, Any]) -> UNet:
-    return UNet(UNetConfig(**config))
+def build_network(name: str, config: dict[str, Any]) -> nn.Module:
+    """Rebuild a saved generator network: `name` is its NETWORKS key ("unet", "dit")."""
+    config_cls, network_cls = NETWORKS[name]
+    return network_cls(config_cls(**config))
 
 
 def derived_generator_fields(name: str):
@@ -115,7 +133,7 @@ def derived_generator_fields(name: str):
         if spec.space == "latents":
             c, h, _ = json.loads((root / LATENTS_DIR / "latents.json").read_text())["shape"]
             fields.update(in_channels=int(c), image_size=int(h))
-        return {spec.unet_section: fields}
+        return {spec.network_section: fields}
 
     return derive
 
@@ -192,14 +210,15 @@ class Sweep:
 
 
 def sweep_samplers(name: str, process: Process, model: nn.Module, space: DataSpace, evaluator: FIDEvaluator,
-                   eval_cfg: DiffusionEvalConfig, fid_cfg: FIDConfig, seed: int) -> Sweep:
+                   step_counts: list[int], fid_cfg: FIDConfig, seed: int, samplers: tuple[str, ...],
+                   headline_sampler: str) -> Sweep:
     """FID and class accuracy for every sampler and step count, and the headline samples."""
-    spec = GENERATORS[name]
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
     rows: list[dict[str, Any]] = []
     sweep = None
-    for sampler in spec.samplers:
-        for steps in ([None] if sampler == "ode" else sorted(eval_cfg.steps)):
+    step_counts = sorted(step_counts)
+    for sampler in samplers:
+        for steps in ([None] if sampler == "ode" else step_counts):
             start = time.perf_counter()
             images, nfe = sample_images(process, model, space, labels, sampler=sampler, steps=steps,
                                         seed=seed + 1, batch_size=fid_cfg.batch_size)
@@ -210,9 +229,9 @@ def sweep_samplers(name: str, process: Process, model: nn.Module, space: DataSpa
                          "images_per_s": len(labels) / seconds})
             print(f"{name}: {sampler} {steps or 'adaptive'} steps ({nfe} evaluations): FID {report['fid']:.3f}, "
                   f"class accuracy {report['class_accuracy']:.3f}, {len(labels) / seconds:.1f} images/s")
-            if sampler == spec.headline and (sampler == "ode" or steps == max(eval_cfg.steps)):
+            if sampler == headline_sampler and (sampler == "ode" or steps == step_counts[-1]):
                 sweep = Sweep(rows, {**report, "headline_steps": steps or nfe}, images, labels)
-    assert sweep is not None, f"{name}: headline sampler {spec.headline!r} is not among its samplers"
+    assert sweep is not None, f"{name}: headline sampler {headline_sampler!r} is not among its samplers"
     return sweep
 
 
@@ -253,11 +272,11 @@ def diffusion_loss(process: Process) -> Callable[[nn.Module, tuple[Tensor, Tenso
     return loss
 
 
-def fit_generator(name: str, process: Process, unet_cfg: UNetConfig, train_cfg: TrainConfig, space: DataSpace,
+def fit_generator(name: str, process: Process, net_cfg: NetworkConfig, train_cfg: TrainConfig, space: DataSpace,
                   eval_cfg: DiffusionEvalConfig, *, seed: int, device: torch.device, checkpoint: Path | None,
                   run: StageRun | None, fingerprint: dict[str, Any]):
     torch.manual_seed(seed)
-    model = UNet(unet_cfg)
+    model = NETWORKS[GENERATORS[name].network][1](net_cfg)
     x_train, y_train = space.train.to(device), space.train_labels.to(device)
     x_val, y_val = space.val[: eval_cfg.val_images].to(device), space.val_labels[: eval_cfg.val_images].to(device)
 
@@ -271,7 +290,7 @@ def fit_generator(name: str, process: Process, unet_cfg: UNetConfig, train_cfg: 
         return {"val_loss": float(process.training_losses(m, x_val, y=y_val, generator=g)["loss"])}
 
     fingerprint = {**fingerprint, "process_code": code_digest(model, sys.modules[type(process).__module__]),
-                   "unet": asdict(unet_cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
+                   "network": asdict(net_cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
                    "train_checksum": float(space.train.double().sum())}
     result = train(model, train_cfg, next_batch=next_batch, loss_fn=diffusion_loss(process), evaluate=evaluate,
                    items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
@@ -281,22 +300,34 @@ def fit_generator(name: str, process: Process, unet_cfg: UNetConfig, train_cfg: 
 
 
 @task(name="diffusion", cache_policy=NO_CACHE)
-def diffusion_task(root: Path, name: str, process_cfg: DiffusionConfig | SDEConfig, unet_cfg: UNetConfig,
+def diffusion_task(root: Path, name: str, process_cfg: ProcessConfig, net_cfg: NetworkConfig,
                    train_cfg: TrainConfig, eval_cfg: DiffusionEvalConfig, fid_cfg: FIDConfig, seed: int,
-                   device_name: str, run: StageRun) -> dict[str, float]:
+                   device_name: str, run: StageRun, compare_cfg: ProcessConfig | None = None) -> dict[str, float]:
+    """Train generator `name`, sweep its samplers; `compare_cfg` is the process config of the generator
+    `GENERATORS[name].compare_with`, whose trained model is sampled at the same step counts."""
     device = resolve_device(device_name)
     spec = GENERATORS[name]
     process = build_process(name, process_cfg)
     space = pixel_space(root) if spec.space == "pixels" else latent_space(root, device, fid_cfg.batch_size)
     out = root / DIFFUSION_DIR / name
-    model, result = fit_generator(name, process, unet_cfg, train_cfg, space, eval_cfg, seed=seed, device=device,
+    model, result = fit_generator(name, process, net_cfg, train_cfg, space, eval_cfg, seed=seed, device=device,
                                   checkpoint=out / "checkpoint.pt", run=run,
                                   fingerprint={"process": asdict(process_cfg)})
-    save_model(out / "model.pt", "unet", unet_cfg, model)
+    save_model(out / "model.pt", spec.network, net_cfg, model)
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
-    sweep = sweep_samplers(name, process, model, space, evaluator, eval_cfg, fid_cfg, seed)
+    step_counts = getattr(eval_cfg, spec.steps_field)
+    sweep = sweep_samplers(name, process, model, space, evaluator, step_counts, fid_cfg, seed, spec.samplers,
+                           spec.headline)
     rows, images, labels, headline = sweep.rows, sweep.images, sweep.labels, sweep.headline
+    samplers = list(spec.samplers)
+    if spec.compare_with is not None and compare_cfg is not None:
+        # The same latent space, noise and step counts: the network and the process are what differ.
+        _, other_model = load_model(root / DIFFUSION_DIR / spec.compare_with / "model.pt", build_network, device)
+        other_rows = sweep_samplers(spec.compare_with, build_process(spec.compare_with, compare_cfg), other_model,
+                                    space, evaluator, step_counts, fid_cfg, seed, ("ddim",), "ddim").rows
+        rows += [{**r, "sampler": f"{spec.compare_with}_{r['sampler']}"} for r in other_rows]
+        samplers.append(f"{spec.compare_with}_ddim")
     metrics = {**headline, "headline_sampler": spec.headline, "train_seconds": result.train_seconds,
                "train_images_per_s": result.items_per_second, "sweep": rows}
     write_json(root / METRICS_DIR / "diffusion" / f"{name}.json", metrics)
@@ -307,7 +338,7 @@ def diffusion_task(root: Path, name: str, process_cfg: DiffusionConfig | SDEConf
 
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
-    for sampler in spec.samplers:
+    for sampler in samplers:
         part = [r for r in rows if r["sampler"] == sampler]
         run.log_metric_series(f"fid_{sampler}", {int(r["steps"]): r["fid"] for r in part})
         run.log_metric_series(f"images_per_s_{sampler}", {int(r["steps"]): r["images_per_s"] for r in part})
@@ -395,7 +426,7 @@ def guidance_task(root: Path, ddpm_cfg: DiffusionConfig, classifier_cfg: UNetCon
                   device_name: str, run: StageRun) -> dict[str, float]:
     device = resolve_device(device_name)
     process = GaussianDiffusion(ddpm_cfg)
-    _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_unet, device)
+    _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_network, device)
     space = pixel_space(root)
     out = root / GUIDANCE_DIR
     classifier, classifier_metrics = fit_noisy_classifier(process, classifier_cfg, train_cfg, space, seed=seed,

@@ -6,11 +6,19 @@ throughput, and a checkpoint every K steps that a re-run resumes from. A checkpo
 fingerprint of everything that shaped the run (configs and data); a checkpoint whose fingerprint differs
 is set aside, never resumed into the wrong run. Checkpoints hold only tensors and plain Python values and
 load with `weights_only=True`.
+
+Under `torchrun` (WORLD_SIZE > 1 in the environment) the same loop trains data-parallel: one process per
+rank, DistributedDataParallel over gloo (CPU) or NCCL (CUDA). Every rank draws the same seeded global batch
+and keeps its rank-strided share, so N ranks with a global `batch_size` B take the steps one process with
+batch B takes (exactly, for a loss that is a mean over equally many items per rank and draws no random
+numbers). Rank 0 alone logs to MLflow and writes checkpoints; every rank evaluates (no collectives there,
+the same weights give the same figures).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -116,6 +124,54 @@ class TrainResult:
 Batch = Any
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def distributed_context(device: torch.device) -> Distributed | None:
+    """The torchrun job this process belongs to (None: a plain single process). Joins the process group
+    (gloo on CPU, NCCL on CUDA) unless the caller already did."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank `rank`'s share of a global batch: items rank, rank + N, ... of every tensor (first dimension)
+    and list (per-item targets); tuples and dicts keep their structure."""
+    if isinstance(batch, Tensor):
+        return batch[rank::world_size]
+    if isinstance(batch, tuple):
+        return tuple(shard_batch(b, rank, world_size) for b in batch)
+    if isinstance(batch, dict):
+        return {k: shard_batch(v, rank, world_size) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return batch[rank::world_size]
+    raise TypeError(f"cannot shard a batch of type {type(batch).__name__} across ranks")
+
+
+class _LossModule(nn.Module):
+    """`loss_fn(model, batch)` as a module's forward, so DDP sees the whole loss (a loss may call model
+    methods other than forward, e.g. a VAE's `training_losses`) and synchronises every gradient."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 def code_digest(model: nn.Module, *modules: Any) -> str:
     """sha256 of the source files that define the model's modules, the given Python modules (the task's
     loss) and this loop: a checkpoint made by other code is never resumed, as DVC reruns a stage precisely
@@ -162,6 +218,16 @@ def train(
     import inspect
 
     fingerprint = {**(fingerprint or {}), "code": code_digest(model, *filter(None, [inspect.getmodule(loss_fn)]))}
+    ddp = distributed_context(device)
+    if ddp is not None:
+        if cfg.batch_size % ddp.world_size:
+            raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not split evenly over "
+                             f"{ddp.world_size} ranks")
+        if device.type == "cuda":
+            device = torch.device("cuda", ddp.local_rank)
+            torch.cuda.set_device(device)
+        if ddp.rank != 0:
+            run = None  # rank 0 logs for the job
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -182,12 +248,13 @@ def train(
             print(f"{desc}: {checkpoint} was made by another configuration or data; starting afresh")
 
     def save_checkpoint(step: int) -> None:
-        if checkpoint is None:
-            return
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "batch_rng": generator.get_state(), "history": result.history}, tmp)
+        if checkpoint is not None and (ddp is None or ddp.rank == 0):
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                            "batch_rng": generator.get_state(), "history": result.history}, tmp)
+        if ddp is not None:
+            torch.distributed.barrier()  # no rank runs ahead of a checkpoint that a restart resumes from
 
     def run_evaluation(step: int) -> None:
         model.eval()
@@ -198,18 +265,35 @@ def train(
         if run is not None:
             run.log_metrics(metrics, step=step)
 
+    if ddp is not None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a detector's branch may get no gradient on a rank whose images lack it.
+        net = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda"
+                                      else None, find_unused_parameters=True)
+
     model.train()
     start, items, window_start, window_items = time.perf_counter(), 0, time.perf_counter(), 0
     bar = tqdm(range(result.resumed_from, cfg.steps), desc=desc, initial=result.resumed_from, total=cfg.steps,
-               file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True)
+               file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True,
+               disable=ddp is not None and ddp.rank != 0)
     for step in bar:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next_batch(generator)
-        with autocast_context(device, cfg.precision):
-            loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
+        if ddp is None:
+            with autocast_context(device, cfg.precision):
+                loss = loss_fn(model, batch)
+        else:
+            with autocast_context(device, cfg.precision):
+                loss = net(shard_batch(batch, ddp.rank, ddp.world_size))
+            # The job's loss (mean over ranks) for the NaN check and the log: every rank stops together.
+            job_loss = loss.detach().clone()
+            dist.all_reduce(job_loss)
+            job_loss /= ddp.world_size
+        if not torch.isfinite(loss if ddp is None else job_loss):
             raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step} (lr {lr:.3g}); "
                                 "lower the learning rate or raise warmup_steps")
         optimizer.zero_grad(set_to_none=True)
@@ -224,9 +308,10 @@ def train(
             now = time.perf_counter()
             rate = window_items / max(now - window_start, 1e-9)
             window_start, window_items = now, 0
-            bar.set_postfix(loss=f"{loss.item():.3f}", **{f"{item_name}/s": f"{rate:,.0f}"})
+            shown = loss if ddp is None else job_loss
+            bar.set_postfix(loss=f"{shown.item():.3f}", **{f"{item_name}/s": f"{rate:,.0f}"})
             if run is not None:
-                run.log_metrics({"train_loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                run.log_metrics({"train_loss": shown.item(), "lr": lr, "grad_norm": float(grad_norm),
                                  f"{item_name}_per_s": rate}, step=done)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             run_evaluation(done)

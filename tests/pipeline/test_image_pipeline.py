@@ -1,5 +1,5 @@
 """The image family end to end in a copy of the repo (smoke profile): images -> fid_net -> vae -> latents
--> diffusion@{ddpm, ldm} -> guidance, then what DVC, the metrics files, the cache and MLflow hold."""
+-> diffusion@{ddpm, ldm, dit_rf} -> guidance, then what DVC, the metrics files, the cache and MLflow hold."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, smoke_proje
 
 pytestmark = pytest.mark.pipeline
 
-STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "guidance"]
+STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "diffusion@dit_rf", "guidance"]
+TARGETS = ("guidance", "diffusion@dit_rf")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def project(tmp_path_factory, repo_root) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(project):
-    return kiln_run(project, "guidance", "diffusion@ldm")
+    return kiln_run(project, *TARGETS)
 
 
 def metrics(project: Path, name: str) -> dict:
@@ -33,7 +34,7 @@ def metrics(project: Path, name: str) -> dict:
 
 def test_image_stages_run_and_dvc_is_clean(project, first_run):
     assert summary(first_run.stdout) == {stage: "ran" for stage in STAGES}
-    assert stale(project, "guidance", "diffusion@ldm") == {}
+    assert stale(project, *TARGETS) == {}
     images = metrics(project, "images")
     assert (images["train_images"], images["val_images"], images["test_images"]) == (1167, 270, 360)
 
@@ -91,5 +92,17 @@ def test_guidance_sweeps_both_kinds_and_writes_the_tradeoff(project, first_run):
 
 
 def test_second_run_executes_nothing(project, first_run):
-    again = kiln_run(project, "guidance", "diffusion@ldm")
+    again = kiln_run(project, *TARGETS)
     assert set(summary(again.stdout).values()) == {"up to date"}
+
+
+def test_dit_rf_sweeps_euler_steps_beside_the_ldm_unet(project, first_run):
+    run = runs_of(project, "images", "diffusion@dit_rf")[0]
+    assert run.info.status == "FINISHED" and np.isfinite(run.data.metrics["fid"])
+    assert run.data.params["dit.in_channels"] == "4" and run.data.params["dit_rf.timestep_sampling"] == "logit_normal"
+    client = mlflow_client(project)
+    # the comparison: the ldm UNet sampled with DDIM at the same step counts, from the same noise
+    for series in ("fid_euler", "fid_ldm_ddim"):
+        assert sorted(h.step for h in client.get_metric_history(run.info.run_id, series)) == [1, 2]
+    sweep = metrics(project, "diffusion/dit_rf")["sweep"]
+    assert {(r["sampler"], r["nfe"]) for r in sweep} == {("euler", 1), ("euler", 2), ("ldm_ddim", 1), ("ldm_ddim", 2)}
