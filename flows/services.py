@@ -213,7 +213,11 @@ def start_mlflow(folder: Path, port: int = 5001, backend_store_uri: str | None =
     process = _spawn("mlflow", [_bin("mlflow"), "server", "--backend-store-uri", backend,
                                 "--artifacts-destination", str(artifacts), "--serve-artifacts",
                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                     folder, {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"})
+                     folder, {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                              # Its background job runner (8 huey processes) serves GenAI jobs Kiln never
+                              # submits; on a small machine they compete with the stages.
+                              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
+                                  os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")})
     wait_http(f"{url}/health", timeout_s, process, folder / "mlflow.log")
     return url
 
@@ -233,6 +237,10 @@ def stop_process(folder: Path, name: str, timeout_s: float = 15) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it when this process started it, or it lingers as a zombie
+        except ChildProcessError:
+            pass
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
