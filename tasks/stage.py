@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,18 @@ class OpenStage:
     run: StageRun
 
 
+class OtherRank:
+    """The MLflow run as a torchrun rank other than 0 sees it: rank 0 logs for the whole job."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def torchrun_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 @contextmanager
 def open_stage(stage: str, family: str, sections: list[str],
                derive: Callable[[Path], dict[str, dict[str, Any]]] | None = None) -> Iterator[OpenStage]:
@@ -39,6 +52,9 @@ def open_stage(stage: str, family: str, sections: list[str],
         torch.set_num_threads(env.runtime.threads)
     params = {k: v for name, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{name}.").items()}
     params["runtime.seed"] = env.runtime.seed
+    if torchrun_rank():  # `torchrun ... kiln stage NAME`: one MLflow run for the job, rank 0's
+        yield OpenStage(env, configs, OtherRank())  # type: ignore[arg-type]
+        return
     with stage_run(stage, family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
         start = time.perf_counter()
         yield OpenStage(env, configs, run)
