@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.pipeline.helpers import copy_project, sh, summary  # noqa: E402
+from tests.pipeline.helpers import copy_project, set_params, sh, summary  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +39,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(ROOT, Path(tmp) / "repo")
         sh(project, "kiln", "profile", "smoke")
+        # One stage at a time, in-process, as measured before (smoke itself runs 2 at once as subprocesses).
+        set_params(project, "runtime.yaml", "runtime", max_parallel=1)
         samples: dict[str, list[float]] = {}
         walls, startups = [], []
         for _ in range(args.repeats):
