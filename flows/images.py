@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.autoencoder import latents_task, vae_task
-from tasks.diffusion import GENERATORS, derived_generator_fields, diffusion_task, guidance_task
+from tasks.diffusion import GENERATORS, derived_generator_fields, diffusion_task, dit_ablation_task, guidance_task
 from tasks.images import derived_image_fields, fid_net_task, images_task
 from tasks.stage import open_stage
 
@@ -61,3 +61,14 @@ def guidance_flow() -> dict[str, float]:
         c, rt = stage.configs, stage.env.runtime
         return guidance_task(stage.env.root, c["ddpm"], c["guidance_classifier"], c["guidance_train"], c["guidance"],
                              c["diffusion_eval"], c["fid"], rt.seed, rt.device, stage.run)
+
+
+@flow(name="dit_ablation", log_prints=True)
+def dit_ablation_flow() -> dict[str, float]:
+    sections = ["dit_ablation", "dit", "dit_rf", "dit_train", "vae", "vae_train", "diffusion_eval", "fid"]
+    derives = (derived_generator_fields("dit_rf"), derived_image_fields("vae", ("in_channels",)))
+    with open_stage("dit_ablation", family="images", sections=sections,
+                    derive=lambda root: {k: v for derive in derives for k, v in derive(root).items()}) as stage:
+        c, rt = stage.configs, stage.env.runtime
+        return dit_ablation_task(stage.env.root, c["dit_ablation"], c["dit"], c["dit_rf"], c["dit_train"], c["vae"],
+                                 c["vae_train"], c["diffusion_eval"], c["fid"], rt.seed, rt.device, stage.run)

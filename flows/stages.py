@@ -6,7 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from flows.detection import detector_flow, map_flow, onnx_flow, scenes_flow
-from flows.images import diffusion_flow, fid_net_flow, guidance_flow, images_flow, latents_flow, vae_flow
+from flows.images import (
+    diffusion_flow,
+    dit_ablation_flow,
+    fid_net_flow,
+    guidance_flow,
+    images_flow,
+    latents_flow,
+    vae_flow,
+)
 from flows.lm import lm_compare_flow, lm_flow
 from flows.nflow import nflow_flow
 from flows.text import corpus_flow, ngram_flow
@@ -26,6 +34,7 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "latents": latents_flow,
     "diffusion": diffusion_flow,
     "guidance": guidance_flow,
+    "dit_ablation": dit_ablation_flow,
     "nflow": nflow_flow,
 }
 

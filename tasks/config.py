@@ -15,15 +15,17 @@ from models.classifier import FIDNetConfig
 from models.cnf import CNFConfig
 from models.detector import DETECTORS
 from models.diffusion import DiffusionConfig
+from models.dit import DiTConfig
 from models.lm import LANGUAGE_MODELS
 from models.ngram import NgramConfig
 from models.realnvp import RealNVPConfig
+from models.rectified_flow import RectifiedFlowConfig
 from models.sde import SDEConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 from tasks.params import ParamsError, load_params_file
 from tasks.autoencoder import LatentsConfig
-from tasks.diffusion import DiffusionEvalConfig, GuidanceConfig
+from tasks.diffusion import DiffusionEvalConfig, DiTAblationConfig, GuidanceConfig
 from tasks.images import FIDConfig, ImagesConfig
 from tasks.nflow import NFlowEvalConfig
 from tasks.scenes import ScenesConfig
@@ -147,6 +149,8 @@ PARAMS_FILES: dict[str, dict[str, type]] = {
                     "unet": UNetConfig, "ldm_unet": UNetConfig, "diffusion_train": TrainConfig,
                     "ldm_train": TrainConfig, "diffusion_eval": DiffusionEvalConfig, "ddpm": DiffusionConfig,
                     "sde_vp": SDEConfig, "sde_ve": SDEConfig, "ldm": DiffusionConfig,
+                    "dit": DiTConfig, "dit_rf": RectifiedFlowConfig, "dit_train": TrainConfig,
+                    "dit_ablation": DiTAblationConfig,
                     "guidance_classifier": UNetConfig, "guidance_train": TrainConfig, "guidance": GuidanceConfig},
     "nflow.yaml": {"realnvp": RealNVPConfig, "realnvp_train": TrainConfig, "cnf": CNFConfig, "cnf_unet": UNetConfig,
                    "cnf_train": TrainConfig, "nflow_eval": NFlowEvalConfig},
@@ -161,6 +165,7 @@ DERIVED_FIELDS: dict[str, dict[str, Any]] = {
     "vae": {"in_channels": 1},
     "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
+    "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
     "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "realnvp": {"in_channels": 1, "image_size": 16},
     "cnf_unet": {"in_channels": 1, "image_size": 16},

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,8 @@ from models.dit import DiT, DiTConfig
 from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.sde import SDE, SDEConfig, build_sde
 from models.unet import EncoderClassifier, UNet, UNetConfig
-from tasks.autoencoder import load_vae, read_latents
+from models.vae import VAEConfig
+from tasks.autoencoder import fit_vae, load_vae, read_latents
 from tasks.images import FIDConfig, FIDEvaluator, balanced_labels, image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
@@ -162,19 +163,25 @@ def pixel_space(root: Path) -> DataSpace:
                      torch.as_tensor(val.labels), decode=lambda x: x.clamp(-1, 1))
 
 
-def latent_space(root: Path, device: torch.device, batch_size: int) -> DataSpace:
-    """The cached latents times the scale factor (unit variance); decoding divides it out again."""
-    train, val = read_latents(root, "train"), read_latents(root, "val")
-    vae = load_vae(root, device)
-    scale = train.scale_factor
+def vae_space(vae: nn.Module, train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor, scale: float,
+              batch_size: int) -> DataSpace:
+    """Unscaled latents times `scale` (unit variance); decoding divides it out again."""
+    device = next(vae.parameters()).device
 
     @torch.no_grad()
     def decode(z: Tensor) -> Tensor:
         return torch.cat([vae.decode(z[i: i + batch_size].to(device) / scale).cpu()
                           for i in range(0, len(z), batch_size)]).clamp(-1, 1)
 
-    return DataSpace(torch.from_numpy(np.array(train.latents)) * scale, torch.as_tensor(train.labels),
-                     torch.from_numpy(np.array(val.latents)) * scale, torch.as_tensor(val.labels), decode)
+    return DataSpace(train * scale, train_labels, val * scale, val_labels, decode)
+
+
+def latent_space(root: Path, device: torch.device, batch_size: int) -> DataSpace:
+    """The cached latents, scaled by the cache's scale factor, decoded by the `vae` stage's model."""
+    train, val = read_latents(root, "train"), read_latents(root, "val")
+    return vae_space(load_vae(root, device), torch.from_numpy(np.array(train.latents)), torch.as_tensor(train.labels),
+                     torch.from_numpy(np.array(val.latents)), torch.as_tensor(val.labels), train.scale_factor,
+                     batch_size)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -348,6 +355,101 @@ def diffusion_task(root: Path, name: str, process_cfg: ProcessConfig, net_cfg: N
     print(f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
           f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
           f"class accuracy {headline['class_accuracy']:.3f}")
+    return flat
+
+
+# ------------------------------------------------------------------------------- SD3 ablations
+
+
+@dataclass(frozen=True)
+class DiTAblationConfig:
+    """`params/images.yaml: dit_ablation`: SD3's design choices, each changed alone from `dit` / `dit_rf`
+    and trained with the same (shorter) budget as a re-trained baseline, compared by FID."""
+
+    variants: list[str]  # names from ABLATIONS; "baseline" is the committed dit + dit_rf configuration
+    train_steps: int  # optimizer steps of every variant (dit_train's other settings)
+    sample_steps: int  # Euler steps of every variant's FID
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in ABLATIONS]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be names from {sorted(ABLATIONS)}, got {self.variants}")
+        if self.train_steps < 1 or self.sample_steps < 1:
+            raise ValueError("train_steps and sample_steps must be >= 1")
+
+
+# variant -> (process overrides, network overrides, VAE latent channels or None for the cached latents)
+ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], int | None]] = {
+    "baseline": ({}, {}, None),
+    "uniform_t": ({"timestep_sampling": "uniform"}, {}, None),  # SD3: logit-normal beats uniform
+    "pos1d": ({}, {"pos_embed": "1d"}, None),  # 1D sine-cosine over the flattened patch index
+    "no_qknorm": ({}, {"qk_norm": False}, None),  # SD3 adds RMSNorm on q, k for stability
+    "latent8": ({}, {}, 8),  # SD3: more latent channels reconstruct better and, at scale, generate better
+}
+
+
+def retrained_vae_space(root: Path, channels: int, vae_cfg: VAEConfig, vae_train: TrainConfig, seed: int,
+                        device: torch.device, batch_size: int) -> DataSpace:
+    """A VAE like the `vae` stage's with another latent width, trained here, and its scaled latents."""
+    splits = {s: read_images(root, s) for s in ("train", "val", "test")}
+    fit = fit_vae(replace(vae_cfg, latent_channels=channels), vae_train, splits, seed=seed, device=device,
+                  checkpoint=None, run=None)
+    with torch.no_grad():
+        train_z = fit.model.encode(to_model_range(splits["train"].pixels).to(device)).cpu()
+        val_z = fit.model.encode(to_model_range(splits["val"].pixels).to(device)).cpu()
+    return vae_space(fit.model, train_z, torch.as_tensor(splits["train"].labels), val_z,
+                     torch.as_tensor(splits["val"].labels), float(1 / train_z.std()), batch_size)
+
+
+def ablation_figure(rows: list[dict], floor: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
+    ax.barh([r["variant"] for r in rows], [r["fid"] for r in rows])
+    ax.axvline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
+    ax.set(xlabel="FID vs test (lower is better)", title="DiT-RF: SD3 design choices, one at a time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@task(name="dit_ablation", cache_policy=NO_CACHE)
+def dit_ablation_task(root: Path, cfg: DiTAblationConfig, dit_cfg: DiTConfig, rf_cfg: RectifiedFlowConfig,
+                      train_cfg: TrainConfig, vae_cfg: VAEConfig, vae_train: TrainConfig, eval_cfg: DiffusionEvalConfig,
+                      fid_cfg: FIDConfig, seed: int, device_name: str, run: StageRun) -> dict[str, float]:
+    device = resolve_device(device_name)
+    evaluator = FIDEvaluator.load(root, fid_cfg, device)
+    budget = replace(train_cfg, steps=cfg.train_steps, warmup_steps=min(train_cfg.warmup_steps, cfg.train_steps),
+                     eval_every=cfg.train_steps, checkpoint_every=cfg.train_steps)
+    cached = latent_space(root, device, fid_cfg.batch_size)
+    labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
+    rows = []
+    for variant in cfg.variants:
+        process_changes, network_changes, channels = ABLATIONS[variant]
+        space = cached if channels is None else retrained_vae_space(root, channels, vae_cfg, vae_train, seed, device,
+                                                                      fid_cfg.batch_size)
+        net_cfg = replace(dit_cfg, in_channels=space.sample_shape[0], **network_changes)
+        process = RectifiedFlow(replace(rf_cfg, **process_changes))
+        model, result = fit_generator("dit_rf", process, net_cfg, budget, space, eval_cfg, seed=seed, device=device,
+                                      checkpoint=None, run=None, fingerprint={})
+        images, _ = sample_images(process, model, space, labels, sampler="euler", steps=cfg.sample_steps,
+                                  seed=seed + 1, batch_size=fid_cfg.batch_size)
+        report = evaluator.report(images, labels)
+        rows.append({"variant": variant, "fid": report["fid"], "class_accuracy": report["class_accuracy"],
+                     "latent_channels": space.sample_shape[0], "train_seconds": result.train_seconds})
+        print(f"dit_ablation: {variant}: FID {report['fid']:.3f}, class accuracy {report['class_accuracy']:.3f} "
+              f"({cfg.train_steps} steps, {cfg.sample_steps} Euler steps)")
+    metrics: dict[str, Any] = {"fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling, "variants": rows,
+                               **{f"fid_{r['variant']}": r["fid"] for r in rows}}
+    write_json(root / METRICS_DIR / "dit_ablation.json", metrics)
+    with atomic_path(root / PLOTS_DIR / "dit_ablation.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run.log_metrics(flat)
+    run.log_figure(ablation_figure(rows, evaluator.floor), "plots/dit_ablation.png")
     return flat
 
 

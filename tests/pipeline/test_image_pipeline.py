@@ -14,8 +14,9 @@ from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, smoke_proje
 
 pytestmark = pytest.mark.pipeline
 
-STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "diffusion@dit_rf", "guidance"]
-TARGETS = ("guidance", "diffusion@dit_rf")
+STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "diffusion@dit_rf", "dit_ablation",
+          "guidance"]
+TARGETS = ("guidance", "diffusion@dit_rf", "dit_ablation")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,13 @@ def test_dit_rf_sweeps_euler_steps_beside_the_ldm_unet(project, first_run):
         assert sorted(h.step for h in client.get_metric_history(run.info.run_id, series)) == [1, 2]
     sweep = metrics(project, "diffusion/dit_rf")["sweep"]
     assert {(r["sampler"], r["nfe"]) for r in sweep} == {("euler", 1), ("euler", 2), ("ldm_ddim", 1), ("ldm_ddim", 2)}
+
+
+def test_dit_ablation_compares_each_sd3_choice_by_fid(project, first_run):
+    report = metrics(project, "dit_ablation")
+    variants = {r["variant"]: r for r in report["variants"]}
+    assert list(variants) == ["baseline", "pos1d", "latent8"]  # the smoke profile's list, in order
+    assert variants["latent8"]["latent_channels"] == 8 and variants["baseline"]["latent_channels"] == 4
+    assert all(np.isfinite(r["fid"]) for r in variants.values())
+    run = runs_of(project, "images", "dit_ablation")[0]
+    assert run.data.metrics["fid_pos1d"] == pytest.approx(variants["pos1d"]["fid"])
