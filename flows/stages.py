@@ -17,6 +17,7 @@ from flows.images import (
 )
 from flows.lm import lm_compare_flow, lm_flow
 from flows.nflow import nflow_flow
+from flows.report import report_flow
 from flows.text import corpus_flow, ngram_flow
 
 STAGE_FLOWS: dict[str, Callable[..., Any]] = {
@@ -36,6 +37,7 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "guidance": guidance_flow,
     "dit_ablation": dit_ablation_flow,
     "nflow": nflow_flow,
+    "report": report_flow,
 }
 
 

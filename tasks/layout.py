@@ -18,4 +18,6 @@ DIFFUSION_DIR = "data/models/diffusion"  # <name>/model.pt, checkpoint.pt (persi
 GUIDANCE_DIR = "data/models/guidance"  # classifier.pt, checkpoint.pt (persisted), <kind>_samples.png
 NFLOW_DIR = "data/models/nflow"  # <name>/model.pt, checkpoint.pt (persisted), samples.png
 
+REPORT_DIR = "data/report"  # report.md and its PNG plots: every family in one page
+
 SPLITS = ("train", "val", "test")

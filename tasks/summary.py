@@ -29,4 +29,11 @@ def headline(root: Path) -> str:
         for name, m in detection.items():
             p50 = onnx.get(name, {}).get("latency_onnx_fp32", {}).get("p50_ms", float("nan"))
             lines.append(f"  {name:<12} {m['AP']:6.3f} {m['AP50']:6.3f} {m['AP75']:6.3f} {m['AR100']:6.3f}  {p50:11.2f}")
+    from tasks.report import generator_rows
+
+    generators = generator_rows(root)
+    if generators:
+        floor, ceiling = generators[0][1]["fid_floor"], generators[0][1]["fid_ceiling"]
+        lines.append(f"Image generators, FID vs test (floor {floor:.3f}, noise ceiling {ceiling:.1f}):")
+        lines += [f"  {name:<18} {m['fid']:8.3f}" for name, m in generators]
     return "\n".join(lines) if lines else "no metrics yet: run `kiln run`"

@@ -51,6 +51,7 @@ def test_stage_outputs_are_the_layout_paths(stages):
         assert stages[f"nflow@{name}"][1] == {
             f"{layout.NFLOW_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
         } | {f"{layout.METRICS_DIR}/nflow/{name}.json"}
+    assert stages["report"][1] == {layout.REPORT_DIR}
     assert all(path.startswith("data/") for _, outs in stages.values() for path in outs)
 
 
