@@ -10,6 +10,8 @@ score, velocity) and how t is scaled are decided by the process that drives it (
     ResBlock:  h = conv(SiLU(GN(x)));  h = GN(h) * (1 + scale) + shift  with (scale, shift) = Linear(SiLU(emb))
                h = conv(dropout(SiLU(h)));  out = skip(x) + h            (ADM's adaptive GroupNorm)
     Attention: multi-head self-attention over the H*W positions at the configured resolutions.
+    Cross-attention (context_dim > 0; Rombach et al. 2022, Section 3.3): after each self-attention, queries from
+    the feature map, keys/values from (B, L, context_dim) context tokens (a caption), padded tokens masked.
     Encoder: [ResBlock (+Attn)] x num_res_blocks per level, stride-2 conv between levels; middle
     ResBlock-Attn-ResBlock; decoder mirrors it with skip concatenations and nearest-upsample + conv.
     The residual branches' last convs and the output conv start at zero: the network starts as the identity
@@ -43,6 +45,7 @@ class UNetConfig:
     num_groups: int = 32  # GroupNorm groups; must divide every level's channels
     num_classes: int = 0  # 0: unconditional. UNet: label embedding (+1 null row). EncoderClassifier: logits
     max_period: float = 10000.0  # sinusoidal embedding; suits time inputs on the scale of 0..1000
+    context_dim: int = 0  # > 0: cross-attention to context tokens after each self-attention; 0: none (unchanged)
 
     def __post_init__(self) -> None:
         self.channel_mult = list(self.channel_mult)
@@ -54,6 +57,8 @@ class UNetConfig:
             raise ValueError(f"out_channels must be >= 0 (0 = in_channels), got {self.out_channels}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0 (0 = no cross-attention), got {self.context_dim}")
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of ints >= 1, got {self.channel_mult}")
         factor = 2 ** (len(self.channel_mult) - 1)
@@ -142,6 +147,31 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Queries from the feature map, keys and values from context tokens; `context_mask` (B, L) is True at
+    padding, which no query attends to. Zero-initialised output: the block starts as the identity."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, num_groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None = None) -> Tensor:
+        if context is None:
+            return x
+        B, C, H, W = x.shape
+        nh, L = self.num_heads, context.shape[1]
+        q = self.q(self.norm(x)).reshape(B, nh, C // nh, H * W).transpose(-1, -2)  # (B, nh, HW, hd)
+        k, v = self.kv(context).reshape(B, L, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # (B, nh, L, hd) each
+        attend = None if context_mask is None else ~context_mask[:, None, None, :]  # (B, 1, 1, L) True: attend
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # (B, nh, HW, hd)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + self.proj(h)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -161,11 +191,17 @@ class Upsample(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """A sequence of layers where ResBlocks also receive the embedding."""
+    """A sequence of layers where ResBlocks also receive the embedding, cross-attention the context."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None,  # type: ignore[override]
+                context_mask: Tensor | None = None) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                x = layer(x, context, context_mask)
+            else:
+                x = layer(x)
         return x
 
 
@@ -198,15 +234,19 @@ class _Encoder(nn.Module):
                 ch = C * mult
                 if res in cfg.attention_resolutions:
                     layers.append(AttentionBlock(ch, cfg.num_heads, G))
+                    if cfg.context_dim:
+                        layers.append(CrossAttentionBlock(ch, cfg.context_dim, cfg.num_heads, G))
                 self.input_blocks.append(EmbedSequential(*layers))
                 self.skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(EmbedSequential(Downsample(ch)))
                 self.skip_channels.append(ch)
                 res //= 2
+        cross = [CrossAttentionBlock(ch, cfg.context_dim, cfg.num_heads, G)] if cfg.context_dim else []
         self.middle_block = EmbedSequential(
             ResBlock(ch, ch, E, cfg.dropout, G),
             AttentionBlock(ch, cfg.num_heads, G),
+            *cross,
             ResBlock(ch, ch, E, cfg.dropout, G),
         )
         self.out_channels = ch
@@ -214,13 +254,14 @@ class _Encoder(nn.Module):
     def embed_time(self, t: Tensor) -> Tensor:
         return self.time_embed(timestep_embedding(t, self.cfg.base_channels, self.cfg.max_period))  # (B, E)
 
-    def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, context, context_mask)
             skips.append(h)
-        return self.middle_block(h, emb), skips  # (B, C_top, H_low, W_low), one skip per input block
+        return self.middle_block(h, emb, context, context_mask), skips  # (B, C_top, H_low, W_low), one skip per input block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,6 +285,8 @@ class UNet(nn.Module):
                 ch = C * mult
                 if res in cfg.attention_resolutions:
                     layers.append(AttentionBlock(ch, cfg.num_heads, G))
+                    if cfg.context_dim:
+                        layers.append(CrossAttentionBlock(ch, cfg.context_dim, cfg.num_heads, G))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     res *= 2
@@ -259,8 +302,10 @@ class UNet(nn.Module):
             raise AttributeError("an unconditional UNet (num_classes=0) has no null label")
         return self.cfg.num_classes
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W); t (B,) float or integer time input; y (B,) long in [0, num_classes], or None."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W); t (B,) float or integer time input; y (B,) long in [0, num_classes], or None;
+        context (B, L, context_dim) tokens for the cross-attention, context_mask (B, L) True at padding."""
         t = _check_input(self.cfg, x, t)
         emb = self.encoder.embed_time(t)  # (B, E)
         if self.label_embed is not None:
@@ -269,9 +314,11 @@ class UNet(nn.Module):
             emb = emb + self.label_embed(y)  # (B, E)
         elif y is not None:
             raise ValueError("y given to an unconditional UNet (num_classes=0)")
-        h, skips = self.encoder(x, emb)  # (B, C_top, H_low, W_low)
+        if context is not None and not self.cfg.context_dim:
+            raise ValueError("context given to a UNet without cross-attention (context_dim=0)")
+        h, skips = self.encoder(x, emb, context, context_mask)  # (B, C_top, H_low, W_low)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)  # (B, C_level, H_level, W_level)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)  # (B, C_level, H_level, W_level)
         return self.out(h)  # (B, C_out, H, W)
 
 
