@@ -303,9 +303,10 @@ class UNet(nn.Module):
         return self.cfg.num_classes
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
+                context_mask: Tensor | None = None, residuals: list[Tensor] | None = None) -> Tensor:
         """x (B, C, H, W); t (B,) float or integer time input; y (B,) long in [0, num_classes], or None;
-        context (B, L, context_dim) tokens for the cross-attention, context_mask (B, L) True at padding."""
+        context (B, L, context_dim) tokens for the cross-attention, context_mask (B, L) True at padding;
+        residuals: a ControlNet's (models/controlnet.py), one per skip then one for the middle output."""
         t = _check_input(self.cfg, x, t)
         emb = self.encoder.embed_time(t)  # (B, E)
         if self.label_embed is not None:
@@ -317,6 +318,11 @@ class UNet(nn.Module):
         if context is not None and not self.cfg.context_dim:
             raise ValueError("context given to a UNet without cross-attention (context_dim=0)")
         h, skips = self.encoder(x, emb, context, context_mask)  # (B, C_top, H_low, W_low)
+        if residuals is not None:
+            if len(residuals) != len(skips) + 1:
+                raise ValueError(f"expected {len(skips) + 1} residuals (skips, then middle), got {len(residuals)}")
+            skips = [s + r for s, r in zip(skips, residuals)]
+            h = h + residuals[-1]
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)  # (B, C_level, H_level, W_level)
         return self.out(h)  # (B, C_out, H, W)
