@@ -86,7 +86,7 @@ class Flow:
 
     name: str
     model: nn.Module
-    loss: Callable[[nn.Module, Tensor], Tensor]  # (model, dequantised y in [0, 1)) -> mean loss
+    loss: Callable[..., Tensor]  # (model, dequantised y in [0, 1), generator=None) -> mean loss
     bpd: Callable[[nn.Module, Tensor, torch.Generator], tuple[Tensor, int]]  # -> (B,) bpd, evaluations
     sample: Callable[[nn.Module, int, torch.Generator], tuple[Tensor, int]]  # -> y (n, C, H, W) in [0, 1], nfe
     config: Any  # what save_model stores
@@ -95,6 +95,9 @@ class Flow:
 
 
 def realnvp_flow(cfg: RealNVPConfig) -> Flow:
+    def loss(model: nn.Module, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return realnvp_loss(model, y)  # deterministic given y
+
     def bpd(model: nn.Module, y: Tensor, generator: torch.Generator) -> tuple[Tensor, int]:
         with torch.no_grad():
             return model.bits_per_dim(y), 1
@@ -102,15 +105,15 @@ def realnvp_flow(cfg: RealNVPConfig) -> Flow:
     def sample(model: nn.Module, n: int, generator: torch.Generator) -> tuple[Tensor, int]:
         return model.sample(n, generator), 1
 
-    return Flow("realnvp", RealNVP(cfg), realnvp_loss, bpd, sample, cfg, "realnvp", sys.modules[RealNVP.__module__])
+    return Flow("realnvp", RealNVP(cfg), loss, bpd, sample, cfg, "realnvp", sys.modules[RealNVP.__module__])
 
 
 def cnf_flow(cfg: CNFConfig, unet_cfg: UNetConfig) -> Flow:
     process = FlowMatching(cfg)
     shape = (unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size)
 
-    def loss(model: nn.Module, y: Tensor) -> Tensor:
-        return process.training_losses(model, 2 * y - 1)["loss"]
+    def loss(model: nn.Module, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return process.training_losses(model, 2 * y - 1, generator)["loss"]
 
     def bpd(model: nn.Module, y: Tensor, generator: torch.Generator) -> tuple[Tensor, int]:
         return process.bits_per_dim(model, y, generator)
@@ -153,8 +156,8 @@ def fit_flow(flow: Flow, train_cfg: TrainConfig, train_pixels: Tensor, val_pixel
         return dequantize(train_pixels[idx], generator).to(device)  # fresh uniform noise every batch
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        torch.manual_seed(seed)  # the CNF loss draws t and x_0: the same draw at every evaluation
-        return {"val_loss": float(flow.loss(m, y_val))}
+        # The CNF loss draws t and x_0: the same draw at every evaluation, from its own generator.
+        return {"val_loss": float(flow.loss(m, y_val, torch.Generator(device).manual_seed(seed)))}
 
     fingerprint = {**fingerprint, "process_code": code_digest(model, flow.process_module),
                    "train": asdict(train_cfg), "seed": seed, "n": len(train_pixels),
