@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flows.detection import detector_flow, map_flow, onnx_flow, scenes_flow
+from flows.controlnet import controlnet_flow
 from flows.images import (
     diffusion_flow,
     dit_ablation_flow,
@@ -35,6 +36,7 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "latents": latents_flow,
     "diffusion": diffusion_flow,
     "guidance": guidance_flow,
+    "controlnet": controlnet_flow,
     "dit_ablation": dit_ablation_flow,
     "nflow": nflow_flow,
     "report": report_flow,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.classifier import FIDNetConfig
+from models.controlnet import ControlNetConfig
 from models.cnf import CNFConfig
 from models.detector import DETECTORS
 from models.diffusion import DiffusionConfig
@@ -25,6 +26,7 @@ from models.unet import UNetConfig
 from models.vae import VAEConfig
 from tasks.params import ParamsError, load_params_file
 from tasks.autoencoder import LatentsConfig
+from tasks.controlnet import ControlNetEvalConfig
 from tasks.diffusion import DiffusionEvalConfig, DiTAblationConfig, GuidanceConfig
 from tasks.images import FIDConfig, ImagesConfig
 from tasks.nflow import NFlowEvalConfig
@@ -151,6 +153,8 @@ PARAMS_FILES: dict[str, dict[str, type]] = {
                     "sde_vp": SDEConfig, "sde_ve": SDEConfig, "ldm": DiffusionConfig,
                     "dit": DiTConfig, "dit_rf": RectifiedFlowConfig, "dit_train": TrainConfig,
                     "dit_ablation": DiTAblationConfig,
+                    "controlnet": ControlNetConfig, "controlnet_train": TrainConfig,
+                    "controlnet_eval": ControlNetEvalConfig,
                     "guidance_classifier": UNetConfig, "guidance_train": TrainConfig, "guidance": GuidanceConfig},
     "nflow.yaml": {"realnvp": RealNVPConfig, "realnvp_train": TrainConfig, "cnf": CNFConfig, "cnf_unet": UNetConfig,
                    "cnf_train": TrainConfig, "nflow_eval": NFlowEvalConfig},

@@ -16,6 +16,7 @@ VAE_DIR = "data/models/vae"  # model.pt, checkpoint.pt (persisted), reconstructi
 LATENTS_DIR = "data/cache/latents"  # <split>.npy (N, c, h, w) float32, memory-mapped; <split>.parquet index
 DIFFUSION_DIR = "data/models/diffusion"  # <name>/model.pt, checkpoint.pt (persisted), samples.png
 GUIDANCE_DIR = "data/models/guidance"  # classifier.pt, checkpoint.pt (persisted), <kind>_samples.png
+CONTROLNET_DIR = "data/models/controlnet"  # model.pt, checkpoint.pt (persisted), samples.png, edges/<split>.npy
 NFLOW_DIR = "data/models/nflow"  # <name>/model.pt, checkpoint.pt (persisted), samples.png
 
 REPORT_DIR = "data/report"  # report.md and its PNG plots: every family in one page

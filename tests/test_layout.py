@@ -47,6 +47,8 @@ def test_stage_outputs_are_the_layout_paths(stages):
     assert {p for p in stages["guidance"][1] if p.startswith(layout.GUIDANCE_DIR)} == {
         f"{layout.GUIDANCE_DIR}/{f}" for f in ("classifier.pt", "checkpoint.pt", "classifier_free_samples.png",
                                                "classifier_samples.png")}
+    assert stages["controlnet"][1] == {f"{layout.CONTROLNET_DIR}/{f}" for f in (
+        "edges", "model.pt", "checkpoint.pt", "samples.png")} | {f"{layout.METRICS_DIR}/controlnet.json"}
     for name in FLOW_NAMES:
         assert stages[f"nflow@{name}"][1] == {
             f"{layout.NFLOW_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
