@@ -20,6 +20,7 @@ from flows.lm import lm_compare_flow, lm_flow
 from flows.nflow import nflow_flow
 from flows.report import report_flow
 from flows.text import corpus_flow, ngram_flow
+from flows.text_diffusion import ldm_text_flow
 
 STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "corpus": corpus_flow,
@@ -35,6 +36,7 @@ STAGE_FLOWS: dict[str, Callable[..., Any]] = {
     "vae": vae_flow,
     "latents": latents_flow,
     "diffusion": diffusion_flow,
+    "ldm_text": ldm_text_flow,
     "guidance": guidance_flow,
     "controlnet": controlnet_flow,
     "dit_ablation": dit_ablation_flow,

@@ -22,6 +22,7 @@ from models.ngram import NgramConfig
 from models.realnvp import RealNVPConfig
 from models.rectified_flow import RectifiedFlowConfig
 from models.sde import SDEConfig
+from models.text_encoder import TextEncoderConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 from tasks.params import ParamsError, load_params_file
@@ -31,6 +32,7 @@ from tasks.diffusion import DiffusionEvalConfig, DiTAblationConfig, GuidanceConf
 from tasks.images import FIDConfig, ImagesConfig
 from tasks.nflow import NFlowEvalConfig
 from tasks.scenes import ScenesConfig
+from tasks.text_diffusion import LdmTextConfig
 from tasks.training import TrainConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -155,6 +157,8 @@ PARAMS_FILES: dict[str, dict[str, type]] = {
                     "dit_ablation": DiTAblationConfig,
                     "controlnet": ControlNetConfig, "controlnet_train": TrainConfig,
                     "controlnet_eval": ControlNetEvalConfig,
+                    "ldm_text": LdmTextConfig, "text_encoder": TextEncoderConfig, "ldm_text_unet": UNetConfig,
+                    "ldm_text_train": TrainConfig,
                     "guidance_classifier": UNetConfig, "guidance_train": TrainConfig, "guidance": GuidanceConfig},
     "nflow.yaml": {"realnvp": RealNVPConfig, "realnvp_train": TrainConfig, "cnf": CNFConfig, "cnf_unet": UNetConfig,
                    "cnf_train": TrainConfig, "nflow_eval": NFlowEvalConfig},
@@ -167,12 +171,16 @@ DERIVED_FIELDS: dict[str, dict[str, Any]] = {
     # The built-in images' values (16 px gray digits, 10 classes; latents 4x8x8), so configs validate.
     "fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "vae": {"in_channels": 1},
-    "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
-    "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
+    "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10, "context_dim": 0},
+    "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10, "context_dim": 0},
     "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
-    "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+    # context_dim: the width of the context tokens a stage feeds the cross-attention: 0 (none) but in ldm_text,
+    # where it is the text encoder's dim
+    "ldm_text_unet": {"in_channels": 4, "image_size": 8, "num_classes": 0, "context_dim": 32},
+    "text_encoder": {"vocab_size": 2},  # the training captions' words + <pad>, <unk>
+    "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10, "context_dim": 0},
     "realnvp": {"in_channels": 1, "image_size": 16},
-    "cnf_unet": {"in_channels": 1, "image_size": 16},
+    "cnf_unet": {"in_channels": 1, "image_size": 16, "context_dim": 0},
 }
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}

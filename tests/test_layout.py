@@ -49,6 +49,9 @@ def test_stage_outputs_are_the_layout_paths(stages):
                                                "classifier_samples.png")}
     assert stages["controlnet"][1] == {f"{layout.CONTROLNET_DIR}/{f}" for f in (
         "edges", "model.pt", "checkpoint.pt", "samples.png")} | {f"{layout.METRICS_DIR}/controlnet.json"}
+    assert stages["ldm_text"][1] == {f"{layout.DIFFUSION_DIR}/ldm_text/{f}" for f in ("model.pt", "checkpoint.pt",
+                                                                                  "samples.png")} | {
+        f"{layout.METRICS_DIR}/ldm_text.json"}
     for name in FLOW_NAMES:
         assert stages[f"nflow@{name}"][1] == {
             f"{layout.NFLOW_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
