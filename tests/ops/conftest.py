@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,37 @@ def keep_artifact(source: Path, name: str) -> Path:
 def _loopback_without_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in LOOPBACK.items():
         monkeypatch.setenv(key, value)
+
+
+@dataclass(frozen=True)
+class LoggedRun:
+    url: str  # the MLflow server
+    project: Path  # the smoke copy whose `kiln stage corpus` logged to it
+    services: Path  # its pid, log and data folder
+    pg_port: int
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_run(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Iterator[LoggedRun]:
+    """PostgreSQL and an MLflow server on it, started as `make mlflow-server` starts them, on free ports,
+    holding the run of `kiln stage corpus` in a smoke copy: shared by the REST and the UI tests."""
+    from flows.services import start_mlflow, stop_all
+    from tests.pipeline.helpers import sh, smoke_project
+
+    require("pg_ctl", "apt-get install postgresql")
+    # Not pytest's tmp_path: that sits under a 0700 folder, and the cluster belongs to the `postgres` user
+    # when the tests run as root.
+    folder = Path(tempfile.mkdtemp(prefix="kiln-ops-pg-"))
+    folder.chmod(0o711)
+    pg_port = free_port()
+    try:
+        url = start_mlflow(folder, free_port(), pg_port=pg_port)
+        project = smoke_project(repo_root, tmp_path_factory.mktemp("mlflow-server") / "repo")
+        sh(project, "kiln", "stage", "corpus", env={"MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", **LOOPBACK})
+        yield LoggedRun(url, project, folder, pg_port)
+    finally:
+        stop_all(folder)
+        for log in ("mlflow.log", "pg/postgres.log"):
+            if (folder / log).exists():
+                keep_artifact(folder / log, f"mlflow-server-{Path(log).name}")
+        shutil.rmtree(folder, ignore_errors=True)

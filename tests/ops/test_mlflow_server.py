@@ -1,42 +1,20 @@
 """MLflow on a real tracking server: PostgreSQL as its backend store and artifacts served by the server,
 both started the way `make mlflow-server` starts them (flows/services.py), on free loopback ports. A smoke
-stage logs to it over HTTP; its run, metrics and an artifact are read back over the REST API.
+stage logs to it over HTTP (the `mlflow_server_run` fixture in conftest.py); its run, metrics and an
+artifact are read back over the REST API.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import requests
 
-from flows.services import PG_DB, PG_USER, start_mlflow, stop_all
-from tests.ops.conftest import free_port, keep_artifact, require
-from tests.pipeline.helpers import sh, smoke_project
+from flows.services import PG_DB, PG_USER
+from tests.ops.conftest import LoggedRun
 
 pytestmark = pytest.mark.pipeline
-
-
-@pytest.fixture
-def mlflow_on_postgres():
-    require("pg_ctl", "apt-get install postgresql")
-    # Not pytest's tmp_path: that sits under a 0700 folder, and the cluster belongs to the `postgres` user
-    # when the tests run as root.
-    folder = Path(tempfile.mkdtemp(prefix="kiln-ops-pg-"))
-    folder.chmod(0o711)
-    pg_port = free_port()
-    try:
-        url = start_mlflow(folder, free_port(), pg_port=pg_port)
-        yield url, folder, pg_port
-    finally:
-        stop_all(folder)
-        for log in ("mlflow.log", "pg/postgres.log"):
-            if (folder / log).exists():
-                keep_artifact(folder / log, f"mlflow-server-{Path(log).name}")
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def api(url: str, method: str, endpoint: str, **kwargs) -> dict:
@@ -45,11 +23,9 @@ def api(url: str, method: str, endpoint: str, **kwargs) -> dict:
     return answer.json()
 
 
-def test_a_stage_logs_to_an_mlflow_server_on_postgresql_and_reads_back_over_rest(
-        mlflow_on_postgres, tmp_path: Path, repo_root: Path) -> None:
-    url, folder, pg_port = mlflow_on_postgres
-    project = smoke_project(repo_root, tmp_path / "repo")
-    sh(project, "kiln", "stage", "corpus", env={"MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1"})
+def test_a_stage_logs_to_an_mlflow_server_on_postgresql_and_reads_back_over_rest(mlflow_server_run: LoggedRun) -> None:
+    url, project, folder, pg_port = (mlflow_server_run.url, mlflow_server_run.project, mlflow_server_run.services,
+                                     mlflow_server_run.pg_port)
     assert not (project / "mlflow.db").exists(), "the stage logged to the local sqlite store, not the server"
     expected = json.loads((project / "data" / "metrics" / "corpus.json").read_text())
 

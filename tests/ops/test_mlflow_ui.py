@@ -1,6 +1,7 @@
 """The MLflow UI shows what a stage logged: headless Chromium (Debian's chromium and chromium-driver, driven
-by selenium) opens an `mlflow server` on a smoke run's store, finds the experiment and the run, and on the
-run page the metric with its value. The screenshot is kept in test-artifacts/.
+by selenium) opens the `mlflow server` that holds a smoke stage's run (the `mlflow_server_run` fixture in
+conftest.py, shared with the REST test), finds the experiment and the run, and on the run page the metric
+with its value. The screenshot is kept in test-artifacts/.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.services import start_mlflow, stop_process
-from tests.ops.conftest import free_port, keep_artifact, require
-from tests.pipeline.helpers import mlflow_client, sh, smoke_project
+from tests.ops.conftest import LoggedRun, keep_artifact, require
 
 pytestmark = pytest.mark.pipeline
 
@@ -38,24 +37,16 @@ def browser(tmp_path: Path):
     driver.quit()
 
 
-@pytest.fixture
-def mlflow_ui(tmp_path: Path, repo_root: Path):
-    project = smoke_project(repo_root, tmp_path / "repo")
-    sh(project, "kiln", "stage", "corpus", env={"OMP_NUM_THREADS": "1"})  # into the copy's mlflow.db
-    folder = tmp_path / "services"
-    try:
-        yield start_mlflow(folder, free_port(), backend_store_uri=f"sqlite:///{project / 'mlflow.db'}"), project
-    finally:
-        stop_process(folder, "mlflow")
-
-
-def test_the_mlflow_ui_shows_the_experiment_the_run_and_its_metric(mlflow_ui, browser, tmp_path: Path) -> None:
+def test_the_mlflow_ui_shows_the_experiment_the_run_and_its_metric(mlflow_server_run: LoggedRun, browser,
+                                                                   tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, project = mlflow_ui
-    client = mlflow_client(project)
+    from mlflow.tracking import MlflowClient
+
+    url, project = mlflow_server_run.url, mlflow_server_run.project
+    client = MlflowClient(url)
     experiment = client.get_experiment_by_name("text")
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'corpus'")
     value = f'{json.loads((project / "data" / "metrics" / "corpus.json").read_text())["vocab_size"]:g}'

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.pipeline
 FLOW, DEPLOYMENT, CRON = "kiln-scheduled-run", "kiln-cron", "0 3 * * *"
 
 
-@pytest.fixture
-def prefect_api(tmp_path: Path):
-    folder = tmp_path / "services"
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("prefect-server")
     api = start_prefect(folder, free_port())
     yield api, folder
     stop_process(folder, "prefect")
@@ -72,6 +72,7 @@ def test_kiln_serve_schedules_the_end_to_end_run_and_a_run_completes(prefect_api
         except subprocess.TimeoutExpired:
             os.killpg(serving.pid, signal.SIGKILL)
             serving.wait()
+        keep_artifact(log, "kiln-serve.log")
 
     # What `kiln run --target corpus` leaves: the stage's outputs, locked, and the MLflow parent run with
     # the stage's run nested under it.
