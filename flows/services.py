@@ -210,10 +210,12 @@ def start_mlflow(folder: Path, port: int = 5001, backend_store_uri: str | None =
     backend = backend_store_uri or start_postgres(folder, pg_port)
     artifacts = (folder / "mlflow-artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    process = _spawn("mlflow", [_bin("mlflow"), "server", "--backend-store-uri", backend,
+    # The store URI (PostgreSQL's password in it) goes through the environment, not the command line
+    # that `ps` shows every local user.
+    process = _spawn("mlflow", [_bin("mlflow"), "server",
                                 "--artifacts-destination", str(artifacts), "--serve-artifacts",
                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                     folder, {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                     folder, {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                               # Its background job runner (8 huey processes) serves GenAI jobs Kiln never
                               # submits; on a small machine they compete with the stages.
                               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
