@@ -1,8 +1,8 @@
 """Image-family speed at the committed (default-profile) configuration.
 
 1. Sampling images/s for every sampler (DDPM ancestral and DDIM, the VP SDE's Euler-Maruyama, predictor-
-   corrector and probability-flow ODE, latent DDPM with VAE decoding), at a fixed number of steps, with the
-   UNets of params/images.yaml. The networks are randomly initialised with their zero-initialised output
+   corrector and probability-flow ODE, latent DDPM with VAE decoding; the DiT with rectified flow at 4 and 32
+   Euler steps, with VAE decoding), at a fixed number of steps, with the networks of params/images.yaml. The networks are randomly initialised with their zero-initialised output
    layers re-drawn, so the score is not 0 (the adaptive ODE's evaluation count depends on the model; the
    trained count is in data/metrics/diffusion/sde_*.json).
 2. FID computation time, ours (float64 statistics, SVD route) against torchmetrics'
@@ -57,6 +57,8 @@ def main() -> None:
     import torch
 
     from models.diffusion import GaussianDiffusion
+    from models.dit import DiT
+    from models.rectified_flow import RectifiedFlow
     from models.fid import frechet_distance
     from models.sde import build_sde
     from models.unet import UNet
@@ -76,27 +78,31 @@ def main() -> None:
     unet = UNet(load_section(params, "unet", **DERIVED_FIELDS["unet"])).eval()
     ldm_unet = UNet(load_section(params, "ldm_unet", **DERIVED_FIELDS["ldm_unet"])).eval()
     vae = VAE(load_section(params, "vae", **DERIVED_FIELDS["vae"])).eval()
-    for m in (unet, ldm_unet):
+    dit = DiT(load_section(params, "dit", **DERIVED_FIELDS["dit"])).eval()
+    for m in (unet, ldm_unet, dit):
         randomise_zero_layers(m)
+    rf = RectifiedFlow(load_section(params, "dit_rf"))
     ddpm = GaussianDiffusion(load_section(params, "ddpm"))
     vp = build_sde(load_section(params, "sde_vp"))
     ldm = GaussianDiffusion(load_section(params, "ldm"))
     latent_shape = (ldm_unet.cfg.in_channels, ldm_unet.cfg.image_size, ldm_unet.cfg.image_size)
     cases = {
-        "ddpm_ancestral": (ddpm, unet, (1, 16, 16), "ancestral", None),
-        "ddpm_ddim": (ddpm, unet, (1, 16, 16), "ddim", None),
-        "sde_vp_euler_maruyama": (vp, unet, (1, 16, 16), "euler_maruyama", None),
-        "sde_vp_pc": (vp, unet, (1, 16, 16), "pc", None),
-        "sde_vp_ode": (vp, unet, (1, 16, 16), "ode", None),
-        "ldm_ddim_with_decode": (ldm, ldm_unet, latent_shape, "ddim", vae),
+        "ddpm_ancestral": (ddpm, unet, (1, 16, 16), "ancestral", None, steps),
+        "ddpm_ddim": (ddpm, unet, (1, 16, 16), "ddim", None, steps),
+        "sde_vp_euler_maruyama": (vp, unet, (1, 16, 16), "euler_maruyama", None, steps),
+        "sde_vp_pc": (vp, unet, (1, 16, 16), "pc", None, steps),
+        "sde_vp_ode": (vp, unet, (1, 16, 16), "ode", None, steps),
+        "ldm_ddim_with_decode": (ldm, ldm_unet, latent_shape, "ddim", vae, steps),
+        "dit_rf_euler_4_with_decode": (rf, dit, latent_shape, "euler", vae, 4),
+        "dit_rf_euler_32_with_decode": (rf, dit, latent_shape, "euler", vae, 32),
     }
     sampling = {}
-    for name, (process, model, shape, sampler, decoder) in cases.items():
+    for name, (process, model, shape, sampler, decoder, case_steps) in cases.items():
         out = {}
 
         def run() -> None:
             g = torch.Generator().manual_seed(0)
-            result = process.sample(model, (n, *shape), steps=steps, sampler=sampler, generator=g, y=labels)
+            result = process.sample(model, (n, *shape), steps=case_steps, sampler=sampler, generator=g, y=labels)
             if decoder is not None:
                 with torch.no_grad():
                     decoder.decode(result.x)

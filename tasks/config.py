@@ -171,16 +171,15 @@ DERIVED_FIELDS: dict[str, dict[str, Any]] = {
     # The built-in images' values (16 px gray digits, 10 classes; latents 4x8x8), so configs validate.
     "fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "vae": {"in_channels": 1},
-    "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10, "context_dim": 0},
-    "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10, "context_dim": 0},
+    "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+    "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
     "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
-    # context_dim: the width of the context tokens a stage feeds the cross-attention: 0 (none) but in ldm_text,
-    # where it is the text encoder's dim
+    # ldm_text's UNet attends to the text encoder's tokens: its context_dim is text_encoder.dim
     "ldm_text_unet": {"in_channels": 4, "image_size": 8, "num_classes": 0, "context_dim": 32},
     "text_encoder": {"vocab_size": 2},  # the training captions' words + <pad>, <unk>
-    "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10, "context_dim": 0},
+    "guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10},
     "realnvp": {"in_channels": 1, "image_size": 16},
-    "cnf_unet": {"in_channels": 1, "image_size": 16, "context_dim": 0},
+    "cnf_unet": {"in_channels": 1, "image_size": 16},
 }
 
 SECTION_FILE: dict[str, str] = {s: f for f, sections in PARAMS_FILES.items() for s in sections}
