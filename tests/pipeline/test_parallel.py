@@ -68,12 +68,12 @@ def test_a_failed_stage_still_skips_its_dependents(project, first_run):
 
 
 def test_dask_task_runner_runs_two_stages(project, first_run):
-    set_params(project, "runtime.yaml", "runtime", task_runner="dask")
-    set_params(project, "data.yaml", "corpus", min_count=3)  # corpus and ngram rerun
-    set_params(project, "detection.yaml", "scenes", clutter=1)  # and scenes, in parallel with them
+    set_params(project, "runtime.yaml", "runtime", task_runner="dask")  # a local cluster of 2 workers
+    set_params(project, "data.yaml", "corpus", min_count=3)
+    set_params(project, "detection.yaml", "scenes", clutter=1)
     try:
-        done = kiln_run(project, *TARGETS)
-        assert summary(done.stdout) == dict.fromkeys(STAGES, "ran")
-        assert stale(project, *TARGETS) == {}
+        done = kiln_run(project, "corpus", "scenes")
+        assert summary(done.stdout) == {"corpus": "ran", "scenes": "ran"}
+        assert stale(project, "corpus", "scenes") == {}
     finally:
         sh(project, "git", "checkout", "--", "params/runtime.yaml", "params/data.yaml", "params/detection.yaml")
