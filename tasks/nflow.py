@@ -219,7 +219,8 @@ def nflow_task(root: Path, name: str, model_cfg: RealNVPConfig | CNFConfig, net_
                                "train_images_per_s": result.items_per_second}
     if isinstance(model_cfg, CNFConfig):
         metrics["trace"] = model_cfg.trace
-        metrics["solver"] = model_cfg.solver
+        metrics["sample_solver"] = model_cfg.sample_solver
+        metrics["likelihood_solver"] = model_cfg.likelihood_solver
     write_json(root / METRICS_DIR / "nflow" / f"{name}.json", metrics)
     grid = write_png(image_grid(to_pixels(images[: eval_cfg.grid_images]), eval_cfg.grid_columns),
                      out / "samples.png", upscale=2)

@@ -60,5 +60,5 @@ def test_flow_logs_bpd_and_fid_with_floor_and_ceiling(project, first_run, name):
 
 def test_cnf_reports_its_solver_and_trace(project, first_run):
     report = json.loads((project / "data/metrics/nflow/cnf.json").read_text())
-    assert (report["trace"], report["solver"]) == ("hutchinson", "rk4")
+    assert (report["trace"], report["sample_solver"], report["likelihood_solver"]) == ("hutchinson", "rk4", "rk4")
     assert report["sample_nfe"] == report["likelihood_nfe"] == 8  # 2 RK4 steps in the smoke profile

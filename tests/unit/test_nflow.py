@@ -116,7 +116,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, var: float) -> torch.
 @pytest.mark.parametrize("solver, trace", [("rk4", "exact"), ("rk45", "exact"), ("rk4", "hutchinson")])
 def test_cnf_log_likelihood_of_a_gaussian_is_analytic(solver, trace):
     mean, std, sigma_min = torch.tensor([1.5, -0.5], dtype=torch.float64), 0.7, 0.01
-    process = FlowMatching(CNFConfig(sigma_min=sigma_min, solver=solver, likelihood_steps=40, sample_steps=40,
+    process = FlowMatching(CNFConfig(sigma_min=sigma_min, likelihood_solver=solver, likelihood_steps=40, sample_steps=40,
                                      rtol=0.0000001, atol=0.0000001, trace=trace))
     v = gaussian_ot_velocity(mean, std, sigma_min)
     x = mean + torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.3
