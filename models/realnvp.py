@@ -241,8 +241,9 @@ class Scale(nn.Module):
         super().__init__()
         self.last = last
         h, n = cfg.hidden_channels, cfg.num_blocks
-        self.checker = nn.ModuleList([CheckerboardCoupling(channels, size, i % 2, h, n) for i in range(4 if last else 3)])
-        self.channel = nn.ModuleList([] if last else [ChannelCoupling(4 * channels, i % 2 == 1, h, n) for i in range(3)])
+        checker = [CheckerboardCoupling(channels, size, i % 2, h, n) for i in range(4 if last else 3)]
+        channel = [] if last else [ChannelCoupling(4 * channels, i % 2 == 1, h, n) for i in range(3)]  # at 4C
+        self.checker, self.channel = nn.ModuleList(checker), nn.ModuleList(channel)
 
 
 class RealNVP(nn.Module):

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from models.cnf import CNFConfig, FlowMatching
 from models.realnvp import RealNVP, RealNVPConfig, dequantize, quantize, realnvp_loss
 from models.unet import UNet, UNetConfig
-from tasks.images import FIDConfig, FIDEvaluator, derived_image_fields, image_grid, read_images, to_model_range, to_pixels, write_png
+from tasks.images import (FIDConfig, FIDEvaluator, derived_image_fields, image_grid, read_images, to_model_range,
+                          to_pixels, write_png)
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, NFLOW_DIR
 from tasks.tracking import StageRun
