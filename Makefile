@@ -38,8 +38,11 @@ run: install
 	@echo "All metrics: dvc metrics show; stage by stage: kiln status"
 	@echo "Runs, metrics and artifacts: make ui  (the MLflow UI on http://127.0.0.1:5000)"
 
+# Two pytest workers, each taking whole test files (module fixtures stay in one worker); one torch
+# thread per process, as two workers on 2 cores would otherwise spin each other's OpenMP threads.
+TEST_WORKERS ?= 2
 test: install-dev services
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
