@@ -99,7 +99,8 @@ def image_generation(root: Path, report: Report) -> None:
         bpd = f"{m['test_bpd']:.3f}" if "test_bpd" in m else ""
         table.append(f"| {name} | {m['fid']:.3f} | {acc} | {bpd} | {note} |")
     text = (f"## Image generation\n\nFID against the test split: floor (train split vs test split) {floor:.3f}, "
-            f"noise ceiling (uniform noise vs test split) {ceiling:.1f}.\n\n" + "\n".join(table)
+            f"noise ceiling (uniform noise vs test split) {ceiling:.1f}. ControlNet's samples are conditioned on the "
+            "test images' edge maps, so its FID is not comparable with the others'.\n\n" + "\n".join(table)
             + "\n\n![](fid.png)")
     fig, ax = _figure()
     ax.barh([n for n, _ in rows][::-1], [m["fid"] for _, m in rows][::-1])
@@ -109,7 +110,8 @@ def image_generation(root: Path, report: Report) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     report.figures["fid.png"] = fig
-    best = min(rows, key=lambda r: r[1]["fid"])
+    # ControlNet samples copy the test images' own edge maps, so its FID is not comparable with the others'.
+    best = min((r for r in rows if r[0] != "controlnet"), key=lambda r: r[1]["fid"])
     report.headline.append(f"image generators: best FID {best[1]['fid']:.3f} ({best[0]}); floor {floor:.3f}, "
                            f"noise ceiling {ceiling:.1f}")
 
@@ -129,6 +131,16 @@ def image_generation(root: Path, report: Report) -> None:
         ax.legend(fontsize=7)
         fig.tight_layout()
         report.figures["guidance.png"] = fig
+    dit = _read(root / METRICS_DIR / "diffusion" / "dit_rf.json")
+    if dit:
+        by_sampler: dict[str, dict[int, float]] = {}
+        for r in dit["sweep"]:
+            by_sampler.setdefault(r["sampler"], {})[int(r["steps"])] = r["fid"]
+        steps = sorted({s for fids in by_sampler.values() for s in fids})
+        lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+        lines += [f"| {name} | " + " | ".join(f"{fids[s]:.3f}" if s in fids else "" for s in steps) + " |"
+                  for name, fids in by_sampler.items()]
+        text += "\n\n### DiT-RF against the UNet DDPM at equal steps (FID)\n\n" + "\n".join(lines)
     ablation = _read(root / METRICS_DIR / "dit_ablation.json")
     if ablation:
         lines = ["| variant | FID | class accuracy | latent channels |", "|---|---:|---:|---:|"]

@@ -34,6 +34,10 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
                                                                   "test_bpd": 1.234}))
     _write(tmp_path, "data/plots/guidance.csv", "guidance,scale,fid,class_accuracy,nfe,sample_seconds\n"
                                                 "classifier_free,0.0,21.6,0.09,50,1\nclassifier_free,2.0,2.45,1.0,50,1\n")
+    _write(tmp_path, "data/metrics/diffusion/dit_rf.json", json.dumps({
+        **fid, "fid": 1.3, "headline_sampler": "euler", "headline_steps": 2,
+        "sweep": [{"sampler": "euler", "steps": 1, "fid": 4.3}, {"sampler": "euler", "steps": 2, "fid": 2.4},
+                  {"sampler": "ldm_ddim", "steps": 1, "fid": 72.2}, {"sampler": "ldm_ddim", "steps": 2, "fid": 59.5}]}))
     report = build_report(tmp_path)
     text = report.markdown()
     assert "| kn5 | 10.90 |" in text and "| unigram | 104.40 |" in text
@@ -41,6 +45,7 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     assert "| nflow@realnvp | 3.500 |  | 1.234 |  |" in text
     assert "floor (train split vs test split) 0.250, noise ceiling (uniform noise vs test split) 219.0" in text
     assert "| classifier_free | 2 | 2.450 | 1.000 |" in text
+    assert "| sampler | 1 steps | 2 steps |" in text and "| ldm_ddim | 72.200 | 59.500 |" in text
     assert "_Not in this report (no metrics yet): detection._" in text
     assert set(report.figures) == {"lm_perplexity.png", "fid.png", "guidance.png"}
     assert report.headline[1] == "image generators: best FID 0.640 (diffusion@ddpm); floor 0.250, noise ceiling 219.0"
