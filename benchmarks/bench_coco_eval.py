@@ -1,4 +1,4 @@
-"""COCO bbox evaluation: models/coco_eval.py against pycocotools' COCOeval, same numbers, wall time.
+"""COCO bbox evaluation: models/detection/coco_eval.py against pycocotools' COCOeval, same numbers, wall time.
 
     .venv/bin/python benchmarks/bench_coco_eval.py [--images 5000] [--dets 50] [--repeats 3]
         [--out benchmarks/results/coco_eval.json]
@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.coco_eval import STAT_NAMES, evaluate_coco  # noqa: E402
+from models.detection.coco_eval import STAT_NAMES, evaluate_coco  # noqa: E402
 
 GOAL_SPEEDUP = 5.0
 

@@ -34,10 +34,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from models.detector import DETECTORS, GrayscaleDetector, build_detector, to_model_input
+    from models.detection.detectors import DETECTORS, GrayscaleDetector, build_detector, to_model_input
     from tasks.config import load_section
-    from tasks.detection import detection_loss, export_onnx, latency_ms, onnx_session
-    from tasks.scenes import build_split, digit_pools, load_digit_images
+    from tasks.detection.detectors import detection_loss, export_onnx, latency_ms, onnx_session
+    from tasks.detection.scenes import build_split, digit_pools, load_digit_images
     from tasks.training import make_optimizer
 
     params = ROOT / "params"

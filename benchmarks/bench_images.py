@@ -48,15 +48,15 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from models.diffusion import GaussianDiffusion
-    from models.dit import DiT
-    from models.rectified_flow import RectifiedFlow
-    from models.fid import frechet_distance
-    from models.sde import build_sde
-    from models.unet import UNet
-    from models.vae import VAE
+    from models.generative.ddpm import GaussianDiffusion
+    from models.generative.dit import DiT
+    from models.generative.rectified_flow import RectifiedFlow
+    from models.generative.fid import frechet_distance
+    from models.generative.sde import build_sde
+    from models.generative.unet import UNet
+    from models.generative.vae import VAE
     from tasks.config import DERIVED_FIELDS, load_section
-    from tasks.images import builtin_digits, to_model_range
+    from tasks.generative.images import builtin_digits, to_model_range
     from tasks.training import make_optimizer
 
     params = ROOT / "params"

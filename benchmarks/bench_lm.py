@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue) -> None:
     import torch
 
-    from models.lm import build_language_model
+    from models.text.language_models import build_language_model
     from tasks.config import load_section
-    from tasks.lm import lm_loss
+    from tasks.text.lm import lm_loss
     from tasks.training import make_optimizer
 
     params = ROOT / "params"
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=2335, help="the built-in corpus's vocabulary size")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lm.json")
     args = parser.parse_args()
-    from models.lm import LANGUAGE_MODELS
+    from models.text.language_models import LANGUAGE_MODELS
 
     results = []
     context = mp.get_context("spawn")

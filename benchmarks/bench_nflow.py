@@ -38,9 +38,9 @@ def main() -> None:
 
     import torch
 
-    from models.cnf import FlowMatching
-    from models.realnvp import RealNVP
-    from models.unet import UNet
+    from models.generative.cnf import FlowMatching
+    from models.generative.realnvp import RealNVP
+    from models.generative.unet import UNet
     from tasks.config import DERIVED_FIELDS, load_section
 
     params = ROOT / "params"

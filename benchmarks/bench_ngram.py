@@ -5,7 +5,7 @@
 
 Corpus: the natural text of this Python installation, i.e. the .py, .rst and .txt files of the standard
 library (then of the venv's site-packages while more tokens are needed), in sorted path order, read as
-UTF-8 with undecodable bytes dropped, tokenised with models/tokenizer.py (vocabulary min_count 2 over the
+UTF-8 with undecodable bytes dropped, tokenised with models/text/tokenizer.py (vocabulary min_count 2 over the
 text used) and cut at the last sentence boundary within the first --tokens stream tokens. Tokenisation is
 not timed.
 
@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.ngram import NgramConfig, arpa_chunks, count_ngrams, estimate_kneser_ney  # noqa: E402
-from models.tokenizer import BOS_ID, EOS_ID, build_vocab, encode, tokenize_document  # noqa: E402
+from models.text.ngram import NgramConfig, arpa_chunks, count_ngrams, estimate_kneser_ney  # noqa: E402
+from models.text.tokenizer import BOS_ID, EOS_ID, build_vocab, encode, tokenize_document  # noqa: E402
 
 SUFFIXES = (".py", ".rst", ".txt")
 NLTK_TOKENS = 100_000

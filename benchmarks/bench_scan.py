@@ -44,7 +44,7 @@ def run_case(case: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from models.mamba import selective_scan_parallel, selective_scan_ref
+    from models.text.mamba import selective_scan_parallel, selective_scan_ref
 
     torch.set_num_threads(case["threads"])
     g = torch.Generator().manual_seed(0)

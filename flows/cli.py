@@ -5,6 +5,7 @@
     kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
     kiln status              which stages are stale, and why
     kiln profile NAME        switch params/ to the smoke, default or gpu profile
+    kiln check               dvc.yaml against the stage specs: cmds, params, code deps (import closure)
     kiln summary             the headline metrics of the last run
     kiln ui                  the MLflow UI for this project's tracking store, on loopback
     kiln serve --cron EXPR   serve the end-to-end run on a cron schedule (needs a Prefect server)
@@ -31,11 +32,15 @@ def _enter_root() -> Path:
 def _require_tracking_server(root: Path) -> None:
     """Fail before any stage starts when the configured MLflow server is down: MLflow's client would
     otherwise retry for minutes at the first log call (sqlite and file stores are not checked)."""
-    from tasks.config import load_section
-    from tasks.tracking import TrackingServerUnreachable, check_tracking_server, resolve_tracking_uri
+    from tasks.runtime import load_runtime
+    from tasks.tracking import (
+        TrackingServerUnreachable,
+        check_tracking_server,
+        resolve_tracking_uri,
+    )
 
     try:
-        check_tracking_server(resolve_tracking_uri(load_section(root / "params", "runtime").tracking_uri(), root))
+        check_tracking_server(resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root))
     except TrackingServerUnreachable as err:
         raise TrackingServerUnreachable(f"{err}; start it, or point runtime.mlflow_tracking_uri "
                                         "(params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere") from None
@@ -44,7 +49,7 @@ def _require_tracking_server(root: Path) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     root = _enter_root()
     _require_tracking_server(root)
-    from flows.stages import stage_flow
+    from flows.factory import stage_flow
 
     stage_flow(args.name)()
     return 0
@@ -53,12 +58,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
     _require_tracking_server(root)
-    from flows.pipeline import PipelineFailed, configured_pipeline_flow, summary_markdown
+    from flows.pipeline import (
+        PipelineFailed,
+        configured_pipeline_flow,
+        summary_markdown,
+    )
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
-    from tasks.config import load_section
+    from tasks.runtime import load_runtime
 
-    pipeline_flow = configured_pipeline_flow(load_section(root / "params", "runtime"))
+    pipeline_flow = configured_pipeline_flow(load_runtime(root / "params"))
 
     failure: PipelineFailed | None = None
     try:
@@ -97,7 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     root = _enter_root()
-    from tasks.config import load_all
+    from flows.registry import load_all
     from tasks.params import apply_profile
 
     changed = apply_profile(root / "params", args.name)
@@ -110,7 +119,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     root = _enter_root()
-    from tasks.scoring import format_scores, score_sentences
+    from tasks.text.scoring import format_scores, score_sentences
 
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sentences:
@@ -124,9 +133,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    root = _enter_root()
+    from flows.check import check
+
+    problems = check(root)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"\nkiln check: {len(problems)} disagreement(s) between dvc.yaml, the stage specs and the code",
+              file=sys.stderr)
+        return 1
+    print("kiln check: dvc.yaml, the stage specs and the code agree")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     root = _enter_root()
-    from tasks.summary import headline
+    from tasks.report.summary import headline
 
     print(headline(root))
     return 0
@@ -134,10 +158,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     root = _enter_root()
-    from tasks.config import load_section
+    from tasks.runtime import load_runtime
     from tasks.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(load_section(root / "params", "runtime").tracking_uri(), root)
+    uri = resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root)
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
     mlflow = Path(sys.executable).parent / "mlflow"
     os.execv(str(mlflow), [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -186,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("check", help="dvc.yaml against the stage specs: params, code deps (import closure)")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("summary", help="the headline metrics of the last run")
     p.set_defaults(func=cmd_summary)
 
@@ -214,14 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    from tasks.params import ParamsError
-    from tasks.scenes import ScenesError
-    from tasks.text import CorpusError
+    from flows.registry import UnknownStage
+    from tasks.errors import InputError
     from tasks.tracking import TrackingServerUnreachable
 
     try:
         return args.func(args)
-    except (ParamsError, CorpusError, ScenesError, TrackingServerUnreachable, FileNotFoundError, KeyError) as err:
+    except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError) as err:
         # Input errors: one clear line naming the file, key or record, not a traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kiln {args.command}: error: {message}", file=sys.stderr)

@@ -38,9 +38,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import stage_flow
-from tasks.config import RuntimeConfig
-from tasks.runtime import StageEnv, stage_env
+from flows.factory import stage_flow
+from tasks.runtime import RuntimeConfig, StageEnv, stage_env
 from tasks.tracking import PARENT_RUN_ENV, pipeline_run
 
 Status = Literal["ran", "up to date", "failed", "skipped"]

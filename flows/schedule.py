@@ -26,14 +26,13 @@ def scheduled_run(targets: list[str] | None = None, root: str | None = None) -> 
     from flows.cli import _require_tracking_server
     from flows.pipeline import configured_pipeline_flow
     from flows.run_lock import exclusive_run
-    from tasks.config import load_section
-    from tasks.runtime import repo_root
+    from tasks.runtime import load_runtime, repo_root
 
     project = repo_root(Path(root) if root else None)
     os.chdir(project)  # stages resolve data/ and the default sqlite store from the working directory
     _require_tracking_server(project)
     # The same flow as `kiln run`, with the task runner params/runtime.yaml asks for.
-    pipeline_flow = configured_pipeline_flow(load_section(project / "params", "runtime"))
+    pipeline_flow = configured_pipeline_flow(load_runtime(project / "params"))
     with exclusive_run(project):
         outcomes = pipeline_flow(targets=targets or None)
     return [{"stage": o.stage, "status": o.status, "seconds": round(o.seconds, 2)} for o in outcomes]

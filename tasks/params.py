@@ -1,6 +1,8 @@
 """The one params loader: YAML sections onto config dataclasses, strictly.
 
-Every section of every `params/*.yaml` maps 1:1 to a dataclass (see `tasks.config.SECTIONS`). Loading
+Every section of every `params/*.yaml` maps 1:1 to a dataclass: the stage specs name the class of each
+section they read (`tasks/spec.py`); which file holds a section is read from the files themselves, so a
+new section is one YAML edit and no registry. Section names are unique across the files. Loading
 is strict: an unknown key, a missing key or a value of the wrong type raises `ParamsError` naming the
 file and the dotted key. The only conversion is the lossless int -> float widening (`lr: 1` for a
 float field); bools are never numbers and strings are never parsed.
@@ -22,12 +24,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
+from tasks.errors import InputError
 from tasks.io import atomic_path
 
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """Bad params: the message names the file and the dotted key."""
 
     def __init__(self, path: Path | str, key: str, problem: str):
@@ -131,6 +134,35 @@ def load_params_file(path: Path, sections: dict[str, type],
     derived = derived or {}
     return {name: section_from_dict(cls, data[name], path, name, derived.get(name))
             for name, cls in sections.items()}
+
+
+def params_files(params_dir: Path) -> list[Path]:
+    """The params files (`params/*.yaml`; profiles live below, in `params/profiles/`)."""
+    return sorted(params_dir.glob("*.yaml"))
+
+
+def section_index(params_dir: Path) -> dict[str, Path]:
+    """Section name -> the params file that holds it. A name in two files is an error naming both."""
+    index: dict[str, Path] = {}
+    for path in params_files(params_dir):
+        data = read_yaml(path)
+        if not isinstance(data, dict):
+            raise ParamsError(path, "<file>", "expected a mapping of sections")
+        for section in data:
+            if section in index:
+                raise ParamsError(path, section, f"section also defined in {index[section]}; names must be unique")
+            index[section] = path
+    return index
+
+
+def load_section(params_dir: Path, section: str, cls: type[T], derived: dict[str, Any] | None = None,
+                 index: dict[str, Path] | None = None) -> T:
+    """One section as its dataclass `cls`, strictly; `derived` fills its data-derived fields."""
+    index = section_index(params_dir) if index is None else index
+    if section not in index:
+        raise ParamsError(params_dir, section, f"no params file has this section (sections: {', '.join(index)})")
+    path = index[section]
+    return section_from_dict(cls, read_yaml(path)[section], path, section, derived)
 
 
 def as_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The frame every stage flow runs in: repo root, strict params, seeds, threads, the MLflow run."""
+"""The frame every stage flow runs in: repo root, strict params into the spec's inputs, seeds, threads,
+the MLflow run."""
 
 from __future__ import annotations
 
@@ -7,20 +8,19 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tasks.config import load_section
-from tasks.params import as_flat_dict
+from tasks.params import as_flat_dict, load_section, section_index
 from tasks.runtime import StageEnv, seed_everything, stage_env
-from tasks.tracking import StageRun, stage_run
+from tasks.spec import StageContext, StageSpec
+from tasks.tracking import stage_run
 
 
 @dataclass(frozen=True)
 class OpenStage:
     env: StageEnv
-    configs: dict[str, Any]  # section name -> config dataclass
-    run: StageRun
+    context: StageContext
+    inputs: Any  # the spec's inputs dataclass, one config per params section
 
 
 class OtherRank:
@@ -36,27 +36,34 @@ def torchrun_rank() -> int:
 
 
 @contextmanager
-def open_stage(stage: str, family: str, sections: list[str],
-               derive: Callable[[Path], dict[str, dict[str, Any]]] | None = None) -> Iterator[OpenStage]:
-    """Load the stage's params sections (strictly), seed, and open its MLflow run with those params.
-
-    `derive(root)` gives the data-derived fields of sections that have them (`{"mamba": {"vocab_size": V}}`).
-    """
+def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
+    """Load the stage's params sections (strictly) into its inputs object, seed, and open its MLflow run
+    with those params; data-derived fields come from `spec.derive(root, item)`."""
     env = stage_env()
-    derived = derive(env.root) if derive else {}
-    configs = {name: load_section(env.params_dir, name, **derived.get(name, {})) for name in sections}
+    name = f"{spec.name}@{item}" if item else spec.name
+    derived = spec.derive(env.root, item) if spec.derive else {}
+    index = section_index(env.params_dir)
+    fields = spec.section_types(item)
+    configs = {field: load_section(env.params_dir, section, cls, derived.get(section), index)
+               for field, (section, cls) in fields.items()}
+    inputs = spec.inputs(**configs)
     seed_everything(env.runtime.seed)
     if env.runtime.threads:
         import torch
 
         torch.set_num_threads(env.runtime.threads)
-    params = {k: v for name, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{name}.").items()}
+    params = {k: v for field, cfg in configs.items()
+              for k, v in as_flat_dict(cfg, f"{fields[field][0]}.").items()}
     params["runtime.seed"] = env.runtime.seed
+
+    def context(run: Any) -> StageContext:
+        return StageContext(env.root, item, env.runtime.seed, env.runtime.device, run)
+
     if torchrun_rank():  # `torchrun ... kiln stage NAME`: one MLflow run for the job, rank 0's
-        yield OpenStage(env, configs, OtherRank())  # type: ignore[arg-type]
+        yield OpenStage(env, context(OtherRank()), inputs)
         return
-    with stage_run(stage, family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
+    with stage_run(name, spec.family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
         start = time.perf_counter()
-        yield OpenStage(env, configs, run)
+        yield OpenStage(env, context(run), inputs)
         # The stage's own work, to tell it apart from orchestration (benchmarks/bench_orchestration.py).
         run.log_metrics({"stage_seconds": time.perf_counter() - start})

@@ -5,10 +5,10 @@ from dvc.repo import Repo
 
 from flows.stages import STAGE_FLOWS, stage_flow
 from tasks import layout
-from tasks.detection import DETECTOR_NAMES
-from tasks.diffusion import GENERATOR_NAMES
-from tasks.lm import LM_NAMES
-from tasks.nflow import FLOW_NAMES
+from tasks.detection.detectors import DETECTOR_NAMES
+from tasks.generative.diffusion import GENERATOR_NAMES
+from tasks.text.lm import LM_NAMES
+from tasks.generative.normalizing_flows import FLOW_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -114,8 +114,8 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
 
 def test_kenlm_scores_the_pipeline_arpa_like_our_scorer(project, first_run):
     kenlm = pytest.importorskip("kenlm")
-    from models import ngram as kn
-    from tasks.scoring import load_ngram
+    from models.text import ngram as kn
+    from tasks.text.scoring import load_ngram
 
     model, vocab = load_ngram(project)
     test = pq.read_table(project / "data/prepared/corpus/test.parquet").column("token_id").to_numpy()

@@ -1,4 +1,4 @@
-"""models/boxes.py and models/roi.py: NMS against its loop twin and ONNX, the box coder, PS RoI align
+"""models/detection/boxes.py and models/detection/roi.py: NMS against its loop twin and ONNX, the box coder, PS RoI align
 against its loop twin."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.boxes import (
+from models.detection.boxes import (
     ONNX_TRANSLATION_TABLE,
     batched_nms,
     batched_nms_reference,
@@ -25,7 +25,7 @@ from models.boxes import (
     xywh_to_xyxy,
     xyxy_to_xywh,
 )
-from models.roi import ps_roi_align, ps_roi_align_reference
+from models.detection.roi import ps_roi_align, ps_roi_align_reference
 
 
 def random_boxes(n: int, seed: int, dtype=torch.float64, clusters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""models/coco_eval.py against pycocotools' COCOeval (its loop twin), built in memory, no files."""
+"""models/detection/coco_eval.py against pycocotools' COCOeval (its loop twin), built in memory, no files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO  # a test-only dependency: the reference twin
 from pycocotools.cocoeval import COCOeval
 
-from models.coco_eval import STAT_NAMES, evaluate_coco
+from models.detection.coco_eval import STAT_NAMES, evaluate_coco
 
 CATS = [1, 2, 5, 7]
 NO_GT_CAT = 11  # listed in the categories, never annotated

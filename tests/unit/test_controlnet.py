@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.controlnet import ControlledUNet, ControlNet, ControlNetConfig, canny_edges, edge_f1
-from models.diffusion import DiffusionConfig, GaussianDiffusion
-from models.unet import UNet, UNetConfig
+from models.generative.controlnet import ControlledUNet, ControlNet, ControlNetConfig, canny_edges, edge_f1
+from models.generative.ddpm import DiffusionConfig, GaussianDiffusion
+from models.generative.unet import UNet, UNetConfig
 from tasks.training import TrainConfig, train
 
 

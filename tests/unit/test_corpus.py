@@ -5,9 +5,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from models.tokenizer import BOS_ID, EOS_ID
+from models.text.tokenizer import BOS_ID, EOS_ID
 from tasks.config import CorpusConfig
-from tasks.text import CorpusError, Document, build_corpus, read_documents
+from tasks.text.corpus import CorpusError, Document, build_corpus, read_documents
 
 CFG = CorpusConfig(source="builtin", path="", min_count=2, val_fraction=0.1, test_fraction=0.1,
                    split_seed=0, max_documents=0)

@@ -1,4 +1,4 @@
-"""models/backbones.py, models/thundernet.py, models/one_stage.py: shapes, losses, gradients, the inference
+"""models/detection/backbones.py, models/detection/thundernet.py, models/detection/fcos.py: shapes, losses, gradients, the inference
 format, batched inference against image by image, and the ONNX exports (dynamic batch) against PyTorch."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.backbones import BACKBONES, SNET_PRESETS, build_backbone
-from models.boxes import ONNX_TRANSLATION_TABLE, Detections, multiclass_nms, nms_reference
-from models.detector import GrayscaleDetector, to_model_input
-from models.one_stage import FCOS, FCOSConfig
-from models.thundernet import ThunderNet, ThunderNetConfig, label_by_iou, make_anchors
+from models.detection.backbones import BACKBONES, SNET_PRESETS, build_backbone
+from models.detection.boxes import ONNX_TRANSLATION_TABLE, Detections, multiclass_nms, nms_reference
+from models.detection.detectors import GrayscaleDetector, to_model_input
+from models.detection.fcos import FCOS, FCOSConfig
+from models.detection.thundernet import ThunderNet, ThunderNetConfig, label_by_iou, make_anchors
 
 NUM_CLASSES = 3
 SIZE = 64

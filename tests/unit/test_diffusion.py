@@ -1,4 +1,4 @@
-"""models/diffusion.py: schedules, q(x_t | x_0), the loss, and both samplers on a 1-D Gaussian toy whose exact
+"""models/generative/ddpm.py: schedules, q(x_t | x_0), the loss, and both samplers on a 1-D Gaussian toy whose exact
 noise predictor is known in closed form.
 
 Toy: data x_0 ~ N(MU, S^2). Then x_t ~ N(sqrt(abar) MU, abar S^2 + 1 - abar) and the optimal predictor
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion import (
+from models.generative.ddpm import (
     ClassifierFreeGuidance,
     ClassifierGuidance,
     DiffusionConfig,

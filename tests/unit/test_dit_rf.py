@@ -1,4 +1,4 @@
-"""models/dit.py and models/rectified_flow.py: adaLN-Zero identity at init, patches, position embeddings,
+"""models/generative/dit.py and models/generative/rectified_flow.py: adaLN-Zero identity at init, patches, position embeddings,
 QK-norm, config validation, the flow-matching target, logit-normal timesteps, Euler sampling of a Gaussian toy
 with its exact velocity field, classifier-free guidance, a few training steps.
 
@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from models.diffusion import ClassifierFreeGuidance, ClassifierGuidance
-from models.dit import DiT, DiTBlock, DiTConfig, patchify, position_embedding, unpatchify
-from models.rectified_flow import RectifiedFlow, RectifiedFlowConfig, shift_timesteps
+from models.generative.ddpm import ClassifierFreeGuidance, ClassifierGuidance
+from models.generative.dit import DiT, DiTBlock, DiTConfig, patchify, position_embedding, unpatchify
+from models.generative.rectified_flow import RectifiedFlow, RectifiedFlowConfig, shift_timesteps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

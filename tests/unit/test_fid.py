@@ -1,4 +1,4 @@
-"""models/fid.py: Fréchet distance against scipy's sqrtm and torchmetrics, edge cases, the FID InceptionV3."""
+"""models/generative/fid.py: Fréchet distance against scipy's sqrtm and torchmetrics, edge cases, the FID InceptionV3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from models.fid import (
+from models.generative.fid import (
     FeatureStats,
     InceptionV3Pool3,
     feature_statistics,

@@ -10,7 +10,7 @@ import scipy.linalg
 import scipy.special
 import torch
 
-from models.hippo import (
+from models.text.hippo import (
     legendre,
     legs_matrices,
     legs_nplr,
@@ -19,7 +19,7 @@ from models.hippo import (
     s4d_legs,
     s4d_lin,
 )
-from models.s4d import S4DConfig, S4DLayer, discretize_zoh
+from models.text.s4d import S4DConfig, S4DLayer, discretize_zoh
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

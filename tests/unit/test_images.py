@@ -1,4 +1,4 @@
-"""The image data readers, the split contract and the FID network helpers (tasks/images.py)."""
+"""The image data readers, the split contract and the FID network helpers (tasks/generative/images.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.classifier import FeatureExtractor, FIDNet, FIDNetConfig
-from models.fid import InceptionV3Pool3
-from tasks.images import (
+from models.generative.fid_net import FeatureExtractor, FIDNet, FIDNetConfig
+from models.generative.fid import InceptionV3Pool3
+from tasks.generative.images import (
     FIDConfig,
     ImageDataError,
     ImagesConfig,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.lm import build_language_model
-from models.transformer_lm import TransformerConfig
-from tasks.lm import stream_nll, token_log_probs
+from models.text.language_models import build_language_model
+from models.text.transformer import TransformerConfig
+from tasks.text.lm import stream_nll, token_log_probs
 
 DEVICE = torch.device("cpu")
 
@@ -66,7 +66,7 @@ def test_nll_counts_every_target_but_bos(model):
 
 
 def test_saved_model_reloads_to_identical_logits(model, tmp_path):
-    from tasks.lm import load_language_model
+    from tasks.text.lm import load_language_model
     from tasks.training import save_model
 
     path = tmp_path / "model.pt"
@@ -80,7 +80,7 @@ def test_saved_model_reloads_to_identical_logits(model, tmp_path):
 
 def test_context_longer_than_the_corpus_names_the_key():
     from tasks.config import LMEvalConfig
-    from tasks.lm import fit_language_model
+    from tasks.text.lm import fit_language_model
     from tasks.training import TrainConfig
 
     cfg = TransformerConfig(vocab_size=11, context_length=64, n_layer=1, n_head=2, d_model=16)

@@ -1,4 +1,4 @@
-"""Properties every Kiln language model shares, and the registry, sampler and NLL of models/lm.py."""
+"""Properties every Kiln language model shares, and the registry, sampler and NLL of models/text/language_models.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.lm import LANGUAGE_MODELS, build_language_model, sample, sequence_nll
-from models.lstm_lm import LSTMConfig
-from models.mamba import MambaConfig
-from models.s4d import S4DConfig
-from models.transformer_lm import TransformerConfig
+from models.text.language_models import LANGUAGE_MODELS, build_language_model, sample, sequence_nll
+from models.text.lstm import LSTMConfig
+from models.text.mamba import MambaConfig
+from models.text.s4d import S4DConfig
+from models.text.transformer import TransformerConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

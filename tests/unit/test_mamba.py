@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mamba import MambaBlock, MambaConfig, selective_scan_parallel, selective_scan_ref
+from models.text.mamba import MambaBlock, MambaConfig, selective_scan_parallel, selective_scan_ref
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from models.cnf import (CNFConfig, FlowMatching, MLPVectorField, divergence_exact, divergence_hutchinson,
+from models.generative.cnf import (CNFConfig, FlowMatching, MLPVectorField, divergence_exact, divergence_hutchinson,
                         gaussian_ot_velocity)
-from models.realnvp import (RealNVP, RealNVPConfig, affine_preprocess, bits_per_dim, dequantize, logit_postprocess,
+from models.generative.realnvp import (RealNVP, RealNVPConfig, affine_preprocess, bits_per_dim, dequantize, logit_postprocess,
                             logit_preprocess, quantize, realnvp_loss, squeeze, unsqueeze)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,7 +78,7 @@ def test_realnvp_sample_shape_range_and_loss_decreases():
 
 
 def test_actnorm_initialises_from_the_first_training_batch_and_inverts():
-    from models.realnvp import ActNorm
+    from models.generative.realnvp import ActNorm
 
     norm = ActNorm(3)
     x = torch.randn(64, 3, 4, 4) * torch.tensor([2.0, 0.5, 3.0])[:, None, None] + 1.5

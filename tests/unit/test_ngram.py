@@ -1,4 +1,4 @@
-"""models/ngram.py: counts, modified Kneser-Ney by hand, normalisation, KenLM parity, ARPA round trip."""
+"""models/text/ngram.py: counts, modified Kneser-Ney by hand, normalisation, KenLM parity, ARPA round trip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from models.ngram import (
+from models.text.ngram import (
     NgramConfig,
     arpa_chunks,
     count_ngrams,
@@ -20,7 +20,7 @@ from models.ngram import (
     parse_arpa,
     score_stream,
 )
-from models.tokenizer import BOS_ID, EOS_ID, UNK_ID, build_vocab, encode, tokenize_document
+from models.text.tokenizer import BOS_ID, EOS_ID, UNK_ID, build_vocab, encode, tokenize_document
 
 # ----------------------------------------------------------------------------------- the hand corpus
 # Seven sentences over a, b, c; the vocabulary also holds <unk>, never seen, so V = 6 and the uniform

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.scenes import (INK_LEVEL, ScenesConfig, ScenesError, build_split, compose_scene, digit_pools,
+from tasks.detection.scenes import (INK_LEVEL, ScenesConfig, ScenesError, build_split, compose_scene, digit_pools,
                           iou_xywh, load_digit_images, load_split, resize_bilinear, validate_coco, write_scenes)
 
 SMALL = ScenesConfig(canvas=64, train_images=12, val_images=4, test_images=6, min_digits=1, max_digits=4,

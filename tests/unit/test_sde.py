@@ -1,4 +1,4 @@
-"""models/sde.py: VP and VE SDEs on a 1-D Gaussian toy whose perturbed marginals have a closed-form score.
+"""models/generative/sde.py: VP and VE SDEs on a 1-D Gaussian toy whose perturbed marginals have a closed-form score.
 
 Toy: x_0 ~ N(MU, S^2), p_0t(x_t | x_0) = N(a(t) x_0, std(t)^2), so p_t = N(a MU, a^2 S^2 + std^2) and
 grad log p_t(x) = -(x - a MU) / (a^2 S^2 + std^2). With it the reverse SDE, the PC sampler and the
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from models.diffusion import ClassifierFreeGuidance, ClassifierGuidance
-from models.sde import SDEConfig, VESDE, VPSDE, build_sde
+from models.generative.ddpm import ClassifierFreeGuidance, ClassifierGuidance
+from models.generative.sde import SDEConfig, VESDE, VPSDE, build_sde
 
 MU, S = 1.5, 0.5
 N = 20_000

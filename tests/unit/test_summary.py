@@ -4,7 +4,7 @@ import json
 
 
 def test_summary_reads_the_metrics_files(tmp_path):
-    from tasks.summary import headline
+    from tasks.report.summary import headline
 
     assert headline(tmp_path) == "no metrics yet: run `kiln run`"
     (tmp_path / "data/plots").mkdir(parents=True)
@@ -23,8 +23,8 @@ def _write(root, relative, text):
 
 
 def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
-    from tasks.report import build_report
-    from tasks.summary import headline
+    from tasks.report.report import build_report
+    from tasks.report.summary import headline
 
     _write(tmp_path, "data/plots/lm_compare.csv", "model,family,test_perplexity\nunigram,ngram,104.4\nkn5,ngram,10.9\n")
     fid = {"fid_floor": 0.25, "fid_ceiling": 219.0, "class_accuracy": 0.97, "headline_sampler": "ancestral",

@@ -1,4 +1,4 @@
-"""models/text_encoder.py and the UNet's cross-attention: tokenizer, encoder masking, zero-init, caption
+"""models/generative/text_encoder.py and the UNet's cross-attention: tokenizer, encoder masking, zero-init, caption
 dependence, classifier-free guidance with the empty caption, and the ldm_text caption templates."""
 
 import hashlib
@@ -6,11 +6,11 @@ import hashlib
 import pytest
 import torch
 
-from models.diffusion import ClassifierFreeGuidance, GaussianDiffusion, DiffusionConfig
-from models.text_encoder import (PAD_ID, UNK_ID, TextConditionedUNet, TextEncoder, TextEncoderConfig, WordTokenizer,
+from models.generative.ddpm import ClassifierFreeGuidance, GaussianDiffusion, DiffusionConfig
+from models.generative.text_encoder import (PAD_ID, UNK_ID, TextConditionedUNet, TextEncoder, TextEncoderConfig, WordTokenizer,
                                  drop_captions)
-from models.unet import CrossAttentionBlock, UNet, UNetConfig
-from tasks.text_diffusion import LdmTextConfig, build_tokenizer, caption_ids, captions
+from models.generative.unet import CrossAttentionBlock, UNet, UNetConfig
+from tasks.generative.ldm_text import LdmTextConfig, build_tokenizer, caption_ids, captions
 
 
 def unet_cfg(**kw) -> UNetConfig:

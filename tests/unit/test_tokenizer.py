@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.tokenizer import (BOS_ID, EOS_ID, UNK_ID, build_vocab, encode, sentence_bounds,
+from models.text.tokenizer import (BOS_ID, EOS_ID, UNK_ID, build_vocab, encode, sentence_bounds,
                               split_sentences, tokenize_document, tokenize_sentence)
 
 

@@ -1,4 +1,4 @@
-"""models/unet.py and models/vae.py: shapes, zero-init, labels and guidance, the KL term, a few training steps."""
+"""models/generative/unet.py and models/generative/vae.py: shapes, zero-init, labels and guidance, the KL term, a few training steps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
-from models.diffusion import ClassifierFreeGuidance, ClassifierGuidance, DiffusionConfig, GaussianDiffusion
-from models.unet import EncoderClassifier, UNet, UNetConfig, timestep_embedding
-from models.vae import VAE, VAEConfig, gaussian_kl, psnr
+from models.generative.ddpm import ClassifierFreeGuidance, ClassifierGuidance, DiffusionConfig, GaussianDiffusion
+from models.generative.unet import EncoderClassifier, UNet, UNetConfig, timestep_embedding
+from models.generative.vae import VAE, VAEConfig, gaussian_kl, psnr
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

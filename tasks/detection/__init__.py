@@ -1,0 +1,1 @@
+"""Detection family tasks: scenes, detectors, COCO mAP and ONNX export."""

@@ -1,0 +1,266 @@
+"""Detection tasks: `detector@{thundernet,one_stage}` (train, predict the test split), `map` (COCO
+evaluation of both), `onnx` (export with NMS inside, onnxruntime parity, int8, latency, registry).
+
+Predictions travel between stages as COCO result JSON (image_id, category_id, bbox xywh, score), so any
+stage can be inspected or replaced by another tool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from models.detection.boxes import Detections
+from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
+from models.detection.detectors import DETECTORS, build_detector, to_model_input
+from tasks.detection.scenes import load_split
+from tasks.io import atomic_path, write_json, write_text
+from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
+from tasks.spec import NoInputs, StageContext, StageSpec
+from tasks.tracking import StageRun
+from tasks.training import (
+    TrainConfig,
+    TrainResult,
+    load_model,
+    resolve_device,
+    save_model,
+    train,
+)
+
+DETECTOR_NAMES = tuple(DETECTORS)
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W) uint8
+    targets: list[dict[str, np.ndarray]]  # per image: boxes (n, 4) xyxy pixels, labels (n,) 0..C-1
+    coco: dict[str, Any]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [int(image["id"]) for image in sorted(self.coco["images"], key=lambda im: im["id"])]
+
+    @property
+    def category_ids(self) -> list[int]:
+        return [int(c["id"]) for c in sorted(self.coco["categories"], key=lambda c: c["id"])]
+
+
+def read_split(root: Path, split: str) -> Split:
+    directory = root / SCENES_DIR / split
+    if not (directory / "annotations.json").is_file():
+        raise FileNotFoundError(f"{directory / 'annotations.json'}: missing; run the scenes stage first")
+    images, targets, coco = load_split(directory)
+    return Split(images, targets, coco)
+
+
+def derived_detector_fields(name: str):
+    """What `open_stage` fills into a detector's config from the data: classes and input size."""
+
+    def derive(root: Path) -> dict[str, dict[str, Any]]:
+        coco = json.loads((root / SCENES_DIR / "train" / "annotations.json").read_text())
+        sizes = {(im["height"], im["width"]) for im in coco["images"]}
+        if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+            raise ValueError(f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}")
+        return {name: {"num_classes": len(coco["categories"]), "input_size": next(iter(sizes))[0]}}
+
+    return derive
+
+
+# ----------------------------------------------------------------------------------- compute
+
+
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) float in [0, 1]."""
+    return torch.as_tensor(images, dtype=torch.float32)[:, None] / 255.0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+    """COCO result records of the model's detections on every image of the split."""
+    model.eval()
+    ids, cats = split.image_ids, split.category_ids
+    records: list[dict[str, Any]] = []
+    for lo in range(0, len(split.images), batch_size):
+        dets: Detections = model(to_model_input(pixels(split.images[lo : lo + batch_size]).to(device)))
+        records += detections_to_coco(dets, ids[lo : lo + batch_size], cats)
+    return records
+
+
+def detections_to_coco(dets: Detections | tuple, image_ids: list[int], category_ids: list[int]) -> list[dict]:
+    boxes, scores, labels, image_index = (np.asarray(t.cpu() if torch.is_tensor(t) else t) for t in dets)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return [{"image_id": image_ids[int(i)], "category_id": category_ids[int(c)],
+             "bbox": [round(float(v), 4) for v in box], "score": round(float(s), 6)}
+            for box, s, c, i in zip(xywh, scores, labels, image_index)]
+
+
+def detection_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, targets = batch
+    return sum(model(x, targets).values())
+
+
+@dataclass
+class DetectorFit:
+    model: nn.Module
+    train: TrainResult
+    test_predictions: list[dict[str, Any]]
+    val_ap50: float
+    parameters: int
+
+    def results(self) -> dict[str, float]:
+        return {"val_ap50_final": self.val_ap50, "parameters": float(self.parameters)}
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.results(), "train_seconds": self.train.train_seconds,
+                "train_images_per_s": self.train.items_per_second, "resumed_from_step": float(self.train.resumed_from)}
+
+
+def fit_detector(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_cfg: DetectionEvalConfig,
+                 splits: dict[str, Split], *, seed: int, device: torch.device, checkpoint: Path | None,
+                 run: StageRun | None) -> DetectorFit:
+    torch.manual_seed(seed)
+    model = build_detector(name, model_cfg)
+    train_split, val_split = splits["train"], splits["val"]
+    train_x = pixels(train_split.images)
+    train_targets = [{k: torch.as_tensor(v) for k, v in t.items()} for t in train_split.targets]
+
+    def next_batch(generator: torch.Generator):
+        idx = torch.randint(0, len(train_x), (train_cfg.batch_size,), generator=generator)
+        x = to_model_input(train_x[idx]).to(device)
+        return x, [{k: v.to(device) for k, v in train_targets[int(i)].items()} for i in idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        records = predict(m, val_split, eval_cfg.batch_size, device)
+        result = evaluate_coco(val_split.coco, records)
+        m.train()
+        return {"val_ap": float(result.stats[0]), "val_ap50": float(result.stats[1])}
+
+    fingerprint = {"model": name, "model_config": dataclasses.asdict(model_cfg),
+                   "train_config": dataclasses.asdict(train_cfg), "seed": seed,
+                   "train_images": len(train_x), "train_checksum": int(train_split.images.sum(dtype=np.int64))}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=detection_loss, evaluate=evaluate,
+                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
+                   fingerprint=fingerprint, run=run, item_name="images", desc=f"detector@{name}")
+    records = predict(model, splits["test"], eval_cfg.batch_size, device)
+    val_ap50 = result.history[-1]["val_ap50"] if result.history else float("nan")
+    return DetectorFit(model, result, records, val_ap50, sum(p.numel() for p in model.parameters()))
+
+
+def load_detector(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
+    return load_model(path, build_detector, device)
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run its detector stage first")
+    return json.loads(path.read_text())
+
+
+def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
+    return {**{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
+            "per_class_ap": {str(c): float(v) for c, v in zip(result.cat_ids, result.per_class_ap)}}
+
+
+# -------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class DetectionEvalConfig:
+    """`params/detection.yaml: detection_eval`: how detectors are evaluated during and after training."""
+
+    batch_size: int  # images per inference batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class DetectorInputs:
+    model: Any  # the item's section (thundernet, one_stage), typed by DETECTORS
+    detector_train: TrainConfig
+    detection_eval: DetectionEvalConfig
+
+
+@task(name="detector", cache_policy=NO_CACHE)
+def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]:
+    root, name, run, seed, device_name = ctx.root, ctx.item, ctx.run, ctx.seed, ctx.device
+    model_cfg, train_cfg, eval_cfg = inputs.model, inputs.detector_train, inputs.detection_eval
+    splits = {split: read_split(root, split) for split in ("train", "val", "test")}
+    for split in ("train", "test"):
+        table = pd.DataFrame(splits[split].coco["annotations"])[["image_id", "category_id", "area"]]
+        run.log_input(table, source=str(root / SCENES_DIR / split / "annotations.json"), name=f"scenes-{split}",
+                      context=split)
+    out_dir = root / DETECTOR_DIR / name
+    fit = fit_detector(name, model_cfg, train_cfg, eval_cfg, splits, seed=seed, device=resolve_device(device_name),
+                       checkpoint=out_dir / "checkpoint.pt", run=run)
+    save_model(out_dir / "model.pt", name, model_cfg, fit.model)
+    write_text(out_dir / "predictions_test.json", json.dumps(fit.test_predictions))
+    write_json(root / METRICS_DIR / "detector" / f"{name}.json", fit.results())
+    with atomic_path(root / PLOTS_DIR / "detector" / f"{name}.csv") as tmp:
+        pd.DataFrame(fit.train.history).to_csv(tmp, index=False)
+    metrics = fit.metrics()
+    run.log_metrics(metrics)
+    run.log_artifact(root / PLOTS_DIR / "detector" / f"{name}.csv", "plots")
+    print(f"detector@{name}: val AP50 {fit.val_ap50:.3f} ({fit.parameters:,} parameters, "
+          f"{fit.train.items_per_second:.1f} images/s)")
+    return metrics
+
+
+def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=120)
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set(xlabel="recall", ylabel="precision", title="Test precision-recall at IoU 0.5", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+@task(name="map", cache_policy=NO_CACHE)
+def map_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
+    root, run = ctx.root, ctx.run
+    test = read_split(root, "test")
+    summaries, curves, rows = {}, {}, []
+    for name in DETECTOR_NAMES:
+        result = evaluate_coco(test.coco, read_predictions(root / DETECTOR_DIR / name / "predictions_test.json"))
+        summaries[name] = coco_summary(result)
+        recall, precision = result.pr_curve(iou=0.5)
+        curves[name] = (recall, precision)
+        rows += [{"detector": name, "recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]
+    write_json(root / METRICS_DIR / "map.json", summaries)
+    with atomic_path(root / PLOTS_DIR / "pr_curve.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics = {f"{name}_{stat}": summaries[name][stat] for name in DETECTOR_NAMES for stat in STAT_NAMES}
+    run.log_metrics(metrics)
+    run.log_figure(pr_figure(curves), "plots/pr_curve.png")
+    run.log_text(json.dumps(summaries, indent=2) + "\n", "map.json")
+    for name in DETECTOR_NAMES:
+        print(f"{name}: AP {summaries[name]['AP']:.3f}  AP50 {summaries[name]['AP50']:.3f}  "
+              f"AP75 {summaries[name]['AP75']:.3f}  AR100 {summaries[name]['AR100']:.3f}")
+    return metrics
+
+
+SPECS = [
+    StageSpec(name="detector", family="detection", task=detector_task, inputs=DetectorInputs, items=DETECTOR_NAMES,
+              sections=lambda item: {"model": (item, DETECTORS[item][0])},
+              derive=lambda root, item: derived_detector_fields(item)(root),
+              placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTOR_NAMES}),
+    StageSpec(name="map", family="detection", task=map_task, seeded=False),
+]

@@ -1,0 +1,207 @@
+"""FID in the project feature space: the `fid_net` stage (a digit classifier whose penultimate layer is the
+feature space), the extractor (it or user InceptionV3 weights) and the evaluator every generator uses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import Tensor, nn
+
+from models.generative.fid import (
+    FeatureStats,
+    FIDResult,
+    InceptionV3Pool3,
+    feature_statistics,
+    frechet_distance_from_stats,
+)
+from models.generative.fid_net import FeatureExtractor, FIDNet, FIDNetConfig
+from tasks.generative.images import ImageSet, read_images, to_model_range
+from tasks.io import write_json
+from tasks.layout import FID_NET_DIR, METRICS_DIR, SPLITS
+from tasks.spec import StageContext, StageSpec
+from tasks.tracking import StageRun
+from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    """`params/images.yaml: fid`: how generated samples are scored."""
+
+    samples: int  # generated images per FID; well above the feature dimension
+    batch_size: int  # images per sampling / feature batch
+    inception_weights: str  # empty: the fid_net features; else a local InceptionV3 state_dict (2048-d pool3)
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 or self.batch_size < 1:
+            raise ValueError(f"samples must be >= 2 and batch_size >= 1, got {self.samples}, {self.batch_size}")
+
+
+# ------------------------------------------------------------------------- FID network stage
+
+
+def derived_image_fields(section: str, fields: tuple[str, ...] = ("in_channels", "image_size", "num_classes")):
+    """What `open_stage` fills into an image model's config from the data: channels, size, classes."""
+
+    def derive(root: Path) -> dict[str, dict[str, Any]]:
+        meta = json.loads((root / METRICS_DIR / "images.json").read_text())
+        known = {"in_channels": int(meta["channels"]), "image_size": int(meta["height"]),
+                 "num_classes": int(meta["classes"])}
+        return {section: {name: known[name] for name in fields}}
+
+    return derive
+
+
+def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    correct = sum(int((model(x[i: i + batch_size]).argmax(-1) == y[i: i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return correct / max(1, len(x))
+
+
+def build_fid_net(name: str, config: dict[str, Any]) -> FIDNet:
+    return FIDNet(FIDNetConfig(**config))
+
+
+def fit_fid_net(cfg: FIDNetConfig, train_cfg: TrainConfig, splits: dict[str, ImageSet], *, seed: int,
+                         device: torch.device, checkpoint: Path | None, run: StageRun | None) -> tuple[FIDNet, dict]:
+    torch.manual_seed(seed)
+    model = FIDNet(cfg)
+    data = {s: (to_model_range(p.pixels).to(device), torch.as_tensor(p.labels).to(device)) for s, p in splits.items()}
+    x_train, y_train = data["train"]
+
+    def next_batch(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (train_cfg.batch_size,), generator=generator)
+        return x_train[idx], y_train[idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return {"val_accuracy": accuracy(m, *data["val"])}
+
+    fingerprint = {"config": cfg.__dict__, "train": train_cfg.__dict__, "seed": seed,
+                   "train_checksum": int(splits["train"].pixels.sum(dtype=np.int64)), "n": len(x_train)}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=classification_loss, evaluate=evaluate,
+                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
+                   fingerprint=fingerprint, run=run, item_name="images", desc="fid_net")
+    model.eval()
+    return model, {"test_accuracy": accuracy(model, *data["test"]), "val_accuracy": accuracy(model, *data["val"]),
+                   "train_seconds": result.train_seconds, "feature_dim": float(cfg.feature_dim)}
+
+
+def fid_extractor(root: Path, fid_cfg: FIDConfig, device: torch.device) -> nn.Module:
+    """The FID feature network: the dataset's fid_net, or InceptionV3 pool3 from a local weights file."""
+    if fid_cfg.inception_weights:
+        path = root / fid_cfg.inception_weights
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (fid.inception_weights)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return InceptionV3Pool3.from_state_dict(state, normalize_input=False).to(device).eval()
+    _, net = load_model(root / FID_NET_DIR / "model.pt", build_fid_net, device)
+    return FeatureExtractor(net).eval()
+
+
+@torch.no_grad()
+def features_of(extractor: nn.Module, x: Tensor, batch_size: int) -> np.ndarray:
+    device = next(extractor.parameters()).device
+    return torch.cat([extractor(x[i: i + batch_size].to(device)).double().cpu()
+                      for i in range(0, len(x), batch_size)]).numpy()
+
+
+@dataclass
+class FIDEvaluator:
+    """FID of images (model range, [-1, 1]) against the test split, and the class accuracy of samples."""
+
+    extractor: nn.Module
+    classifier: FIDNet
+    reference: FeatureStats  # the test split's features
+    batch_size: int
+    floor: float  # FID(train split, test split): what a perfect generator would score
+    ceiling: float  # FID(uniform noise, test split)
+
+    @classmethod
+    def load(cls, root: Path, fid_cfg: FIDConfig, device: torch.device) -> FIDEvaluator:
+        extractor = fid_extractor(root, fid_cfg, device)
+        _, classifier = load_model(root / FID_NET_DIR / "model.pt", build_fid_net, device)
+        test = to_model_range(read_images(root, "test").pixels)
+        reference = feature_statistics(features_of(extractor, test, fid_cfg.batch_size))
+        bounds = json.loads((root / METRICS_DIR / "fid_net.json").read_text())
+        return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds["fid_floor"], bounds["fid_ceiling"])
+
+    def fid(self, x: Tensor) -> FIDResult:
+        return frechet_distance_from_stats(feature_statistics(features_of(self.extractor, x, self.batch_size)),
+                                           self.reference)
+
+    def class_accuracy(self, x: Tensor, y: Tensor) -> float:
+        device = next(self.classifier.parameters()).device
+        return accuracy(self.classifier, x.to(device), y.to(device), self.batch_size)
+
+    def report(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        """fid, its reference floor and noise ceiling, the sample counts, and class accuracy when labelled."""
+        result = self.fid(x)
+        out = {"fid": result.fid, "fid_floor": self.floor, "fid_ceiling": self.ceiling,
+               "fid_samples": float(result.n_a), "fid_reference_images": float(result.n_b),
+               "fid_feature_dim": float(result.feature_dim), "fid_imaginary_residue": result.imaginary_residue}
+        if y is not None:
+            out["class_accuracy"] = self.class_accuracy(x, y)
+        return out
+
+
+def balanced_labels(n: int, num_classes: int) -> Tensor:
+    """n labels cycling through the classes: the test split's stratified class balance."""
+    return torch.arange(n) % num_classes
+
+
+@dataclass(frozen=True)
+class FIDNetInputs:
+    fid_net: FIDNetConfig
+    fid_net_train: TrainConfig
+    fid: FIDConfig
+
+
+@task(name="fid_net", cache_policy=NO_CACHE)
+def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
+    root, run, seed, device_name = ctx.root, ctx.run, ctx.seed, ctx.device
+    cfg, train_cfg, fid_cfg = inputs.fid_net, inputs.fid_net_train, inputs.fid
+    device = resolve_device(device_name)
+    splits = {s: read_images(root, s) for s in SPLITS}
+    out = root / FID_NET_DIR
+    model, metrics = fit_fid_net(cfg, train_cfg, splits, seed=seed, device=device,
+                                          checkpoint=out / "checkpoint.pt", run=run)
+    save_model(out / "model.pt", "fid_net", cfg, model)
+    # The FID scale of this dataset: a perfect generator scores about the floor (train vs test, both real),
+    # noise scores the ceiling. Both use the extractor the generators are scored with.
+    extractor = fid_extractor(root, fid_cfg, device)
+    test = features_of(extractor, to_model_range(splits["test"].pixels), fid_cfg.batch_size)
+    train_f = features_of(extractor, to_model_range(splits["train"].pixels), fid_cfg.batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand((fid_cfg.samples, *splits["test"].pixels.shape[1:]), generator=generator) * 2 - 1
+    noise_f = features_of(extractor, noise, fid_cfg.batch_size)
+    test_stats = feature_statistics(test)
+    floor = frechet_distance_from_stats(feature_statistics(train_f), test_stats)
+    ceiling = frechet_distance_from_stats(feature_statistics(noise_f), test_stats)
+    metrics.update({"fid_floor": floor.fid, "fid_floor_train_images": float(floor.n_a),
+                    "fid_ceiling": ceiling.fid, "fid_ceiling_noise_images": float(ceiling.n_a),
+                    "fid_reference_images": float(floor.n_b), "fid_feature_dim": float(floor.feature_dim)})
+    write_json(root / METRICS_DIR / "fid_net.json", metrics)
+    run.log_metrics(metrics)
+    print(f"fid_net: test accuracy {metrics['test_accuracy']:.4f}; FID floor (train vs test) {floor.fid:.3f}, "
+          f"ceiling (noise vs test) {ceiling.fid:.1f}, {floor.feature_dim}-d features, "
+          f"{floor.n_b} test images")
+    return metrics
+
+
+SPEC = StageSpec(name="fid_net", family="generative", task=fid_net_task, inputs=FIDNetInputs,
+                 derive=lambda root, item: derived_image_fields("fid_net")(root),
+                 placeholders={"fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10}})

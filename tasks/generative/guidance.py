@@ -1,0 +1,188 @@
+"""`guidance`: classifier-free guidance of the ddpm UNet and classifier guidance with a noisy classifier, traded off by scale."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import Tensor, nn
+
+from models.generative.ddpm import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    DiffusionConfig,
+    GaussianDiffusion,
+    Guidance,
+)
+from models.generative.unet import EncoderClassifier, UNetConfig
+from tasks.generative.diffusion import (
+    DataSpace,
+    DiffusionEvalConfig,
+    GuidanceConfig,
+    build_network,
+    class_grid_of,
+    pixel_space,
+    sample_images,
+)
+from tasks.generative.fid import (
+    FIDConfig,
+    FIDEvaluator,
+    balanced_labels,
+    derived_image_fields,
+)
+from tasks.generative.images import write_png
+from tasks.io import atomic_path, write_json
+from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.spec import StageContext, StageSpec
+from tasks.tracking import StageRun
+from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
+
+# ------------------------------------------------------------------------------------ guidance
+
+
+def noisy_classification_loss(process: GaussianDiffusion):
+    """Cross-entropy of the classifier on x_t ~ q(x_t | x_0) at a uniform t (Dhariwal & Nichol Section 4.1)."""
+
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x0, y = batch
+        t = torch.randint(0, process.num_timesteps, (len(x0),), device=x0.device)
+        return F.cross_entropy(model(process.q_sample(x0, t), t), y)
+
+    return loss
+
+
+def fit_noisy_classifier(process: GaussianDiffusion, cfg: UNetConfig, train_cfg: TrainConfig, space: DataSpace, *,
+                         seed: int, device: torch.device, checkpoint: Path | None,
+                         run: StageRun | None) -> tuple[EncoderClassifier, dict[str, float]]:
+    torch.manual_seed(seed)
+    model = EncoderClassifier(cfg)
+    x_train, y_train = space.train.to(device), space.train_labels.to(device)
+    x_val, y_val = space.val.to(device), space.val_labels.to(device)
+
+    def next_batch(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (train_cfg.batch_size,), generator=generator)
+        return x_train[idx], y_train[idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        g = torch.Generator(device).manual_seed(seed)
+        metrics = {}
+        # Accuracy on clean-ish and on mid-noise inputs: guidance needs both ends to carry signal.
+        for label, frac in (("t10", 0.1), ("t50", 0.5)):
+            t = torch.full((len(x_val),), int(frac * process.num_timesteps), device=device)
+            noise = torch.randn(x_val.shape, generator=g, device=device)
+            logits = m(process.q_sample(x_val, t, noise), t)
+            metrics[f"val_accuracy_{label}"] = float((logits.argmax(-1) == y_val).float().mean())
+        return metrics
+
+    fingerprint = {"unet": asdict(cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
+                   "process": asdict(process.cfg)}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=noisy_classification_loss(process),
+                   evaluate=evaluate, items_per_batch=train_cfg.batch_size, seed=seed, device=device,
+                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, item_name="images",
+                   desc="guidance classifier")
+    model.eval()
+    return model, {f"classifier_{k}": v for k, v in result.history[-1].items() if k != "step"}
+
+
+def tradeoff_figure(rows: list[dict], floor: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    frame = pd.DataFrame(rows)
+    for kind, part in frame.groupby("guidance", sort=False):
+        ax.plot(part["class_accuracy"], part["fid"], marker="o", label=kind)
+        for _, r in part.iterrows():
+            ax.annotate(f"{r['scale']:g}", (r["class_accuracy"], r["fid"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
+    ax.set(xlabel="class accuracy of samples (fid_net)", ylabel="FID vs test", yscale="log",
+           title="Guidance scale: fidelity vs class accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class GuidanceInputs:
+    ddpm: DiffusionConfig
+    guidance_classifier: UNetConfig
+    guidance_train: TrainConfig
+    guidance: GuidanceConfig
+    diffusion_eval: DiffusionEvalConfig
+    fid: FIDConfig
+
+
+@task(name="guidance", cache_policy=NO_CACHE)
+def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]:
+    root, run, seed, device_name = ctx.root, ctx.run, ctx.seed, ctx.device
+    ddpm_cfg, classifier_cfg, train_cfg = inputs.ddpm, inputs.guidance_classifier, inputs.guidance_train
+    cfg, eval_cfg, fid_cfg = inputs.guidance, inputs.diffusion_eval, inputs.fid
+    device = resolve_device(device_name)
+    process = GaussianDiffusion(ddpm_cfg)
+    _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_network, device)
+    space = pixel_space(root)
+    out = root / GUIDANCE_DIR
+    classifier, classifier_metrics = fit_noisy_classifier(process, classifier_cfg, train_cfg, space, seed=seed,
+                                                          device=device, checkpoint=out / "checkpoint.pt", run=run)
+    save_model(out / "classifier.pt", "encoder_classifier", classifier_cfg, classifier)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+
+    evaluator = FIDEvaluator.load(root, fid_cfg, device)
+    labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
+    guidances: dict[str, tuple[list[float], Callable[[float], Callable[[Tensor], Guidance]]]] = {
+        "classifier_free": (cfg.cfg_scales, lambda s: lambda y: ClassifierFreeGuidance(y=y, scale=s)),
+        "classifier": (cfg.classifier_scales, lambda s: lambda y: ClassifierGuidance(classifier, y=y, scale=s)),
+    }
+    rows, grids = [], {}
+    for kind, (scales, make) in guidances.items():
+        for scale in scales:
+            start = time.perf_counter()
+            images, nfe = sample_images(process, model, space, labels, sampler=cfg.sampler, steps=cfg.steps,
+                                        guidance=make(scale), seed=seed + 1, batch_size=fid_cfg.batch_size)
+            report = evaluator.report(images, labels)
+            rows.append({"guidance": kind, "scale": scale, "fid": report["fid"],
+                         "class_accuracy": report["class_accuracy"], "nfe": nfe,
+                         "sample_seconds": time.perf_counter() - start})
+            print(f"guidance: {kind} scale {scale:g}: FID {report['fid']:.3f}, class accuracy "
+                  f"{report['class_accuracy']:.3f}")
+            grids[(kind, scale)] = images
+    with atomic_path(root / PLOTS_DIR / "guidance.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics: dict[str, Any] = {**classifier_metrics, "fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling,
+                               "sweep": rows}
+    for kind in guidances:
+        part = [r for r in rows if r["guidance"] == kind]
+        best = max(part, key=lambda r: r["class_accuracy"])
+        metrics[f"{kind}_best_accuracy"] = best["class_accuracy"]
+        metrics[f"{kind}_best_accuracy_scale"] = best["scale"]
+        metrics[f"{kind}_best_fid"] = min(r["fid"] for r in part)
+        strongest = max(part, key=lambda r: r["scale"])
+        grid = class_grid_of(grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class,
+                             evaluator.classifier.cfg.num_classes)
+        run.log_artifact(write_png(grid, out / f"{kind}_samples.png", upscale=2), "samples")
+        # Scales are floats; MLflow steps are ints, so the series is indexed by position in the sweep.
+        run.log_metric_series(f"{kind}_fid", {i: r["fid"] for i, r in enumerate(part)})
+        run.log_metric_series(f"{kind}_class_accuracy", {i: r["class_accuracy"] for i, r in enumerate(part)})
+    write_json(root / METRICS_DIR / "guidance.json", metrics)
+    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    run.log_metrics(flat)
+    run.log_figure(tradeoff_figure(rows, evaluator.floor), "plots/guidance_tradeoff.png")
+    return flat
+
+
+SPEC = StageSpec(name="guidance", family="generative", task=guidance_task, inputs=GuidanceInputs,
+                 derive=lambda root, item: derived_image_fields("guidance_classifier")(root),
+                 placeholders={"guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10}})

@@ -1,0 +1,241 @@
+"""Neural language model tasks: `lm@{lstm,transformer,s4d,mamba}` (train, evaluate, sample) and
+`lm_compare` (every model's test perplexity beside the Kneser-Ney orders).
+
+Perplexity follows the project's one accounting (README): the test stream of the `corpus` stage, every
+token but `<s>` predicted and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import Tensor, nn
+
+from models.text.language_models import (
+    LANGUAGE_MODELS,
+    build_language_model,
+    sample,
+    sequence_nll,
+)
+from models.text.tokenizer import BOS_ID, EOS_ID
+from tasks.io import atomic_path, write_json
+from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.spec import StageContext, StageSpec
+from tasks.text.corpus import read_stream, read_vocab
+from tasks.tracking import StageRun
+from tasks.training import (
+    TrainConfig,
+    TrainResult,
+    load_model,
+    resolve_device,
+    save_model,
+    train,
+)
+
+LM_NAMES = tuple(LANGUAGE_MODELS)
+
+
+@dataclass(frozen=True)
+class LMEvalConfig:
+    """`params/lm.yaml: lm_eval`: how the neural LMs are evaluated and sampled."""
+
+    batch_size: int  # evaluation windows per forward pass
+    val_max_tokens: int  # tokens of the val stream scored at each mid-training evaluation; 0: all
+    sample_tokens: int  # length of the text sample logged to MLflow
+    sample_temperature: float
+    sample_top_k: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.val_max_tokens < 0 or self.sample_tokens < 0:
+            raise ValueError("val_max_tokens and sample_tokens must be >= 0")
+        if self.sample_temperature < 0 or self.sample_top_k < 1:
+            raise ValueError("sample_temperature must be >= 0 and sample_top_k >= 1")
+
+
+# ----------------------------------------------------------------------------------- compute
+
+
+def token_log_probs(model: nn.Module, stream: np.ndarray, context: int, batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """Natural-log p(stream[i + 1] | stream[..i]) for every i, as a (len - 1,) float64 array.
+
+    Sliding windows of `context` tokens with stride `context // 2`: after the first window only each
+    window's second half is kept, so every token is scored once, with at least half a window of history.
+    """
+    ids = torch.as_tensor(stream, dtype=torch.long)
+    n = len(ids) - 1  # positions with a next token
+    out = np.zeros(n, dtype=np.float64)
+    stride = max(1, context // 2)
+    starts = list(range(0, max(1, n - context + stride), stride))
+    for lo in range(0, len(starts), batch_size):
+        rows = starts[lo : lo + batch_size]
+        width = max(min(context, n - s) for s in rows)
+        x = torch.full((len(rows), width), EOS_ID, dtype=torch.long)  # right padding, never scored
+        for r, s in enumerate(rows):
+            x[r, : min(context, n - s)] = ids[s : s + min(context, n - s)]
+        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1).cpu()  # (B, T, V)
+        for r, s in enumerate(rows):
+            length = min(context, n - s)
+            first = 0 if s == 0 else context - stride  # earlier positions were kept from the previous window
+            if first >= length:
+                continue
+            targets = ids[s + 1 + first : s + 1 + length]
+            out[s + first : s + length] = logp[r, first:length].gather(-1, targets[:, None])[:, 0].double().numpy()
+    return out
+
+
+def stream_nll(model: nn.Module, stream: np.ndarray, context: int, batch_size: int,
+               device: torch.device) -> tuple[float, int]:
+    """Summed natural-log NLL of a token stream and the number of tokens counted: every target but `<s>`
+    (the project's accounting)."""
+    counted = np.asarray(stream[1:]) != BOS_ID
+    return float(-token_log_probs(model, stream, context, batch_size, device)[counted].sum()), int(counted.sum())
+
+
+def perplexity(model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device) -> float:
+    nll, count = stream_nll(model, stream, context, batch_size, device)
+    return math.exp(nll / count)
+
+
+def random_windows(stream: Tensor, context: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A batch of random (input, target) windows of the train stream."""
+    starts = torch.randint(0, len(stream) - context - 1, (batch_size,), generator=generator)
+    offsets = torch.arange(context + 1)
+    windows = stream[starts[:, None] + offsets]  # (B, T + 1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    nll, count = sequence_nll(model(x), y, y != BOS_ID)
+    return nll / count
+
+
+@dataclass
+class LMFit:
+    model: nn.Module
+    train: TrainResult
+    test_perplexity: float
+    val_perplexity: float
+    parameters: int
+    sample: str
+
+    def results(self) -> dict[str, float]:
+        """What the model reached: deterministic for a seed, so DVC sees no change when nothing changed."""
+        return {"test_perplexity": self.test_perplexity, "val_perplexity_final": self.val_perplexity,
+                "parameters": float(self.parameters)}
+
+    def metrics(self) -> dict[str, float]:
+        """Everything for MLflow: the results and how the run went (time, throughput, resume point)."""
+        return {**self.results(), "train_seconds": self.train.train_seconds,
+                "train_tokens_per_s": self.train.items_per_second, "resumed_from_step": float(self.train.resumed_from)}
+
+
+def fit_language_model(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_cfg: LMEvalConfig,
+                       streams: dict[str, np.ndarray], vocab: list[str], *, seed: int, device: torch.device,
+                       checkpoint: Path | None, run: StageRun | None) -> LMFit:
+    context = model_cfg.context_length
+    for split, stream in streams.items():
+        if len(stream) < context + 2:
+            raise ValueError(f"{name}.context_length = {context} is longer than the {split} stream "
+                             f"({len(stream)} tokens); lower it or give more text")
+    torch.manual_seed(seed)
+    model = build_language_model(name, model_cfg)
+    train_stream = torch.as_tensor(streams["train"], dtype=torch.long)
+    val = streams["val"] if not eval_cfg.val_max_tokens else streams["val"][: eval_cfg.val_max_tokens]
+
+    def next_batch(generator: torch.Generator):
+        x, y = random_windows(train_stream, context, train_cfg.batch_size, generator)
+        return x.to(device), y.to(device)
+
+    fingerprint = {"model": name, "model_config": dataclasses.asdict(model_cfg),
+                   "train_config": dataclasses.asdict(train_cfg), "seed": seed,
+                   "train_tokens": int(len(streams["train"])), "train_checksum": int(np.sum(streams["train"], dtype=np.int64)),
+                   "vocab_size": len(vocab)}
+    result = train(model, train_cfg, next_batch=next_batch, loss_fn=lm_loss,
+                   evaluate=lambda m: {"val_perplexity": perplexity(m, val, context, eval_cfg.batch_size, device)},
+                   items_per_batch=train_cfg.batch_size * context, seed=seed, device=device,
+                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, desc=f"lm@{name}")
+    model.eval()
+    with torch.no_grad():
+        test_ppl = perplexity(model, streams["test"], context, eval_cfg.batch_size, device)
+        val_ppl = perplexity(model, streams["val"], context, eval_cfg.batch_size, device)
+    text = sample_text(model, vocab, eval_cfg, seed, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    return LMFit(model, result, test_ppl, val_ppl, parameters, text)
+
+
+def sample_text(model: nn.Module, vocab: list[str], cfg: LMEvalConfig, seed: int, device: torch.device) -> str:
+    """A sample from `<s>` (temperature and top-k), one line per generated sentence."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = torch.tensor([BOS_ID], device=device)
+    ids = sample(model, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k, generator)
+    words = [vocab[i] for i in ids.tolist()]
+    return " ".join(words).replace(" </s> <s> ", " </s>\n<s> ")
+
+
+def load_language_model(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
+    return load_model(path, build_language_model, device)
+
+
+# -------------------------------------------------------------------------------------- tasks
+
+
+def derived_model_fields(name: str) -> Callable[[Path], dict[str, dict[str, Any]]]:
+    """What `open_stage` fills into the model's config from the data: the corpus vocabulary size."""
+    return lambda root: {name: {"vocab_size": len(read_vocab(root / CORPUS_DIR))}}
+
+
+@dataclass(frozen=True)
+class LMInputs:
+    model: Any  # the item's section (`lstm`, ...), typed by LANGUAGE_MODELS
+    lm_train: TrainConfig
+    lm_eval: LMEvalConfig
+
+
+@task(name="lm", cache_policy=NO_CACHE)
+def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
+    root, name, run, seed, device_name = ctx.root, ctx.item, ctx.run, ctx.seed, ctx.device
+    model_cfg, train_cfg, eval_cfg = inputs.model, inputs.lm_train, inputs.lm_eval
+    corpus_dir, out_dir = root / CORPUS_DIR, root / LM_DIR / name
+    vocab = read_vocab(corpus_dir)
+    streams = {split: read_stream(corpus_dir, split) for split in ("train", "val", "test")}
+    for split in ("train", "test"):
+        run.log_input(pd.DataFrame({"token_id": streams[split]}), source=str(corpus_dir / f"{split}.parquet"),
+                      name=f"corpus-{split}", context=split)
+    device = resolve_device(device_name)
+    fit = fit_language_model(name, model_cfg, train_cfg, eval_cfg, streams, vocab, seed=seed, device=device,
+                             checkpoint=out_dir / "checkpoint.pt", run=run)
+    save_model(out_dir / "model.pt", name, model_cfg, fit.model)
+
+    metrics = fit.metrics()
+    write_json(root / METRICS_DIR / "lm" / f"{name}.json", fit.results())
+    curve = pd.DataFrame(fit.train.history)
+    with atomic_path(root / PLOTS_DIR / "lm" / f"{name}.csv") as tmp:
+        curve.to_csv(tmp, index=False)
+    run.log_metrics(metrics)
+    run.log_text(fit.sample + "\n", "sample.txt")
+    run.log_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n", "model_config.json")
+    run.log_artifact(root / PLOTS_DIR / "lm" / f"{name}.csv", "plots")
+    print(f"lm@{name}: test perplexity {fit.test_perplexity:.2f} ({fit.parameters:,} parameters, "
+          f"{fit.train.items_per_second:,.0f} tokens/s)\nsample: {fit.sample[:300]}")
+    return metrics
+
+
+SPEC = StageSpec(name="lm", family="text", task=lm_task, inputs=LMInputs, items=LM_NAMES,
+              sections=lambda item: {"model": (item, LANGUAGE_MODELS[item][0])},
+              derive=lambda root, item: derived_model_fields(item)(root),
+              placeholders={name: {"vocab_size": 1} for name in LM_NAMES})

@@ -1,0 +1,134 @@
+"""`kiln score`: how plausible are these sentences under the trained language models?
+
+Each sentence is tokenised with the corpus rules (models/text/tokenizer.py), wrapped as `<s> ... </s>` and
+scored with the perplexity accounting of the whole project: every token but `<s>` is predicted.
+Words outside the model's vocabulary are scored as `<unk>` and flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.text import ngram as kn
+from models.text.language_models import LANGUAGE_MODELS
+from models.text.tokenizer import (
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    UNK,
+    UNK_ID,
+    split_sentences,
+    tokenize_sentence,
+)
+from tasks.layout import CORPUS_DIR, LM_DIR, NGRAM_DIR
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    model: str
+    sentence: str
+    tokens: list[str]  # as predicted, ending in </s>
+    unknown: list[bool]  # scored as <unk>
+    token_log10: list[float]
+    log10_prob: float
+    perplexity: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sentence_tokens(sentence: str) -> list[str]:
+    """One input line as one sentence: the corpus normalisation and token rules, no sentence split."""
+    return [t for part in split_sentences(sentence) for t in tokenize_sentence(part)]
+
+
+def load_ngram(root: Path) -> tuple[kn.BackoffModel, list[str]]:
+    path = root / NGRAM_DIR / "model.arpa"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained n-gram model; run `dvc repro ngram` or `kiln run` first")
+    with open(path, encoding="utf-8") as lines:
+        try:
+            return kn.parse_arpa(lines)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def score_with_ngram(root: Path, sentences: list[str]) -> list[SentenceScore]:
+    model, vocab = load_ngram(root)
+    index = {w: i for i, w in enumerate(vocab)}
+    tokenized = [sentence_tokens(s) for s in sentences]
+    ids = [[index.get(t, UNK_ID) for t in tokens] for tokens in tokenized]
+    stream = np.fromiter((i for sent in ids for i in (BOS_ID, *sent, EOS_ID)), dtype=np.int32)
+    scores = kn.score_stream(model, stream)
+    starts = np.flatnonzero(stream == BOS_ID)
+    out = []
+    for sentence, tokens, sent_ids, start, total in zip(sentences, tokenized, ids, starts, scores.sentence_log10):
+        per_token = scores.token_log10[start + 1 : start + len(sent_ids) + 2]  # words and </s>
+        unknown = [i == UNK_ID and t != UNK for t, i in zip(tokens, sent_ids)] + [False]
+        out.append(SentenceScore("ngram", sentence, [*tokens, EOS], unknown, per_token.tolist(), float(total),
+                                 float(10.0 ** (-total / len(per_token)))))
+    return out
+
+
+def neural_scorer(name: str) -> Callable[[Path, list[str]], list[SentenceScore]]:
+    """Score with the trained `lm@name`: each sentence alone, `<s> ... </s>`, the corpus vocabulary."""
+
+    def score(root: Path, sentences: list[str]) -> list[SentenceScore]:
+        from tasks.text.corpus import read_vocab
+        from tasks.text.lm import load_language_model, token_log_probs
+
+        _, model = load_language_model(root / LM_DIR / name / "model.pt")
+        index = {w: i for i, w in enumerate(read_vocab(root / CORPUS_DIR))}
+        out = []
+        for sentence in sentences:
+            tokens = sentence_tokens(sentence)
+            ids = [index.get(t, UNK_ID) for t in tokens]
+            stream = np.array([BOS_ID, *ids, EOS_ID], dtype=np.int32)
+            with torch.no_grad():
+                log10 = token_log_probs(model, stream, model.cfg.context_length, 8, torch.device("cpu")) / np.log(10)
+            unknown = [i == UNK_ID and t != UNK for t, i in zip(tokens, ids)] + [False]
+            total = float(log10.sum())
+            out.append(SentenceScore(name, sentence, [*tokens, EOS], unknown, log10.tolist(), total,
+                                     float(10.0 ** (-total / len(log10)))))
+        return out
+
+    return score
+
+
+SCORERS: dict[str, Callable[[Path, list[str]], list[SentenceScore]]] = {
+    "ngram": score_with_ngram,
+    **{name: neural_scorer(name) for name in LANGUAGE_MODELS},
+}
+
+
+def score_sentences(root: Path, sentences: list[str], models: list[str] | None = None) -> list[SentenceScore]:
+    """Scores of every sentence under every named model, most plausible (lowest perplexity) first."""
+    models = models or ["ngram"]
+    unknown = [m for m in models if m not in SCORERS]
+    if unknown:
+        raise KeyError(f"no language model {unknown[0]!r} to score with (known: {', '.join(SCORERS)})")
+    scores = [s for m in models for s in SCORERS[m](root, sentences)]
+    return sorted(scores, key=lambda s: (models.index(s.model), s.perplexity))
+
+
+def format_scores(scores: list[SentenceScore]) -> str:
+    """A ranked table per model, with every token's log10 probability; `<unk>`-scored words marked."""
+    lines = []
+    for model in dict.fromkeys(s.model for s in scores):
+        lines.append(f"model {model}: ranked most to least plausible (perplexity per predicted token, "
+                     "</s> included)")
+        lines.append(f"{'rank':>4}  {'log10 P':>9}  {'ppl':>9}  sentence")
+        ranked = [s for s in scores if s.model == model]
+        for rank, s in enumerate(ranked, start=1):
+            lines.append(f"{rank:>4}  {s.log10_prob:>9.3f}  {s.perplexity:>9.2f}  {s.sentence}")
+            tokens = " ".join(f"{t}{'[<unk>]' if u else ''}:{lp:.2f}"
+                              for t, u, lp in zip(s.tokens, s.unknown, s.token_log10))
+            lines.append(f"{'':>26}{tokens}")
+        if any(any(s.unknown) for s in ranked):
+            lines.append("words marked [<unk>] are outside the model's vocabulary and were scored as <unk>")
+    return "\n".join(lines)
