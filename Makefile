@@ -14,7 +14,7 @@ BIN         := $(abspath $(VENV))/bin
 PIP_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-dev run test bench ui status clean services postgresql chromium prefect-server mlflow-server services-stop
+.PHONY: install install-dev run test lint bench ui status clean services postgresql chromium prefect-server mlflow-server services-stop
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,15 @@ run: install
 # Two pytest workers, each taking whole test files (module fixtures stay in one worker); one torch
 # thread per process, as two workers on 2 cores would otherwise spin each other's OpenMP threads.
 TEST_WORKERS ?= 2
-test: install-dev services
+test: install-dev services lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# Format, lint, the import contract (pyproject.toml [tool.importlinter]) and dvc.yaml against the stage specs.
+lint: install-dev
+	$(BIN)/ruff format --check flows tasks models tests benchmarks
+	$(BIN)/ruff check flows tasks models tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/kiln check
 
 bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json

@@ -53,9 +53,16 @@ def synthetic_coco(n_images: int, dets_per_image: int, seed: int = 0) -> tuple[d
         xy = rng.uniform(0, 1, (ng, 2)) * np.maximum(np.array([640, 480]) - wh, 1)
         cats = rng.integers(1, n_cats + 1, ng)
         for j in range(ng):
-            anns.append({"id": len(anns) + 1, "image_id": im, "category_id": int(cats[j]),
-                         "bbox": [float(xy[j, 0]), float(xy[j, 1]), float(wh[j, 0]), float(wh[j, 1])],
-                         "area": float(0.8 * wh[j, 0] * wh[j, 1]), "iscrowd": int(rng.random() < 0.01)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": im,
+                    "category_id": int(cats[j]),
+                    "bbox": [float(xy[j, 0]), float(xy[j, 1]), float(wh[j, 0]), float(wh[j, 1])],
+                    "area": float(0.8 * wh[j, 0] * wh[j, 1]),
+                    "iscrowd": int(rng.random() < 0.01),
+                }
+            )
         for _ in range(dets_per_image):
             if ng and rng.random() < 0.6:
                 j = rng.integers(ng)
@@ -66,8 +73,9 @@ def synthetic_coco(n_images: int, dets_per_image: int, seed: int = 0) -> tuple[d
                 box = np.r_[rng.uniform(0, 1, 2) * np.maximum(np.array([640, 480]) - size, 1), size]
                 cat = int(rng.integers(1, n_cats + 1))
             box[2:] = np.maximum(box[2:], 1.0)
-            dets.append({"image_id": im, "category_id": cat, "bbox": [float(v) for v in box],
-                         "score": float(rng.random())})
+            dets.append(
+                {"image_id": im, "category_id": cat, "bbox": [float(v) for v in box], "score": float(rng.random())}
+            )
     return {"images": images, "annotations": anns, "categories": categories}, dets
 
 
@@ -110,8 +118,10 @@ def main() -> None:
 
     t = time.perf_counter()
     gt, dets = synthetic_coco(args.images, args.dets)
-    print(f"data: {len(gt['images'])} images, {len(gt['annotations'])} annotations, {len(dets)} detections "
-          f"({time.perf_counter() - t:.1f} s, untimed)")
+    print(
+        f"data: {len(gt['images'])} images, {len(gt['annotations'])} annotations, {len(dets)} detections "
+        f"({time.perf_counter() - t:.1f} s, untimed)"
+    )
 
     ours_times = []
     for _ in range(args.repeats):
@@ -122,8 +132,10 @@ def main() -> None:
 
     ref = run_pycocotools(gt, dets)
     E = ref.pop("E")
-    print(f"pycocotools: evaluate {ref['evaluate_s']:.1f} s, accumulate {ref['accumulate_s']:.1f} s, "
-          f"summarize {ref['summarize_s']:.2f} s (load {ref['load_s']:.1f} s)")
+    print(
+        f"pycocotools: evaluate {ref['evaluate_s']:.1f} s, accumulate {ref['accumulate_s']:.1f} s, "
+        f"summarize {ref['summarize_s']:.2f} s (load {ref['load_s']:.1f} s)"
+    )
 
     diffs = {
         "stats": float(np.abs(ours.stats - E.stats).max()),

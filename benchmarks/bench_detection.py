@@ -34,25 +34,32 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from flows.registry import section_config
     from models.detection.detectors import DETECTORS, GrayscaleDetector, build_detector, to_model_input
-    from tasks.config import load_section
-    from tasks.detection.detectors import detection_loss, export_onnx, latency_ms, onnx_session
+    from tasks.detection.detectors import detection_loss
+    from tasks.detection.onnx_export import export_onnx, latency_ms, onnx_session
     from tasks.detection.scenes import build_split, digit_pools, load_digit_images
     from tasks.training import make_optimizer
 
     params = ROOT / "params"
-    scenes_cfg = load_section(params, "scenes")
-    train_cfg = load_section(params, "detector_train")
+    scenes_cfg = section_config(params, "scenes")
+    train_cfg = section_config(params, "detector_train")
     digits, labels = load_digit_images()
     scenes = build_split(scenes_cfg, "train", digits, labels, digit_pools(labels, scenes_cfg)["train"])[:64]
     images = torch.as_tensor(np.stack([s.image for s in scenes]), dtype=torch.float32)[:, None] / 255
-    targets = [{"boxes": torch.as_tensor(np.concatenate([s.boxes[:, :2], s.boxes[:, :2] + s.boxes[:, 2:]], 1),
-                                         dtype=torch.float32),
-                "labels": torch.as_tensor(s.labels)} for s in scenes]
+    targets = [
+        {
+            "boxes": torch.as_tensor(
+                np.concatenate([s.boxes[:, :2], s.boxes[:, :2] + s.boxes[:, 2:]], 1), dtype=torch.float32
+            ),
+            "labels": torch.as_tensor(s.labels),
+        }
+        for s in scenes
+    ]
     results = []
     for name in DETECTORS:
         torch.manual_seed(0)
-        cfg = load_section(params, name, num_classes=10, input_size=scenes_cfg.canvas)
+        cfg = section_config(params, name, num_classes=10, input_size=scenes_cfg.canvas)
         model = build_detector(name, cfg)
         optimizer = make_optimizer(model, train_cfg)
         b = train_cfg.batch_size
@@ -76,14 +83,26 @@ def main() -> None:
             session = onnx_session(path)
             feed = {session.get_inputs()[0].name: one.numpy()}
             onnx_fp32 = latency_ms(lambda f: session.run(None, f), feed, 5, args.runs)
-        results.append({"detector": name, "input": scenes_cfg.canvas, "backbone": cfg.backbone,
-                        "parameters": sum(p.numel() for p in model.parameters()), "train_batch": b,
-                        "train_images_per_s": train_ips, "latency_torch_ms": eager,
-                        "latency_onnx_fp32_ms": onnx_fp32, "onnx_dynamic_batch": dynamic})
+        results.append(
+            {
+                "detector": name,
+                "input": scenes_cfg.canvas,
+                "backbone": cfg.backbone,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "train_batch": b,
+                "train_images_per_s": train_ips,
+                "latency_torch_ms": eager,
+                "latency_onnx_fp32_ms": onnx_fp32,
+                "onnx_dynamic_batch": dynamic,
+            }
+        )
         print(json.dumps(results[-1]))
-    out = {"command": f"python benchmarks/bench_detection.py --steps {args.steps} --runs {args.runs}",
-           "results": results, "torch_threads": torch.get_num_threads(),
-           "machine": {"nproc": os.cpu_count(), "python": platform.python_version()}}
+    out = {
+        "command": f"python benchmarks/bench_detection.py --steps {args.steps} --runs {args.runs}",
+        "results": results,
+        "torch_threads": torch.get_num_threads(),
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 

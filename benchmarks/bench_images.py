@@ -2,7 +2,8 @@
 
 1. Sampling images/s for every sampler (DDPM ancestral and DDIM, the VP SDE's Euler-Maruyama, predictor-
    corrector and probability-flow ODE, latent DDPM with VAE decoding; the DiT with rectified flow at 4 and 32
-   Euler steps, with VAE decoding), at a fixed number of steps, with the networks of params/images.yaml. The networks are randomly initialised with their zero-initialised output
+   Euler steps, with VAE decoding), at a fixed number of steps, with the networks of params/images.yaml. The networks
+   are randomly initialised with their zero-initialised output
    layers re-drawn, so the score is not 0 (the adaptive ODE's evaluation count depends on the model; the
    trained count is in data/metrics/diffusion/sde_*.json).
 2. FID computation time, ours (float64 statistics, SVD route) against torchmetrics'
@@ -48,14 +49,14 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from flows.registry import section_config
     from models.generative.ddpm import GaussianDiffusion
     from models.generative.dit import DiT
-    from models.generative.rectified_flow import RectifiedFlow
     from models.generative.fid import frechet_distance
+    from models.generative.rectified_flow import RectifiedFlow
     from models.generative.sde import build_sde
     from models.generative.unet import UNet
     from models.generative.vae import VAE
-    from tasks.config import DERIVED_FIELDS, load_section
     from tasks.generative.images import builtin_digits, to_model_range
     from tasks.training import make_optimizer
 
@@ -63,20 +64,24 @@ def main() -> None:
     torch.manual_seed(0)
     n, steps = args.images, args.steps
     labels = torch.arange(n) % 10
-    results: dict = {"images": n, "steps": steps, "threads": torch.get_num_threads(),
-                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"}
+    results: dict = {
+        "images": n,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+    }
 
     # 1. sampling --------------------------------------------------------------------------------------
-    unet = UNet(load_section(params, "unet", **DERIVED_FIELDS["unet"])).eval()
-    ldm_unet = UNet(load_section(params, "ldm_unet", **DERIVED_FIELDS["ldm_unet"])).eval()
-    vae = VAE(load_section(params, "vae", **DERIVED_FIELDS["vae"])).eval()
-    dit = DiT(load_section(params, "dit", **DERIVED_FIELDS["dit"])).eval()
+    unet = UNet(section_config(params, "unet")).eval()
+    ldm_unet = UNet(section_config(params, "ldm_unet")).eval()
+    vae = VAE(section_config(params, "vae")).eval()
+    dit = DiT(section_config(params, "dit")).eval()
     for m in (unet, ldm_unet, dit):
         randomise_zero_layers(m)
-    rf = RectifiedFlow(load_section(params, "dit_rf"))
-    ddpm = GaussianDiffusion(load_section(params, "ddpm"))
-    vp = build_sde(load_section(params, "sde_vp"))
-    ldm = GaussianDiffusion(load_section(params, "ldm"))
+    rf = RectifiedFlow(section_config(params, "dit_rf"))
+    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
+    vp = build_sde(section_config(params, "sde_vp"))
+    ldm = GaussianDiffusion(section_config(params, "ldm"))
     latent_shape = (ldm_unet.cfg.in_channels, ldm_unet.cfg.image_size, ldm_unet.cfg.image_size)
     cases = {
         "ddpm_ancestral": (ddpm, unet, (1, 16, 16), "ancestral", None, steps),
@@ -133,19 +138,26 @@ def main() -> None:
             ours_value["torchmetrics"] = float(metric.compute())
 
         t_ours, t_theirs = seconds(ours, 3), seconds(theirs, 3)
-        fid_results[f"d{dim}"] = {"samples": count, "ours_s": t_ours, "torchmetrics_s": t_theirs,
-                                  "speedup": t_theirs / t_ours, "fid_ours": ours_value["fid"],
-                                  "fid_torchmetrics": ours_value["torchmetrics"]}
-        print(f"FID d={dim}, {count} samples each: ours {t_ours * 1000:.1f} ms, torchmetrics {t_theirs * 1000:.1f} ms "
-              f"({t_theirs / t_ours:.1f}x); values {ours_value['fid']:.6f} vs {ours_value['torchmetrics']:.6f}")
+        fid_results[f"d{dim}"] = {
+            "samples": count,
+            "ours_s": t_ours,
+            "torchmetrics_s": t_theirs,
+            "speedup": t_theirs / t_ours,
+            "fid_ours": ours_value["fid"],
+            "fid_torchmetrics": ours_value["torchmetrics"],
+        }
+        print(
+            f"FID d={dim}, {count} samples each: ours {t_ours * 1000:.1f} ms, torchmetrics {t_theirs * 1000:.1f} ms "
+            f"({t_theirs / t_ours:.1f}x); values {ours_value['fid']:.6f} vs {ours_value['torchmetrics']:.6f}"
+        )
     results["fid"] = fid_results
 
     # 3. latent cache -------------------------------------------------------------------------------------
-    train_cfg = load_section(params, "ldm_train")
+    train_cfg = section_config(params, "ldm_train")
     digits = to_model_range(builtin_digits(16).pixels)  # all 1,797 images: one epoch
     with torch.no_grad():
         cached = vae.encode(digits)
-    model = UNet(load_section(params, "ldm_unet", **DERIVED_FIELDS["ldm_unet"]))
+    model = UNet(section_config(params, "ldm_unet"))
     optimizer = make_optimizer(model, train_cfg)
     y = torch.arange(len(digits)) % 10
 
@@ -153,19 +165,26 @@ def main() -> None:
         for i in range(0, len(digits), train_cfg.batch_size):
             if encode_on_the_fly:
                 with torch.no_grad():
-                    z = vae.encode(digits[i: i + train_cfg.batch_size])
+                    z = vae.encode(digits[i : i + train_cfg.batch_size])
             else:
-                z = cached[i: i + train_cfg.batch_size]
-            loss = ldm.training_losses(model, z, y=y[i: i + train_cfg.batch_size])["loss"]
+                z = cached[i : i + train_cfg.batch_size]
+            loss = ldm.training_losses(model, z, y=y[i : i + train_cfg.batch_size])["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
     t_cache, t_fly = seconds(lambda: epoch(False), 2), seconds(lambda: epoch(True), 2)
-    results["latent_cache"] = {"epoch_images": len(digits), "batch_size": train_cfg.batch_size,
-                               "cached_s": t_cache, "on_the_fly_s": t_fly, "speedup": t_fly / t_cache}
-    print(f"latent cache: an epoch of {len(digits)} images takes {t_cache:.2f} s from the cache, {t_fly:.2f} s "
-          f"encoding on the fly ({t_fly / t_cache:.2f}x)")
+    results["latent_cache"] = {
+        "epoch_images": len(digits),
+        "batch_size": train_cfg.batch_size,
+        "cached_s": t_cache,
+        "on_the_fly_s": t_fly,
+        "speedup": t_fly / t_cache,
+    }
+    print(
+        f"latent cache: an epoch of {len(digits)} images takes {t_cache:.2f} s from the cache, {t_fly:.2f} s "
+        f"encoding on the fly ({t_fly / t_cache:.2f}x)"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -26,14 +26,14 @@ sys.path.insert(0, str(ROOT))
 def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue) -> None:
     import torch
 
+    from flows.registry import section_config
     from models.text.language_models import build_language_model
-    from tasks.config import load_section
     from tasks.text.lm import lm_loss
     from tasks.training import make_optimizer
 
     params = ROOT / "params"
-    cfg = load_section(params, name, vocab_size=vocab_size)
-    train = load_section(params, "lm_train")
+    cfg = section_config(params, name, vocab_size=vocab_size)
+    train = section_config(params, "lm_train")
     torch.manual_seed(0)
     model = build_language_model(name, cfg)
     optimizer = make_optimizer(model, train)
@@ -52,11 +52,18 @@ def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    queue.put({"model": name, "tokens_per_s": steps * train.batch_size * cfg.context_length / seconds,
-               "ms_per_step": 1000 * seconds / steps, "batch_size": train.batch_size,
-               "context_length": cfg.context_length, "parameters": sum(p.numel() for p in model.parameters()),
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "torch_threads": torch.get_num_threads()})
+    queue.put(
+        {
+            "model": name,
+            "tokens_per_s": steps * train.batch_size * cfg.context_length / seconds,
+            "ms_per_step": 1000 * seconds / steps,
+            "batch_size": train.batch_size,
+            "context_length": cfg.context_length,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
 
 
 def main() -> None:
@@ -77,9 +84,12 @@ def main() -> None:
         results.append(queue.get())
         proc.join()
         print(json.dumps(results[-1]))
-    out = {"command": f"python benchmarks/bench_lm.py --steps {args.steps} --warmup {args.warmup}",
-           "what": "training tokens/s (forward + backward + AdamW) at the default-profile size, random tokens",
-           "results": results, "machine": {"nproc": os.cpu_count(), "python": platform.python_version()}}
+    out = {
+        "command": f"python benchmarks/bench_lm.py --steps {args.steps} --warmup {args.warmup}",
+        "what": "training tokens/s (forward + backward + AdamW) at the default-profile size, random tokens",
+        "results": results,
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 

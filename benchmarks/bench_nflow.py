@@ -38,21 +38,24 @@ def main() -> None:
 
     import torch
 
+    from flows.registry import section_config
     from models.generative.cnf import FlowMatching
     from models.generative.realnvp import RealNVP
     from models.generative.unet import UNet
-    from tasks.config import DERIVED_FIELDS, load_section
 
     params = ROOT / "params"
     torch.manual_seed(0)
     n = args.images
-    results: dict = {"images": n, "threads": torch.get_num_threads(),
-                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"}
+    results: dict = {
+        "images": n,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+    }
 
-    realnvp = RealNVP(load_section(params, "realnvp", **DERIVED_FIELDS["realnvp"]))
+    realnvp = RealNVP(section_config(params, "realnvp"))
     realnvp.train()
     realnvp(torch.randn(64, 1, 16, 16))  # actnorm's data-dependent init
-    unet = UNet(load_section(params, "cnf_unet", **DERIVED_FIELDS["cnf_unet"]))
+    unet = UNet(section_config(params, "cnf_unet"))
     with torch.no_grad():
         for m in (realnvp, unet):
             for p in m.parameters():
@@ -60,7 +63,7 @@ def main() -> None:
                     p.normal_(0, 0.02)
     realnvp.eval()
     unet.eval()
-    cnf_cfg = load_section(params, "cnf")
+    cnf_cfg = section_config(params, "cnf")
 
     # 1. sampling ------------------------------------------------------------------------------------------
     process = FlowMatching(cnf_cfg)
@@ -71,8 +74,10 @@ def main() -> None:
         out["nfe"] = process.sample(unet, (n, 1, 16, 16), torch.Generator().manual_seed(0))[1]
 
     t_cnf = seconds(cnf_sample)
-    results["sampling"] = {"realnvp": {"images_per_s": n / t_realnvp, "seconds": t_realnvp, "nfe": 1},
-                           "cnf_rk4": {"images_per_s": n / t_cnf, "seconds": t_cnf, "nfe": out["nfe"]}}
+    results["sampling"] = {
+        "realnvp": {"images_per_s": n / t_realnvp, "seconds": t_realnvp, "nfe": 1},
+        "cnf_rk4": {"images_per_s": n / t_cnf, "seconds": t_cnf, "nfe": out["nfe"]},
+    }
     print(f"sampling realnvp: {n / t_realnvp:.1f} images/s ({t_realnvp:.2f} s)")
     print(f"sampling cnf (rk4, {out['nfe']} evaluations): {n / t_cnf:.1f} images/s ({t_cnf:.2f} s)")
 
@@ -82,8 +87,9 @@ def main() -> None:
     likelihood = {}
     for trace in ("exact", "hutchinson"):
         # a fixed RK4 grid: both traces run the same evaluations, so the times compare the trace alone
-        proc = FlowMatching(replace(cnf_cfg, trace=trace, likelihood_solver="rk4",
-                                    likelihood_steps=args.likelihood_steps))
+        proc = FlowMatching(
+            replace(cnf_cfg, trace=trace, likelihood_solver="rk4", likelihood_steps=args.likelihood_steps)
+        )
         value = {}
 
         def run() -> None:

@@ -49,20 +49,27 @@ def main() -> None:
             start = time.perf_counter()
             done = sh(project, "kiln", "run")
             walls.append(time.perf_counter() - start)
-            table = {row.split("|")[1].strip(): float(row.split("|")[3]) for row in done.stdout.splitlines()
-                     if row.startswith("| ") and "---" not in row and "stage" not in row.split("|")[1]}
+            table = {
+                row.split("|")[1].strip(): float(row.split("|")[3])
+                for row in done.stdout.splitlines()
+                if row.startswith("| ") and "---" not in row and "stage" not in row.split("|")[1]
+            }
             assert set(summary(done.stdout).values()) == {"ran"}, done.stdout
             client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
             experiment = client.get_experiment_by_name("text")
             for stage, seconds in table.items():
-                (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{stage}'",
-                                            order_by=["start_time DESC"], max_results=1)
+                (run,) = client.search_runs(
+                    [experiment.experiment_id],
+                    f"attributes.run_name = '{stage}'",
+                    order_by=["start_time DESC"],
+                    max_results=1,
+                )
                 samples.setdefault(stage, []).append(seconds - run.data.metrics["stage_seconds"])
             log = done.stdout + done.stderr
             startups.append(_startup_seconds(log))
         overheads = [x for xs in samples.values() for x in xs]
         result = {
-            "command": "python benchmarks/bench_orchestration.py --repeats %d" % args.repeats,
+            "command": f"python benchmarks/bench_orchestration.py --repeats {args.repeats}",
             "definition": __doc__.strip().splitlines()[2:6],
             "per_stage_overhead_s": {stage: statistics.median(xs) for stage, xs in samples.items()},
             "overhead_median_s": statistics.median(overheads),

@@ -27,9 +27,16 @@ PROJECT_PACKAGES = ("flows", "tasks", "models")
 # Modules that cannot change a stage's results, so editing them leaves results valid: the MLflow logging
 # helper, the atomic writer, the output path constants (their DVC outs are held by tests/test_layout.py),
 # the spec declarations, the error type and the strict params loader (a params change is a params dep).
-NO_RESULT_EFFECT = frozenset({
-    "tasks/tracking.py", "tasks/io.py", "tasks/layout.py", "tasks/spec.py", "tasks/errors.py", "tasks/params.py",
-})
+NO_RESULT_EFFECT = frozenset(
+    {
+        "tasks/tracking.py",
+        "tasks/io.py",
+        "tasks/layout.py",
+        "tasks/spec.py",
+        "tasks/errors.py",
+        "tasks/params.py",
+    }
+)
 
 
 def _module_file(root: Path, dotted: str) -> Path | None:
@@ -49,11 +56,24 @@ def _is_docstring_only(path: Path) -> bool:
     return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
 
 
+def _runtime_nodes(tree: ast.AST) -> Iterable[ast.AST]:
+    """Every node, less the bodies of `if TYPE_CHECKING:` (imports for annotations never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 @cache
 def imports_of(root: Path, path: Path) -> frozenset[Path]:
-    """The project files that `path` imports (anywhere in it), as absolute paths."""
+    """The project files that `path` imports when it runs (function-level imports included), as absolute
+    paths."""
     found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -86,8 +106,11 @@ def import_closure(root: Path, start: Path) -> set[Path]:
 
 def code_deps(root: Path, module_file: Path) -> set[str]:
     """What a stage whose task lives in `module_file` must list as code deps (repo-relative paths)."""
-    rel = {p.relative_to(root).as_posix() for p in import_closure(root, module_file)
-           if not (p.name == "__init__.py" and _is_docstring_only(p))}
+    rel = {
+        p.relative_to(root).as_posix()
+        for p in import_closure(root, module_file)
+        if not (p.name == "__init__.py" and _is_docstring_only(p))
+    }
     return rel - NO_RESULT_EFFECT
 
 
@@ -113,8 +136,14 @@ def dvc_stages(root: Path) -> list[DvcStage]:
                     params |= {(str(dep.def_path), key) for key in keys}
                 else:
                     deps.add(str(dep.def_path))
-            out.append(DvcStage(stage.addressing, stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd),
-                                frozenset(deps), frozenset(params)))
+            out.append(
+                DvcStage(
+                    stage.name,
+                    stage.cmd if isinstance(stage.cmd, str) else " ".join(stage.cmd),
+                    frozenset(deps),
+                    frozenset(params),
+                )
+            )
     return out
 
 
@@ -126,8 +155,14 @@ def check_stage(root: Path, stage: DvcStage, index: dict[str, Path]) -> list[str
         spec, item = get_spec(stage.name)
     except KeyError as err:
         return problems + [str(err.args[0])]
-    expected = {(index[section].relative_to(root).as_posix(), section)
-                for section, _ in spec.section_types(item).values() if section in index}
+    package = spec.task.__module__.split(".")[1]
+    if package != spec.family:
+        problems.append(f"spec family {spec.family!r} differs from its package tasks/{package}/")
+    expected = {
+        (index[section].relative_to(root).as_posix(), section)
+        for section, _ in spec.section_types(item).values()
+        if section in index
+    }
     absent = [section for section, _ in spec.section_types(item).values() if section not in index]
     problems += [f"reads params section {s!r}, which no params file has" for s in absent]
     if spec.seeded:
@@ -136,7 +171,9 @@ def check_stage(root: Path, stage: DvcStage, index: dict[str, Path]) -> list[str
         problems.append(f"params: missing {file}:{key} (its spec reads it)")
     for file, key in sorted(stage.params - expected):
         problems.append(f"params: {file}:{key} is listed but its spec does not read it")
-    module_file = Path(__import__("sys").modules[spec.task.__module__].__file__).resolve()
+    module_file = _module_file(root, spec.task.__module__)
+    if module_file is None:
+        return problems + [f"task module {spec.task.__module__} is not a file under {root}"]
     needed = code_deps(root, module_file)
     listed = {d for d in stage.deps if d.endswith(".py") and d.split("/")[0] in PROJECT_PACKAGES}
     for dep in sorted(needed - listed):
@@ -155,5 +192,7 @@ def check(root: Path, stages: Iterable[DvcStage] | None = None) -> list[str]:
     index = section_index(root / "params")
     lines = [f"{stage.name}: {problem}" for stage in stages for problem in check_stage(root, stage, index)]
     declared, listed = set(runnable_names()), {s.name for s in stages}
-    lines += [f"{name}: a spec declares this stage but dvc.yaml has no such stage" for name in sorted(declared - listed)]
+    lines += [
+        f"{name}: a spec declares this stage but dvc.yaml has no such stage" for name in sorted(declared - listed)
+    ]
     return lines

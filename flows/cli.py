@@ -1,14 +1,14 @@
 """`kiln`: the command line of the pipeline.
 
-    kiln stage NAME          run one dvc.yaml stage as a Prefect flow run (what every dvc.yaml cmd calls)
-    kiln run [--target S]    the end-to-end flow: reproduce the stale stages in DVC's order
-    kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
-    kiln status              which stages are stale, and why
-    kiln profile NAME        switch params/ to the smoke, default or gpu profile
-    kiln check               dvc.yaml against the stage specs: cmds, params, code deps (import closure)
-    kiln summary             the headline metrics of the last run
-    kiln ui                  the MLflow UI for this project's tracking store, on loopback
-    kiln serve --cron EXPR   serve the end-to-end run on a cron schedule (needs a Prefect server)
+kiln stage NAME          run one dvc.yaml stage as a Prefect flow run (what every dvc.yaml cmd calls)
+kiln run [--target S]    the end-to-end flow: reproduce the stale stages in DVC's order
+kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
+kiln status              which stages are stale, and why
+kiln profile NAME        switch params/ to the smoke, default or gpu profile
+kiln check               dvc.yaml against the stage specs: cmds, params, code deps (import closure)
+kiln summary             the headline metrics of the last run
+kiln ui                  the MLflow UI for this project's tracking store, on loopback
+kiln serve --cron EXPR   serve the end-to-end run on a cron schedule (needs a Prefect server)
 """
 
 from __future__ import annotations
@@ -29,26 +29,11 @@ def _enter_root() -> Path:
     return root
 
 
-def _require_tracking_server(root: Path) -> None:
-    """Fail before any stage starts when the configured MLflow server is down: MLflow's client would
-    otherwise retry for minutes at the first log call (sqlite and file stores are not checked)."""
-    from tasks.runtime import load_runtime
-    from tasks.tracking import (
-        TrackingServerUnreachable,
-        check_tracking_server,
-        resolve_tracking_uri,
-    )
-
-    try:
-        check_tracking_server(resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root))
-    except TrackingServerUnreachable as err:
-        raise TrackingServerUnreachable(f"{err}; start it, or point runtime.mlflow_tracking_uri "
-                                        "(params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere") from None
-
-
 def cmd_stage(args: argparse.Namespace) -> int:
     root = _enter_root()
-    _require_tracking_server(root)
+    from flows.pipeline import require_tracking_server
+
+    require_tracking_server(root)
     from flows.factory import stage_flow
 
     stage_flow(args.name)()
@@ -57,12 +42,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
-    _require_tracking_server(root)
-    from flows.pipeline import (
-        PipelineFailed,
-        configured_pipeline_flow,
-        summary_markdown,
-    )
+    from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
+
+    require_tracking_server(root)
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
     from tasks.runtime import load_runtime
@@ -141,8 +123,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in problems:
         print(line)
     if problems:
-        print(f"\nkiln check: {len(problems)} disagreement(s) between dvc.yaml, the stage specs and the code",
-              file=sys.stderr)
+        print(
+            f"\nkiln check: {len(problems)} disagreement(s) between dvc.yaml, the stage specs and the code",
+            file=sys.stderr,
+        )
         return 1
     print("kiln check: dvc.yaml, the stage specs and the code agree")
     return 0
@@ -164,16 +148,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root)
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
     mlflow = Path(sys.executable).parent / "mlflow"
-    os.execv(str(mlflow), [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                           "--port", str(args.port)])
+    os.execv(
+        str(mlflow), [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    )
     return 0  # not reached
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     root = _enter_root()
-    _require_tracking_server(root)
+    from flows.pipeline import require_tracking_server
     from flows.schedule import NoPrefectServer, serve
 
+    require_tracking_server(root)
     try:
         serve(args.cron, args.target, root, args.name)
     except NoPrefectServer as err:
@@ -183,8 +169,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kiln", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stage", help="run one dvc.yaml stage as a Prefect flow run")
@@ -197,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score sentences under the trained language models")
     p.add_argument("sentences", nargs="*", help="sentences (default: one per line on stdin)")
-    p.add_argument("--model", action="append", default=None,
-                   help="model to score with (default: ngram); repeat to compare")
+    p.add_argument(
+        "--model", action="append", default=None, help="model to score with (default: ngram); repeat to compare"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_score)
 

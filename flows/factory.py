@@ -36,3 +36,10 @@ def stage_flow(name: str) -> Callable[[], Any]:
     spec, item = get_spec(name)
     f = stage_flow_of(spec)
     return (lambda: f(item)) if item else f
+
+
+def family_flows(family: str) -> dict[str, Callable[..., Any]]:
+    """Stage name -> Prefect flow for every spec of one family package (`tasks/<family>/`)."""
+    from flows.registry import all_specs
+
+    return {spec.name: stage_flow_of(spec) for spec in all_specs() if spec.family == family}

@@ -116,8 +116,12 @@ def _stage_order(root: Path, targets: list[str] | None) -> tuple[list[str], dict
             graph = graph.subgraph([by_name[name] for name in keep])
         # Topological order of "is needed by": dependencies first, ties broken by dvc.yaml order.
         position = {stage.addressing: i for i, stage in enumerate(repo.index.stages)}
-        order = [s.addressing for s in nx.lexicographical_topological_sort(
-            graph.reverse(copy=False), key=lambda s: f"{position[s.addressing]:06d}")]
+        order = [
+            s.addressing
+            for s in nx.lexicographical_topological_sort(
+                graph.reverse(copy=False), key=lambda s: f"{position[s.addressing]:06d}"
+            )
+        ]
         upstream = {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in graph.nodes}
     return order, upstream
 
@@ -135,15 +139,19 @@ def _stale_reasons(root: Path, name: str) -> list[str]:
         if stage.frozen:
             return []
         status = stage.status().get(name, [])
-        params_changes = [change for dep in stage.deps if isinstance(dep, ParamsDependency)
-                          for change in _params_changes(dep)]
+        params_changes = [
+            change for dep in stage.deps if isinstance(dep, ParamsDependency) for change in _params_changes(dep)
+        ]
     reasons = []
     for entry in status:
         if isinstance(entry, dict):
             for kind, changes in entry.items():
                 if isinstance(changes, dict):
-                    reasons += [f"{kind} {path}: {change}" for path, change in changes.items()
-                                if not (params_changes and str(path).startswith("params/"))]
+                    reasons += [
+                        f"{kind} {path}: {change}"
+                        for path, change in changes.items()
+                        if not (params_changes and str(path).startswith("params/"))
+                    ]
                 else:
                     reasons.append(f"{kind}: {changes}")
         else:
@@ -164,8 +172,11 @@ def _params_changes(dep) -> list[str]:
             yield prefix.rstrip("."), tree
 
     old, new = dict(leaves(locked)), dict(leaves(current))
-    return [f"params {dep.def_path}: {key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
-            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    return [
+        f"params {dep.def_path}: {key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
 
 
 def _in_process_name(cmd: str | list[str]) -> str | None:
@@ -190,8 +201,7 @@ def _commit(root: Path, name: str) -> None:
 
 
 @task(name="reproduce-stage", cache_policy=NO_CACHE)
-def reproduce_stage(root: Path, name: str, isolated: bool = False,
-                    child_env: dict[str, str] | None = None) -> Status:
+def reproduce_stage(root: Path, name: str, isolated: bool = False, child_env: dict[str, str] | None = None) -> Status:
     """Bring stage `name` up to date. `isolated`: run a kiln flow as a `kiln stage` subprocess (parallel
     runs), not in this process; `child_env`: variables the subprocesses get on top of this environment
     (a Dask worker's environment is the one its cluster started with)."""
@@ -244,10 +254,15 @@ def pipeline_flow(targets: list[str] | None = None) -> list[StageOutcome]:
         result = _reproduce_in_order(env, order, upstream)
         summary = summary_markdown(result)
         parent.log_text(summary + "\n", "summary.md")
-        parent.log_metrics({"stages_ran": sum(o.status == "ran" for o in result),
-                            "stages_failed": sum(o.status == "failed" for o in result)})
-    create_markdown_artifact(markdown=f"# kiln run\n\n{summary}\n", key="kiln-run-summary",
-                             description="Stages of the end-to-end run")
+        parent.log_metrics(
+            {
+                "stages_ran": sum(o.status == "ran" for o in result),
+                "stages_failed": sum(o.status == "failed" for o in result),
+            }
+        )
+    create_markdown_artifact(
+        markdown=f"# kiln run\n\n{summary}\n", key="kiln-run-summary", description="Stages of the end-to-end run"
+    )
     if any(o.status == "failed" for o in result):
         raise PipelineFailed(result, summary)
     return result
@@ -261,8 +276,14 @@ def task_runner(runtime: RuntimeConfig):
 
         if runtime.dask_address:
             return DaskTaskRunner(address=runtime.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": runtime.max_parallel, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": runtime.max_parallel,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=runtime.max_parallel)
@@ -286,8 +307,9 @@ def _outcome(name: str, state, seconds: float, result: Callable[[], object]) -> 
 
 
 def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, list[str]]) -> list[StageOutcome]:
-    retrying = reproduce_stage.with_options(retries=env.runtime.stage_retries,
-                                            retry_delay_seconds=env.runtime.retry_delay_s)
+    retrying = reproduce_stage.with_options(
+        retries=env.runtime.stage_retries, retry_delay_seconds=env.runtime.retry_delay_s
+    )
     if env.runtime.max_parallel > 1 or env.runtime.task_runner == "dask":
         return _reproduce_in_parallel(env, order, upstream, retrying)
     outcomes: dict[str, StageOutcome] = {}
@@ -302,15 +324,19 @@ def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, lis
     return [outcomes[name] for name in order]
 
 
-def _reproduce_in_parallel(env: StageEnv, order: list[str], upstream: dict[str, list[str]],
-                           retrying) -> list[StageOutcome]:
+def _reproduce_in_parallel(
+    env: StageEnv, order: list[str], upstream: dict[str, list[str]], retrying
+) -> list[StageOutcome]:
     """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once; a
     stage whose upstream failed or was skipped is skipped. Stage flows run as subprocesses."""
     from prefect.futures import as_completed
 
     # What the stage subprocesses need from this run; a Dask worker's environment predates the parent run.
-    child_env = {key: os.environ[key] for key in (PARENT_RUN_ENV, "PREFECT_API_URL", "MLFLOW_TRACKING_URI")
-                 if os.environ.get(key)}
+    child_env = {
+        key: os.environ[key]
+        for key in (PARENT_RUN_ENV, "PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+        if os.environ.get(key)
+    }
     outcomes: dict[str, StageOutcome] = {}
     running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
     waiting = list(order)
@@ -326,13 +352,34 @@ def _reproduce_in_parallel(env: StageEnv, order: list[str], upstream: dict[str, 
                 outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
                 continue
             future = retrying.with_options(task_run_name=f"stage:{name}").submit(
-                env.root, name, isolated=True, child_env=child_env)
+                env.root, name, isolated=True, child_env=child_env
+            )
             running[future] = (name, time.perf_counter())
         if not running:
             continue
         future = next(iter(as_completed(list(running))))
         name, start = running.pop(future)
         future.wait()
-        outcomes[name] = _outcome(name, future.state, time.perf_counter() - start,
-                                  lambda: future.result(raise_on_failure=False))
+        outcomes[name] = _outcome(
+            name, future.state, time.perf_counter() - start, lambda: future.result(raise_on_failure=False)
+        )
     return [outcomes[name] for name in order]
+
+
+def require_tracking_server(root: Path) -> None:
+    """Fail before any stage starts when the configured MLflow server is down: MLflow's client would
+    otherwise retry for minutes at the first log call (sqlite and file stores are not checked)."""
+    from tasks.runtime import load_runtime
+    from tasks.tracking import (
+        TrackingServerUnreachable,
+        check_tracking_server,
+        resolve_tracking_uri,
+    )
+
+    try:
+        check_tracking_server(resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root))
+    except TrackingServerUnreachable as err:
+        raise TrackingServerUnreachable(
+            f"{err}; start it, or point runtime.mlflow_tracking_uri "
+            "(params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere"
+        ) from None

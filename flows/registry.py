@@ -62,7 +62,7 @@ def spec_modules() -> dict[str, str]:
 
 def _module_specs(module: str) -> list[StageSpec]:
     mod = importlib.import_module(module)
-    specs = [getattr(mod, "SPEC")] if hasattr(mod, "SPEC") else list(getattr(mod, "SPECS", []))
+    specs = [mod.SPEC] if hasattr(mod, "SPEC") else list(getattr(mod, "SPECS", []))
     return [s for s in specs if isinstance(s, StageSpec)]
 
 
@@ -101,8 +101,10 @@ def section_types() -> dict[str, type]:
         for item in spec.items or ("",):
             for _, (section, cls) in spec.section_types(item).items():
                 if types.setdefault(section, cls) is not cls:
-                    raise TypeError(f"params section {section!r} is read as {types[section].__name__} and as "
-                                    f"{cls.__name__} (stage {spec.name})")
+                    raise TypeError(
+                        f"params section {section!r} is read as {types[section].__name__} and as "
+                        f"{cls.__name__} (stage {spec.name})"
+                    )
     return types
 
 

@@ -30,8 +30,9 @@ def exclusive_run(root: Path) -> Iterator[Path]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise RunInProgress(f"another kiln run ({holder}) is running in {root} and holds {path}; "
-                                "wait for it to finish, or stop it") from None
+            raise RunInProgress(
+                f"another kiln run ({holder}) is running in {root} and holds {path}; wait for it to finish, or stop it"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

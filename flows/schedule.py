@@ -23,14 +23,13 @@ class NoPrefectServer(RuntimeError):
 @flow(name="kiln-scheduled-run", log_prints=True)
 def scheduled_run(targets: list[str] | None = None, root: str | None = None) -> list[dict]:
     """`kiln run [--target ...]` in the project at `root` (default: the working directory's)."""
-    from flows.cli import _require_tracking_server
-    from flows.pipeline import configured_pipeline_flow
+    from flows.pipeline import configured_pipeline_flow, require_tracking_server
     from flows.run_lock import exclusive_run
     from tasks.runtime import load_runtime, repo_root
 
     project = repo_root(Path(root) if root else None)
     os.chdir(project)  # stages resolve data/ and the default sqlite store from the working directory
-    _require_tracking_server(project)
+    require_tracking_server(project)
     # The same flow as `kiln run`, with the task runner params/runtime.yaml asks for.
     pipeline_flow = configured_pipeline_flow(load_runtime(project / "params"))
     with exclusive_run(project):
@@ -43,7 +42,13 @@ def serve(cron: str, targets: list[str] | None, root: Path, name: str = DEPLOYME
     from prefect.settings import PREFECT_API_URL
 
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
-        raise NoPrefectServer("kiln serve needs a Prefect server (the temporary local API cannot schedule): "
-                           "`make prefect-server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    scheduled_run.serve(name=name, cron=cron, parameters={"targets": targets or None, "root": str(root)},
-                        description=f"kiln run {' '.join('--target ' + t for t in targets or [])}".strip())
+        raise NoPrefectServer(
+            "kiln serve needs a Prefect server (the temporary local API cannot schedule): "
+            "`make prefect-server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    scheduled_run.serve(
+        name=name,
+        cron=cron,
+        parameters={"targets": targets or None, "root": str(root)},
+        description=f"kiln run {' '.join('--target ' + t for t in targets or [])}".strip(),
+    )

@@ -71,8 +71,14 @@ def _spawn(name: str, argv: list[str], folder: Path, env: dict[str, str] | None 
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{name}.log"
     with open(log, "ab") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     (folder / f"{name}.pid").write_text(f"{process.pid}\n")
     return process
 
@@ -85,6 +91,7 @@ def _bin(name: str) -> str:
 
 # --- Prefect -------------------------------------------------------------------------------------------
 
+
 def start_prefect(folder: Path, port: int = 4200, timeout_s: float = 90) -> str:
     """`prefect server start` on 127.0.0.1:PORT with its database under `<folder>/prefect`; returns the
     API URL to put in PREFECT_API_URL."""
@@ -93,17 +100,24 @@ def start_prefect(folder: Path, port: int = 4200, timeout_s: float = 90) -> str:
         return api
     home = (folder / "prefect").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-           "PREFECT_UI_ENABLED": "false"}
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
-    process = _spawn("prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     folder, env)
+    process = _spawn(
+        "prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], folder, env
+    )
     wait_http(f"{api}/health", timeout_s, process, folder / "prefect.log")
     return api
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------
+
 
 def pg_bin(name: str) -> str:
     """A PostgreSQL server program: Debian keeps them in /usr/lib/postgresql/<version>/bin, off PATH."""
@@ -112,8 +126,9 @@ def pg_bin(name: str) -> str:
         return str(found[-1])
     if shutil.which(name):
         return shutil.which(name)
-    raise ServiceError(f"PostgreSQL's {name} is not installed: `make services` "
-                       "(apt-get install postgresql) installs it")
+    raise ServiceError(
+        f"PostgreSQL's {name} is not installed: `make services` (apt-get install postgresql) installs it"
+    )
 
 
 def _as_pg_owner(argv: list[str]) -> list[str]:
@@ -140,8 +155,10 @@ def start_postgres(folder: Path, port: int = 5433, timeout_s: float = 60) -> str
     password = password_file.read_text().strip()
     if not (data / "PG_VERSION").exists():
         if os.geteuid() == 0 and subprocess.run(_as_pg_owner(["test", "-x", str(pg)])).returncode != 0:
-            raise ServiceError(f"the `postgres` user cannot reach {pg} (PostgreSQL refuses to run as root, so "
-                               "the cluster belongs to it): give every folder above it o+x, or use another --dir")
+            raise ServiceError(
+                f"the `postgres` user cannot reach {pg} (PostgreSQL refuses to run as root, so "
+                "the cluster belongs to it): give every folder above it o+x, or use another --dir"
+            )
         data.mkdir(exist_ok=True)
         data.chmod(0o700)
         _give_to_pg_owner(data)
@@ -151,10 +168,23 @@ def start_postgres(folder: Path, port: int = 5433, timeout_s: float = 60) -> str
         pwfile.chmod(0o600)
         _give_to_pg_owner(pwfile)
         try:
-            done = subprocess.run(_as_pg_owner([pg_bin("initdb"), "-D", str(data), "-U", PG_USER,
-                                                f"--pwfile={pwfile}", "--auth=scram-sha-256",
-                                                "--encoding=UTF8", "--locale=C"]),
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                _as_pg_owner(
+                    [
+                        pg_bin("initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        PG_USER,
+                        f"--pwfile={pwfile}",
+                        "--auth=scram-sha-256",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         if done.returncode != 0:
@@ -167,9 +197,25 @@ def start_postgres(folder: Path, port: int = 5433, timeout_s: float = 60) -> str
             _give_to_pg_owner(log)
         # TCP on loopback only: no Unix socket, whose path is limited to 107 characters.
         options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
-        done = subprocess.run(_as_pg_owner([pg_bin("pg_ctl"), "start", "-D", str(data), "-l", str(log),
-                                            "-w", "-t", str(int(timeout_s)), "-o", options]),
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            _as_pg_owner(
+                [
+                    pg_bin("pg_ctl"),
+                    "start",
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    "-o",
+                    options,
+                ]
+            ),
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise ServiceError(f"pg_ctl start failed:\n{done.stdout[-1000:]}{done.stderr[-1000:]}\n{_tail(log)}")
     (folder / "postgres.port").write_text(f"{port}\n")
@@ -194,14 +240,17 @@ def _create_database(port: int, password: str) -> None:
 def stop_postgres(folder: Path) -> None:
     data = (folder / "pg" / "data").resolve()
     if (data / "postmaster.pid").exists():
-        subprocess.run(_as_pg_owner([pg_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_pg_owner([pg_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]), capture_output=True
+        )
 
 
 # --- MLflow --------------------------------------------------------------------------------------------
 
-def start_mlflow(folder: Path, port: int = 5001, backend_store_uri: str | None = None, pg_port: int = 5433,
-                 timeout_s: float = 120) -> str:
+
+def start_mlflow(
+    folder: Path, port: int = 5001, backend_store_uri: str | None = None, pg_port: int = 5433, timeout_s: float = 120
+) -> str:
     """`mlflow server` on 127.0.0.1:PORT, on PostgreSQL (started first) unless `backend_store_uri` is
     given; artifacts served by the server from `<folder>/mlflow-artifacts`. Returns the tracking URI."""
     url = f"http://127.0.0.1:{port}"
@@ -212,19 +261,37 @@ def start_mlflow(folder: Path, port: int = 5001, backend_store_uri: str | None =
     artifacts.mkdir(parents=True, exist_ok=True)
     # The store URI (PostgreSQL's password in it) goes through the environment, not the command line
     # that `ps` shows every local user.
-    process = _spawn("mlflow", [_bin("mlflow"), "server",
-                                "--artifacts-destination", str(artifacts), "--serve-artifacts",
-                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                     folder, {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                              # Its background job runner (8 huey processes) serves GenAI jobs Kiln never
-                              # submits; on a small machine they compete with the stages.
-                              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
-                                  os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")})
+    process = _spawn(
+        "mlflow",
+        [
+            _bin("mlflow"),
+            "server",
+            "--artifacts-destination",
+            str(artifacts),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        folder,
+        {
+            "MLFLOW_BACKEND_STORE_URI": backend,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+            # Its background job runner (8 huey processes) serves GenAI jobs Kiln never
+            # submits; on a small machine they compete with the stages.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        },
+    )
     wait_http(f"{url}/health", timeout_s, process, folder / "mlflow.log")
     return url
 
 
 # --- stop ----------------------------------------------------------------------------------------------
+
 
 def stop_process(folder: Path, name: str, timeout_s: float = 15) -> None:
     """Stop the server recorded in `<folder>/<name>.pid` (its whole process group)."""
@@ -263,8 +330,9 @@ def stop_all(folder: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.services", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.services", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("service", choices=["prefect", "postgres", "mlflow", "stop"])
     parser.add_argument("--dir", type=Path, default=Path(".services"), help="pid, log and data folder")
     parser.add_argument("--port", type=int, help="prefect 4200, postgres 5433, mlflow 5001")
@@ -277,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Prefect server: {api} (log {args.dir / 'prefect.log'})\nexport PREFECT_API_URL={api}")
         elif args.service == "postgres":
             uri = start_postgres(args.dir, args.port or 5433)
-            print(f"PostgreSQL on 127.0.0.1:{args.port or 5433}, database {PG_DB}: "
-                  f"{uri.replace(uri.split(':')[2].split('@')[0], '***')}")
+            print(
+                f"PostgreSQL on 127.0.0.1:{args.port or 5433}, database {PG_DB}: "
+                f"{uri.replace(uri.split(':')[2].split('@')[0], '***')}"
+            )
         elif args.service == "mlflow":
             url = start_mlflow(args.dir, args.port or 5001, args.backend_store_uri, args.pg_port)
             print(f"MLflow server: {url} (log {args.dir / 'mlflow.log'})\nexport MLFLOW_TRACKING_URI={url}")

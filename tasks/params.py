@@ -89,8 +89,7 @@ def _check_value(value: Any, tp: Any, path: Path, key: str) -> Any:
     return value
 
 
-def section_from_dict(cls: type[T], data: Any, path: Path, section: str,
-                      derived: dict[str, Any] | None = None) -> T:
+def section_from_dict(cls: type[T], data: Any, path: Path, section: str, derived: dict[str, Any] | None = None) -> T:
     """Build dataclass `cls` from the mapping `data` found at `path`:`section`, strictly.
 
     `derived` fields come from the data, not from params (a language model's `vocab_size`): the YAML must
@@ -118,8 +117,9 @@ def section_from_dict(cls: type[T], data: Any, path: Path, section: str,
         raise ParamsError(path, section, str(err)) from err
 
 
-def load_params_file(path: Path, sections: dict[str, type],
-                     derived: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def load_params_file(
+    path: Path, sections: dict[str, type], derived: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Every section of one params file, each as its dataclass. The file must hold exactly `sections`;
     `derived[section]` fills a section's data-derived fields (see `section_from_dict`)."""
     data = read_yaml(path)
@@ -132,8 +132,7 @@ def load_params_file(path: Path, sections: dict[str, type],
     if missing:
         raise ParamsError(path, missing[0], "missing section")
     derived = derived or {}
-    return {name: section_from_dict(cls, data[name], path, name, derived.get(name))
-            for name, cls in sections.items()}
+    return {name: section_from_dict(cls, data[name], path, name, derived.get(name)) for name, cls in sections.items()}
 
 
 def params_files(params_dir: Path) -> list[Path]:
@@ -155,8 +154,13 @@ def section_index(params_dir: Path) -> dict[str, Path]:
     return index
 
 
-def load_section(params_dir: Path, section: str, cls: type[T], derived: dict[str, Any] | None = None,
-                 index: dict[str, Path] | None = None) -> T:
+def load_section(
+    params_dir: Path,
+    section: str,
+    cls: type[T],
+    derived: dict[str, Any] | None = None,
+    index: dict[str, Path] | None = None,
+) -> T:
     """One section as its dataclass `cls`, strictly; `derived` fills its data-derived fields."""
     index = section_index(params_dir) if index is None else index
     if section not in index:

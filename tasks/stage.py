@@ -44,16 +44,17 @@ def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
     derived = spec.derive(env.root, item) if spec.derive else {}
     index = section_index(env.params_dir)
     fields = spec.section_types(item)
-    configs = {field: load_section(env.params_dir, section, cls, derived.get(section), index)
-               for field, (section, cls) in fields.items()}
+    configs = {
+        field: load_section(env.params_dir, section, cls, derived.get(section), index)
+        for field, (section, cls) in fields.items()
+    }
     inputs = spec.inputs(**configs)
     seed_everything(env.runtime.seed)
     if env.runtime.threads:
         import torch
 
         torch.set_num_threads(env.runtime.threads)
-    params = {k: v for field, cfg in configs.items()
-              for k, v in as_flat_dict(cfg, f"{fields[field][0]}.").items()}
+    params = {k: v for field, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{fields[field][0]}.").items()}
     params["runtime.seed"] = env.runtime.seed
 
     def context(run: Any) -> StageContext:

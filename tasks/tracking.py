@@ -83,22 +83,34 @@ def check_tracking_server(uri: str, timeout_s: float = 3.0) -> None:
     try:
         with warnings.catch_warnings():  # the insecure-TLS warning repeats what the user chose
             warnings.simplefilter("ignore")
-            answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, verify=verify,
-                                  cert=MLFLOW_TRACKING_CLIENT_CERT_PATH.get())
+            answer = requests.get(
+                uri.rstrip("/") + "/health",
+                timeout=timeout_s,
+                verify=verify,
+                cert=MLFLOW_TRACKING_CLIENT_CERT_PATH.get(),
+            )
     except requests.Timeout:
-        raise TrackingServerUnreachable(f"MLflow tracking server {shown} did not answer within {timeout_s:g} s") from None
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {shown} did not answer within {timeout_s:g} s"
+        ) from None
     except requests.RequestException as err:
         raise TrackingServerUnreachable(f"MLflow tracking server {shown} is unreachable: {_root_cause(err)}") from None
     if answer.status_code >= 500:
-        raise TrackingServerUnreachable(f"MLflow tracking server {shown} answered GET /health with "
-                                        f"{answer.status_code} {answer.reason}")
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {shown} answered GET /health with {answer.status_code} {answer.reason}"
+        )
 
 
 def git_commit(root: Path) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if sha.returncode != 0:
@@ -162,8 +174,15 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, family: str, root: Path, tracking_uri: str, profile: str,
-              params: Mapping[str, Any], is_dvc_stage: bool = True) -> Iterator[StageRun]:
+def stage_run(
+    stage: str,
+    family: str,
+    root: Path,
+    tracking_uri: str,
+    profile: str,
+    params: Mapping[str, Any],
+    is_dvc_stage: bool = True,
+) -> Iterator[StageRun]:
     """Open the MLflow run of one stage run: experiment `family`, run name `stage`, params and tags.
 
     The run ends FINISHED when the body returns and FAILED (with the error as a tag) when it raises.
@@ -201,8 +220,15 @@ def stage_run(stage: str, family: str, root: Path, tracking_uri: str, profile: s
 @contextmanager
 def pipeline_run(root: Path, tracking_uri: str, profile: str, targets: list[str]) -> Iterator[StageRun]:
     """The parent run of one `kiln run`; stage runs started inside it are nested under it."""
-    with stage_run("kiln run", PIPELINE_EXPERIMENT, root, tracking_uri, profile,
-                   {"targets": ",".join(targets) or "all"}, is_dvc_stage=False) as parent:
+    with stage_run(
+        "kiln run",
+        PIPELINE_EXPERIMENT,
+        root,
+        tracking_uri,
+        profile,
+        {"targets": ",".join(targets) or "all"},
+        is_dvc_stage=False,
+    ) as parent:
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = parent.run_id
         try:

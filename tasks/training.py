@@ -88,8 +88,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     model marks `_no_weight_decay` (the SSM state matrices and step sizes, as the S4/Mamba papers do)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decays = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
-    groups = [{"params": [p for p, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
-              {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -182,15 +184,196 @@ def code_digest(model: nn.Module, *modules: Any) -> str:
     own = {sys.modules[type(m).__module__] for m in model.modules() if not type(m).__module__.startswith("torch")}
     # ... and the project modules those import from (box coding, RoI align, HiPPO matrices).
     package = {m.__name__.split(".")[0] for m in own}
-    used = {sys.modules[v.__module__] if not inspect.ismodule(v) else v
-            for m in own for v in vars(m).values()
-            if (inspect.ismodule(v) and v.__name__.split(".")[0] in package)
-            or (callable(v) and getattr(v, "__module__", "").split(".")[0] in package)}
+    used = {
+        sys.modules[v.__module__] if not inspect.ismodule(v) else v
+        for m in own
+        for v in vars(m).values()
+        if (inspect.ismodule(v) and v.__name__.split(".")[0] in package)
+        or (callable(v) and getattr(v, "__module__", "").split(".")[0] in package)
+    }
     files = {Path(inspect.getfile(m)) for m in own | used | set(modules)} | {Path(__file__)}
     digest = hashlib.sha256()
     for file in sorted(files):
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+@dataclass
+class _Loop:
+    """What the steps of one `train` call share."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # draws the batches; checkpointed so a resumed run sees the same ones
+    result: TrainResult
+    device: torch.device
+    ddp: Distributed | None
+    run: StageRun | None
+    checkpoint: Path | None
+    fingerprint: dict[str, Any]
+    desc: str
+    item_name: str
+
+
+def _is_due(done: int, every: int, cfg: TrainConfig) -> bool:
+    # The last step always counts, so a run ends logged, evaluated and checkpointed whatever `every` is.
+    return done % every == 0 or done == cfg.steps
+
+
+def _setup_distributed(
+    cfg: TrainConfig, device: torch.device, run: StageRun | None, desc: str
+) -> tuple[Distributed | None, torch.device, StageRun | None]:
+    """The torchrun job (None: one process), this rank's device and its run (None off rank 0)."""
+    ddp = distributed_context(device)
+    if ddp is None:
+        return None, device, run
+    if cfg.batch_size % ddp.world_size:
+        raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not split evenly over {ddp.world_size} ranks")
+    if device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    if ddp.rank != 0:
+        run = None  # rank 0 logs for the job
+    return ddp, device, run
+
+
+def _resume(loop: _Loop) -> None:
+    """Load the checkpoint into the model, optimizer and both RNGs when it was made by this very run."""
+    checkpoint, desc = loop.checkpoint, loop.desc
+    if checkpoint is None or not checkpoint.is_file():
+        return
+    state = torch.load(checkpoint, map_location=loop.device, weights_only=True)
+    if state.get("fingerprint") == loop.fingerprint and state.get("step", 0) <= loop.cfg.steps:
+        loop.model.load_state_dict(state["model"])
+        loop.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        loop.generator.set_state(state["batch_rng"])
+        loop.result.resumed_from = int(state["step"])
+        loop.result.history = list(state["history"])
+        print(f"{desc}: resuming from {checkpoint} at step {loop.result.resumed_from}")
+    else:
+        print(f"{desc}: {checkpoint} was made by another configuration or data; starting afresh")
+
+
+def _data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Tensor], device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters: a detector's branch may get no gradient on a rank whose images lack it.
+    return DistributedDataParallel(
+        _LossModule(model, loss_fn),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+
+
+def _progress_bar(loop: _Loop) -> tqdm:
+    resumed_from, ddp = loop.result.resumed_from, loop.ddp
+    return tqdm(
+        range(resumed_from, loop.cfg.steps),
+        desc=loop.desc,
+        initial=resumed_from,
+        total=loop.cfg.steps,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,
+        dynamic_ncols=True,
+        disable=ddp is not None and ddp.rank != 0,
+    )
+
+
+def _train_step(
+    loop: _Loop,
+    step: int,
+    next_batch: Callable[[torch.Generator], Batch],
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    net: nn.Module | None,
+) -> tuple[float, Tensor, Tensor]:
+    """One optimizer step; returns its learning rate, the job's loss and the gradient norm before clipping."""
+    cfg, ddp, desc = loop.cfg, loop.ddp, loop.desc
+    lr = learning_rate(step, cfg)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    batch = next_batch(loop.generator)
+    if ddp is None:
+        with autocast_context(loop.device, cfg.precision):
+            loss = loss_fn(loop.model, batch)
+        job_loss = loss
+    else:
+        with autocast_context(loop.device, cfg.precision):
+            loss = net(shard_batch(batch, ddp.rank, ddp.world_size))
+        # The job's loss (mean over ranks) for the NaN check and the log: every rank stops together.
+        job_loss = loss.detach().clone()
+        torch.distributed.all_reduce(job_loss)
+        job_loss /= ddp.world_size
+    if not torch.isfinite(job_loss):
+        raise NonFiniteLoss(
+            f"{desc}: loss is {loss.item()} at step {step} (lr {lr:.3g}); lower the learning rate or raise warmup_steps"
+        )
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip or float("inf"))
+    loop.optimizer.step()
+    return lr, job_loss, grad_norm
+
+
+@dataclass
+class _Throughput:
+    """Items per second over the whole run and over the window since the last log."""
+
+    items_per_batch: int
+    start: float = field(default_factory=time.perf_counter)
+    items: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    window_items: int = 0
+
+    def add_batch(self) -> None:
+        self.items += self.items_per_batch
+        self.window_items += self.items_per_batch
+
+    def window_rate(self) -> float:
+        """The rate since the previous call (or the start), which opens a new window."""
+        now = time.perf_counter()
+        rate = self.window_items / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_items = now, 0
+        return rate
+
+
+def _log_step(loop: _Loop, bar: tqdm, done: int, lr: float, loss: Tensor, grad_norm: Tensor, rate: float) -> None:
+    bar.set_postfix(loss=f"{loss.item():.3f}", **{f"{loop.item_name}/s": f"{rate:,.0f}"})
+    if loop.run is not None:
+        loop.run.log_metrics(
+            {"train_loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), f"{loop.item_name}_per_s": rate},
+            step=done,
+        )
+
+
+def _evaluate(loop: _Loop, evaluate: Callable[[nn.Module], dict[str, float]], step: int) -> None:
+    loop.model.eval()
+    with torch.no_grad():
+        metrics = evaluate(loop.model)
+    loop.model.train()
+    loop.result.history.append({"step": float(step), **metrics})
+    if loop.run is not None:
+        loop.run.log_metrics(metrics, step=step)
+
+
+def _save_checkpoint(loop: _Loop, step: int) -> None:
+    if loop.checkpoint is not None and (loop.ddp is None or loop.ddp.rank == 0):
+        with atomic_path(loop.checkpoint) as tmp:
+            torch.save(
+                {
+                    "fingerprint": loop.fingerprint,
+                    "step": step,
+                    "model": loop.model.state_dict(),
+                    "optimizer": loop.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "batch_rng": loop.generator.get_state(),
+                    "history": loop.result.history,
+                },
+                tmp,
+            )
+    if loop.ddp is not None:
+        torch.distributed.barrier()  # no rank runs ahead of a checkpoint that a restart resumes from
 
 
 def train(
@@ -218,110 +401,47 @@ def train(
     import inspect
 
     fingerprint = {**(fingerprint or {}), "code": code_digest(model, *filter(None, [inspect.getmodule(loss_fn)]))}
-    ddp = distributed_context(device)
-    if ddp is not None:
-        if cfg.batch_size % ddp.world_size:
-            raise ValueError(f"{desc}: batch_size {cfg.batch_size} does not split evenly over "
-                             f"{ddp.world_size} ranks")
-        if device.type == "cuda":
-            device = torch.device("cuda", ddp.local_rank)
-            torch.cuda.set_device(device)
-        if ddp.rank != 0:
-            run = None  # rank 0 logs for the job
+    ddp, device, run = _setup_distributed(cfg, device, run, desc)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    result = TrainResult(steps=cfg.steps, resumed_from=0)
-
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("fingerprint") == fingerprint and state.get("step", 0) <= cfg.steps:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            generator.set_state(state["batch_rng"])
-            result.resumed_from = int(state["step"])
-            result.history = list(state["history"])
-            print(f"{desc}: resuming from {checkpoint} at step {result.resumed_from}")
-        else:
-            print(f"{desc}: {checkpoint} was made by another configuration or data; starting afresh")
-
-    def save_checkpoint(step: int) -> None:
-        if checkpoint is not None and (ddp is None or ddp.rank == 0):
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "batch_rng": generator.get_state(), "history": result.history}, tmp)
-        if ddp is not None:
-            torch.distributed.barrier()  # no rank runs ahead of a checkpoint that a restart resumes from
-
-    def run_evaluation(step: int) -> None:
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate(model)
-        model.train()
-        result.history.append({"step": float(step), **metrics})
-        if run is not None:
-            run.log_metrics(metrics, step=step)
-
-    if ddp is not None:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters: a detector's branch may get no gradient on a rank whose images lack it.
-        net = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda"
-                                      else None, find_unused_parameters=True)
+    loop = _Loop(
+        model=model,
+        cfg=cfg,
+        optimizer=make_optimizer(model, cfg),
+        generator=torch.Generator().manual_seed(seed),
+        result=TrainResult(steps=cfg.steps, resumed_from=0),
+        device=device,
+        ddp=ddp,
+        run=run,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        desc=desc,
+        item_name=item_name,
+    )
+    _resume(loop)
+    # Wrapped after resuming: DDP broadcasts rank 0's (resumed) weights to the other ranks when built.
+    net = _data_parallel(model, loss_fn, device) if ddp is not None else None
 
     model.train()
-    start, items, window_start, window_items = time.perf_counter(), 0, time.perf_counter(), 0
-    bar = tqdm(range(result.resumed_from, cfg.steps), desc=desc, initial=result.resumed_from, total=cfg.steps,
-               file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True,
-               disable=ddp is not None and ddp.rank != 0)
+    throughput = _Throughput(items_per_batch)
+    bar = _progress_bar(loop)
     for step in bar:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = next_batch(generator)
-        if ddp is None:
-            with autocast_context(device, cfg.precision):
-                loss = loss_fn(model, batch)
-        else:
-            with autocast_context(device, cfg.precision):
-                loss = net(shard_batch(batch, ddp.rank, ddp.world_size))
-            # The job's loss (mean over ranks) for the NaN check and the log: every rank stops together.
-            job_loss = loss.detach().clone()
-            dist.all_reduce(job_loss)
-            job_loss /= ddp.world_size
-        if not torch.isfinite(loss if ddp is None else job_loss):
-            raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step} (lr {lr:.3g}); "
-                                "lower the learning rate or raise warmup_steps")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        items += items_per_batch
-        window_items += items_per_batch
-
+        lr, loss, grad_norm = _train_step(loop, step, next_batch, loss_fn, net)
+        throughput.add_batch()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            now = time.perf_counter()
-            rate = window_items / max(now - window_start, 1e-9)
-            window_start, window_items = now, 0
-            shown = loss if ddp is None else job_loss
-            bar.set_postfix(loss=f"{shown.item():.3f}", **{f"{item_name}/s": f"{rate:,.0f}"})
-            if run is not None:
-                run.log_metrics({"train_loss": shown.item(), "lr": lr, "grad_norm": float(grad_norm),
-                                 f"{item_name}_per_s": rate}, step=done)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            run_evaluation(done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(done)
+        if _is_due(done, cfg.log_every, cfg):
+            _log_step(loop, bar, done, lr, loss, grad_norm, throughput.window_rate())
+        if _is_due(done, cfg.eval_every, cfg):
+            _evaluate(loop, evaluate, done)
+        if _is_due(done, cfg.checkpoint_every, cfg):
+            _save_checkpoint(loop, done)
     bar.close()
-    result.train_seconds = time.perf_counter() - start
-    result.items_per_second = items / max(result.train_seconds, 1e-9)
+    result = loop.result
+    result.train_seconds = time.perf_counter() - throughput.start
+    result.items_per_second = throughput.items / max(result.train_seconds, 1e-9)
+    # Resumed at the last step from a checkpoint that holds no evaluation: the result still reports one.
     if result.resumed_from == cfg.steps and not result.history:
-        run_evaluation(cfg.steps)
+        _evaluate(loop, evaluate, cfg.steps)
     return result
 
 
@@ -333,8 +453,9 @@ def save_model(path: Path, name: str, config: Any, model: nn.Module) -> None:
         torch.save({"model": name, "config": dataclasses.asdict(config), "state_dict": model.state_dict()}, tmp)
 
 
-def load_model(path: Path, build: Callable[[str, dict[str, Any]], nn.Module],
-               device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
+def load_model(
+    path: Path, build: Callable[[str, dict[str, Any]], nn.Module], device: torch.device | str = "cpu"
+) -> tuple[str, nn.Module]:
     """Rebuild a `save_model` artifact with `build(name, config)` and load its weights (eval mode)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model here; run the stage that trains it first")

@@ -168,8 +168,10 @@ def nms_reference(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor
 
 def batched_nms_reference(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each group separately, merged by decreasing score (ties by index)."""
-    keep = [torch.nonzero(groups == g).flatten()[nms_reference(boxes[groups == g], scores[groups == g], iou_threshold)]
-            for g in torch.unique(groups).tolist()]
+    keep = [
+        torch.nonzero(groups == g).flatten()[nms_reference(boxes[groups == g], scores[groups == g], iou_threshold)]
+        for g in torch.unique(groups).tolist()
+    ]
     keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
     order = sorted(range(len(keep)), key=lambda i: (-float(scores[keep[i]]), int(keep[i])))
     return keep[torch.tensor(order, dtype=torch.long)]
@@ -189,9 +191,9 @@ def nms_torch(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     b = boxes[order]
-    over = torch.cat(
-        [(box_iou(b[i : i + _NMS_BLOCK], b) > iou_threshold) for i in range(0, n, _NMS_BLOCK)]
-    ).cpu().numpy()  # (N, N) bool
+    over = (
+        torch.cat([(box_iou(b[i : i + _NMS_BLOCK], b) > iou_threshold) for i in range(0, n, _NMS_BLOCK)]).cpu().numpy()
+    )  # (N, N) bool
     suppressed = np.zeros(n, dtype=bool)
     kept = []
     for i in range(n):

@@ -292,9 +292,7 @@ def _accumulate(
 # The evaluation
 
 
-def evaluate_coco(
-    gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]] | Mapping[str, Any]
-) -> CocoEvalResult:
+def evaluate_coco(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> CocoEvalResult:
     """COCO bbox evaluation of `detections` against the ground-truth dict `gt` (see module docstring)."""
     img_ids, cat_ids, g, d = _as_columns(gt, detections)
     I, K = len(img_ids), len(cat_ids)

@@ -171,8 +171,9 @@ class FCOS(nn.Module):
         """Step 4 for one image: class targets (N,) (num_classes = background) and matched boxes (N, 4)."""
         cfg = self.config
         pts = torch.cat(points)  # (N, 2)
-        stride = torch.cat([torch.full((len(p),), float(s), dtype=pts.dtype, device=pts.device)
-                            for p, s in zip(points, self.strides)])  # (N,)
+        stride = torch.cat(
+            [torch.full((len(p),), float(s), dtype=pts.dtype, device=pts.device) for p, s in zip(points, self.strides)]
+        )  # (N,)
         n4, n5 = len(points[0]), len(points[1])
         lo = torch.cat([torch.full((n4,), 0.0), torch.full((n5,), cfg.level_boundary)]).to(pts)  # (N,)
         hi = torch.cat([torch.full((n4,), cfg.level_boundary), torch.full((n5,), math.inf)]).to(pts)

@@ -83,9 +83,21 @@ class ThunderNetConfig:
 
     def __post_init__(self) -> None:
         positive_ints = (
-            "num_classes", "input_size", "ps_alpha", "ps_size", "sampling_ratio", "rpn_channels", "rpn_kernel",
-            "rpn_batch_per_image", "rpn_pre_nms_train", "rpn_post_nms_train", "rpn_pre_nms_test",
-            "rpn_post_nms_test", "head_dim", "rcnn_batch_per_image", "max_detections",
+            "num_classes",
+            "input_size",
+            "ps_alpha",
+            "ps_size",
+            "sampling_ratio",
+            "rpn_channels",
+            "rpn_kernel",
+            "rpn_batch_per_image",
+            "rpn_pre_nms_train",
+            "rpn_post_nms_train",
+            "rpn_pre_nms_test",
+            "rpn_post_nms_test",
+            "head_dim",
+            "rcnn_batch_per_image",
+            "max_detections",
         )
         for name in positive_ints:
             v = getattr(self, name)
@@ -101,11 +113,21 @@ class ThunderNetConfig:
             v = getattr(self, name)
             if not isinstance(v, list) or not v or not all(_is_number(x) and x > 0 for x in v):
                 raise ValueError(f"thundernet.{name} must be a non-empty list of positive numbers, got {v!r}")
-        if not (isinstance(self.box_weights, list) and len(self.box_weights) == 4
-                and all(_is_number(x) and x > 0 for x in self.box_weights)):
+        if not (
+            isinstance(self.box_weights, list)
+            and len(self.box_weights) == 4
+            and all(_is_number(x) and x > 0 for x in self.box_weights)
+        ):
             raise ValueError(f"thundernet.box_weights must be 4 positive numbers, got {self.box_weights!r}")
-        for name in ("rpn_fg_iou", "rpn_bg_iou", "rcnn_fg_iou", "rpn_nms_iou", "nms_iou",
-                     "rpn_positive_fraction", "rcnn_positive_fraction"):
+        for name in (
+            "rpn_fg_iou",
+            "rpn_bg_iou",
+            "rcnn_fg_iou",
+            "rpn_nms_iou",
+            "nms_iou",
+            "rpn_positive_fraction",
+            "rcnn_positive_fraction",
+        ):
             v = getattr(self, name)
             if not _is_number(v) or not 0 < v <= 1:
                 raise ValueError(f"thundernet.{name} must be in (0, 1], got {v!r}")
@@ -202,8 +224,15 @@ class LightRCNNHead(nn.Module):
 # Anchors, labelling, sampling
 
 
-def make_anchors(sizes: list[float], ratios: list[float], stride: int, height: int, width: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
+def make_anchors(
+    sizes: list[float],
+    ratios: list[float],
+    stride: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor:
     """Anchors (H W A, 4) xyxy, location-major, centred on the stride cells; ratio = h / w, area = size^2."""
     s = torch.tensor(sizes, dtype=dtype, device=device)
     r = torch.tensor(ratios, dtype=dtype, device=device)
@@ -269,8 +298,15 @@ class ThunderNet(nn.Module):
         cem = self.cem(c4, c5)  # (B, alpha p p, H/16, W/16)
         rpn_feat, objectness, deltas = self.rpn(cem)  # (B, rpn_channels, ., .), (B, N), (B, N, 4)
         sam = self.sam(cem, rpn_feat)  # (B, alpha p p, H/16, W/16)
-        anchors = make_anchors(self.config.anchor_sizes, self.config.anchor_ratios, self.stride,
-                               cem.shape[2], cem.shape[3], cem.dtype, cem.device)  # (N, 4)
+        anchors = make_anchors(
+            self.config.anchor_sizes,
+            self.config.anchor_ratios,
+            self.stride,
+            cem.shape[2],
+            cem.shape[3],
+            cem.dtype,
+            cem.device,
+        )  # (N, 4)
         proposals, valid = self.propose(objectness.detach(), deltas.detach(), anchors, (H, W), targets is not None)
         if targets is None:
             return self.detect(sam, proposals, valid, (H, W))
@@ -377,8 +413,12 @@ class ThunderNet(nn.Module):
         boxes = decode_boxes(deltas.reshape(B, P, C, 4), proposals[:, :, None, :], tuple(cfg.box_weights))
         boxes = clip_boxes(boxes, size)  # (B, P, C, 4)
         # Boxes are class-specific: NMS "batches" are the (image, class) pairs, each over its P boxes.
-        keep = multiclass_nms(boxes.transpose(1, 2).reshape(B * C, P, 4), probs.transpose(1, 2).reshape(B * C, 1, P),
-                              cfg.nms_iou, cfg.score_threshold)  # (B C, 1, P)
+        keep = multiclass_nms(
+            boxes.transpose(1, 2).reshape(B * C, P, 4),
+            probs.transpose(1, 2).reshape(B * C, 1, P),
+            cfg.nms_iou,
+            cfg.score_threshold,
+        )  # (B C, 1, P)
         keep = keep.reshape(B, C, P).transpose(1, 2).reshape(B, P * C)  # roi-major, as the scores
         scores = probs.reshape(B, P * C)
         order, kept = top_kept(scores, keep, min(cfg.max_detections, P * C))  # (B, D)

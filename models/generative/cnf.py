@@ -85,8 +85,9 @@ def rk4(f: Callable[[float, State], State], y0: State, t0: float, t1: float, ste
     return y, 4 * steps
 
 
-def rk45(f: Callable[[float, State], State], y0: State, t0: float, t1: float, rtol: float,
-         atol: float) -> tuple[State, int]:
+def rk45(
+    f: Callable[[float, State], State], y0: State, t0: float, t1: float, rtol: float, atol: float
+) -> tuple[State, int]:
     """Adaptive Dormand-Prince RK45 (scipy's solve_ivp) on the flattened state, in float64."""
     shapes = [y.shape for y in y0]
     sizes = [y.numel() for y in y0]
@@ -157,15 +158,23 @@ class FlowMatching:
         v = self.velocity(model)(xt, t)
         return {"loss": ((v - target) ** 2).mean()}
 
-    def _solve(self, f: Callable[[float, State], State], y0: State, t0: float, t1: float, steps: int,
-               solver: str) -> tuple[State, int]:
+    def _solve(
+        self, f: Callable[[float, State], State], y0: State, t0: float, t1: float, steps: int, solver: str
+    ) -> tuple[State, int]:
         if solver == "rk4":
             return rk4(f, y0, t0, t1, steps)
         return rk45(f, y0, t0, t1, self.cfg.rtol, self.cfg.atol)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module | VectorField, shape: tuple[int, ...], generator: torch.Generator | None = None,
-               device=None, steps: int | None = None, velocity: VectorField | None = None) -> tuple[Tensor, int]:
+    def sample(
+        self,
+        model: nn.Module | VectorField,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device=None,
+        steps: int | None = None,
+        velocity: VectorField | None = None,
+    ) -> tuple[Tensor, int]:
         """x_1 (shape) from x_0 ~ N(0, I) by integrating dx/dt = v from t = 0 to 1; and the evaluations."""
         v = velocity or self.velocity(model)
         x0 = torch.randn(shape, generator=generator).to(device)
@@ -176,8 +185,14 @@ class FlowMatching:
         (x1,), nfe = self._solve(f, (x0,), 0.0, 1.0, steps or self.cfg.sample_steps, self.cfg.sample_solver)
         return x1, nfe
 
-    def log_prob(self, model: nn.Module | None, x1: Tensor, generator: torch.Generator | None = None,
-                 velocity: VectorField | None = None, trace: str | None = None) -> tuple[Tensor, int]:
+    def log_prob(
+        self,
+        model: nn.Module | None,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        velocity: VectorField | None = None,
+        trace: str | None = None,
+    ) -> tuple[Tensor, int]:
         """log p_1(x1) per row (B,) and the evaluations: the ODE with the divergence, integrated from t = 1
         back to 0 (Chen eq. 4), plus log N(x_0; 0, I)."""
         v = velocity or self.velocity(model)
@@ -192,8 +207,9 @@ class FlowMatching:
             return vx.detach(), div.detach()
 
         # delta(t) = int_1^t div ds, so at t = 0 it is -int_0^1 div dt and log p_1 = log p_0(x_0) + delta(0)
-        (x0, delta), nfe = self._solve(f, (x1, x1.new_zeros(x1.shape[0])), 1.0, 0.0, self.cfg.likelihood_steps,
-                                      self.cfg.likelihood_solver)
+        (x0, delta), nfe = self._solve(
+            f, (x1, x1.new_zeros(x1.shape[0])), 1.0, 0.0, self.cfg.likelihood_steps, self.cfg.likelihood_solver
+        )
         return standard_normal_log_prob(x0) + delta, nfe
 
     def bits_per_dim(self, model: nn.Module, y: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
@@ -212,8 +228,8 @@ def gaussian_ot_velocity(mean: Tensor, std: float, sigma_min: float) -> VectorFi
     def v(x: Tensor, t: Tensor) -> Tensor:
         tb = t.view(-1, *([1] * (x.dim() - 1)))
         a = 1 - (1 - sigma_min) * tb
-        var = a ** 2 + tb ** 2 * std ** 2
-        return mean + (tb * std ** 2 - (1 - sigma_min) * a) / var * (x - tb * mean)
+        var = a**2 + tb**2 * std**2
+        return mean + (tb * std**2 - (1 - sigma_min) * a) / var * (x - tb * mean)
 
     return v
 

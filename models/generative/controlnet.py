@@ -1,6 +1,6 @@
 """ControlNet (Zhang, Rao, Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models") on a
-frozen, trained UNet (models/generative/unet.py), with an edge map as the spatial condition, and the edge operator itself
-(Canny 1986: Sobel gradients, non-maximum suppression, double threshold with hysteresis) in pure torch.
+frozen, trained UNet (models/generative/unet.py), with an edge map as the spatial condition, and the edge operator
+itself (Canny 1986: Sobel gradients, non-maximum suppression, double threshold with hysteresis) in pure torch.
 
     base UNet (frozen):   x_t -> encoder (input blocks, middle) -> decoder with skips -> eps
     ControlNet:           a trainable copy of the base's time/label embedding, input blocks and middle block;
@@ -67,7 +67,7 @@ def _shift(x: Tensor, dr: int, dc: int) -> Tensor:
     """out[..., r, c] = x[..., r + dr, c + dc], zero outside."""
     H, W = x.shape[-2:]
     p = F.pad(x, (1, 1, 1, 1))
-    return p[..., 1 + dr: 1 + dr + H, 1 + dc: 1 + dc + W]
+    return p[..., 1 + dr : 1 + dr + H, 1 + dc : 1 + dc + W]
 
 
 def canny_edges(images: Tensor, low: float = 0.1, high: float = 0.3) -> Tensor:
@@ -113,8 +113,11 @@ def edge_f1(pred: Tensor, target: Tensor, tolerance: int = 1) -> Tensor:
     hit_t = (target.float() * dilate(pred)).flatten(1).sum(1)  # target edges near a predicted edge
     precision = torch.where(p.sum(1) > 0, hit_p / p.sum(1).clamp_min(1), (t.sum(1) == 0).float())
     recall = torch.where(t.sum(1) > 0, hit_t / t.sum(1).clamp_min(1), (p.sum(1) == 0).float())
-    return torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
-                       torch.zeros_like(precision))
+    return torch.where(
+        precision + recall > 0,
+        2 * precision * recall / (precision + recall).clamp_min(1e-12),
+        torch.zeros_like(precision),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,8 +148,10 @@ class ControlNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, cond: Tensor) -> list[Tensor]:
         t = _check_input(self.base_cfg, x, t)
         if cond.shape != (x.shape[0], self.cfg.cond_channels, *x.shape[2:]):
-            raise ValueError(f"expected cond of shape ({x.shape[0]}, {self.cfg.cond_channels}, "
-                             f"{x.shape[2]}, {x.shape[3]}), got {tuple(cond.shape)}")
+            raise ValueError(
+                f"expected cond of shape ({x.shape[0]}, {self.cfg.cond_channels}, "
+                f"{x.shape[2]}, {x.shape[3]}), got {tuple(cond.shape)}"
+            )
         emb = self.encoder.embed_time(t)  # (B, E)
         if self.label_embed is not None:
             if y is None:

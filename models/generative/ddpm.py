@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.generative.process import broadcast_to
+
 # ----------------------------------------------------------------------------------------------------
 # Config
 
@@ -165,10 +167,6 @@ class SampleOutput:
 # The process
 
 
-def _bcast(values: Tensor, x: Tensor) -> Tensor:
-    return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
-
-
 def infer_device(model: object) -> torch.device:
     if isinstance(model, nn.Module):
         for p in model.parameters():
@@ -177,6 +175,8 @@ def infer_device(model: object) -> torch.device:
 
 
 class GaussianDiffusion:
+    """DDPM / DDIM; implements models.generative.process.GenerativeProcess."""
+
     def __init__(self, cfg: DiffusionConfig) -> None:
         self.cfg = cfg
         self.num_timesteps = cfg.num_timesteps
@@ -190,7 +190,7 @@ class GaussianDiffusion:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                                      (Ho eq. 4)"""
         if noise is None:
             noise = torch.randn_like(x0)
-        abar = _bcast(self.alphas_cumprod.to(x0.device)[t], x0)  # (B, 1, ..., 1)
+        abar = broadcast_to(self.alphas_cumprod.to(x0.device)[t], x0)  # (B, 1, ..., 1)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def training_losses(
@@ -222,6 +222,12 @@ class GaussianDiffusion:
         return {"loss": mse.mean(), "mse_per_sample": mse.detach()}
 
     # -- reverse process ------------------------------------------------------------------------------
+
+    def prior(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """x_T ~ N(0, I): abar_T ~ 0, so q(x_T | x_0) is the standard normal                  (Ho Section 2)"""
+        return torch.randn(shape, generator=generator, device=device)  # (B, ...)
 
     def timestep_sequence(self, steps: int | None = None) -> list[int]:
         """Increasing subsequence tau of [0, T): all of them, or `steps` evenly spaced (first 0, last T-1)."""
@@ -256,7 +262,7 @@ class GaussianDiffusion:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         device = torch.device(device) if device is not None else infer_device(model)
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)  # (B, ...)
+        x = self.prior(shape, generator, device) if x_T is None else x_T.to(device)  # (B, ...)
         abar_all = self.alphas_cumprod.to(device)  # (T,) float64
         tau = self.timestep_sequence(steps)
         nfe = 0
@@ -277,8 +283,17 @@ class GaussianDiffusion:
         return x0.clamp(-1, 1) if self.cfg.clip_x0 else x0
 
     def _ancestral_step(
-        self, x: Tensor, eps: Tensor, t: Tensor, abar_t: Tensor, abar_s: Tensor, *, last: bool, eta: float,
-        guidance: Guidance | None, generator: torch.Generator | None,
+        self,
+        x: Tensor,
+        eps: Tensor,
+        t: Tensor,
+        abar_t: Tensor,
+        abar_s: Tensor,
+        *,
+        last: bool,
+        eta: float,
+        guidance: Guidance | None,
+        generator: torch.Generator | None,
     ) -> Tensor:
         alpha = abar_t / abar_s
         beta = 1 - alpha
@@ -301,8 +316,17 @@ class GaussianDiffusion:
         return mean + var.sqrt().to(x.dtype) * z
 
     def _ddim_step(
-        self, x: Tensor, eps: Tensor, t: Tensor, abar_t: Tensor, abar_s: Tensor, *, last: bool, eta: float,
-        guidance: Guidance | None, generator: torch.Generator | None,
+        self,
+        x: Tensor,
+        eps: Tensor,
+        t: Tensor,
+        abar_t: Tensor,
+        abar_s: Tensor,
+        *,
+        last: bool,
+        eta: float,
+        guidance: Guidance | None,
+        generator: torch.Generator | None,
     ) -> Tensor:
         # 1. classifier guidance: eps^ = eps - sqrt(1 - abar_t) grad log p(y | x_t)    (Dhariwal & Nichol Alg. 2)
         if isinstance(guidance, ClassifierGuidance):

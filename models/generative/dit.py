@@ -3,8 +3,8 @@ adaLN-Zero block, plus the two SD3 options (Esser et al. 2024, "Scaling Rectifie
 High-Resolution Image Synthesis"): RMSNorm on queries and keys per head (QK-normalisation, also ViT-22B) and
 a choice between 2D and 1D sine-cosine position embeddings.
 
-Like models/generative/unet.py, the network predicts one tensor the shape of its input from (x, t[, y]); what that tensor
-means (noise, velocity) and how t is scaled are decided by the process that drives it.
+Like models/generative/unet.py, the network predicts one tensor the shape of its input from (x, t[, y]); what that
+tensor means (noise, velocity) and how t is scaled are decided by the process that drives it.
 
     x (B, C, H, W) -> Conv2d(kernel p, stride p) -> tokens (B, N, D), N = (H / p) (W / p)     (DiT Fig. 4, "Patchify")
     tokens + fixed sine-cosine position embedding (2D as DiT / ViT-MAE, or 1D over the patch index)
@@ -52,8 +52,15 @@ class DiTConfig:
     frequency_embedding_size: int = 256  # width of the sinusoid fed to the time MLP (DiT's value)
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "image_size", "patch_size", "hidden_size", "depth", "num_heads",
-                     "frequency_embedding_size"):
+        for name in (
+            "in_channels",
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "frequency_embedding_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -110,8 +117,9 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
     """Half of the dims encode the row, half the column, each as sincos_1d; patches in row-major order."""
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                             indexing="ij")  # (g, g) each
+    rows, cols = np.meshgrid(
+        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
+    )  # (g, g) each
     return np.concatenate([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], axis=1)  # (g*g, dim)
 
 
@@ -260,8 +268,11 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for module in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1],
-                       self.final_layer.linear]:
+        for module in [
+            *(b.adaLN_modulation[-1] for b in self.blocks),
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 

@@ -31,9 +31,13 @@ class FIDNetConfig:
     def __post_init__(self) -> None:
         self.channels = list(self.channels)
         if not self.channels or any(c < 1 or c % self.num_groups for c in self.channels):
-            raise ValueError(f"channels must be positive multiples of num_groups ({self.num_groups}), got {self.channels}")
+            raise ValueError(
+                f"channels must be positive multiples of num_groups ({self.num_groups}), got {self.channels}"
+            )
         if self.image_size % 2 ** len(self.channels):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2**len(channels) = {2 ** len(self.channels)}")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**len(channels) = {2 ** len(self.channels)}"
+            )
         for name in ("in_channels", "num_classes", "feature_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -45,8 +45,8 @@ class RealNVPConfig:
         for name in ("in_channels", "image_size", "num_scales", "hidden_channels", "num_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_size % 2 ** self.num_scales:
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2^num_scales = {2 ** self.num_scales}")
+        if self.image_size % 2**self.num_scales:
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2^num_scales = {2**self.num_scales}")
         if not 0 < self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha must be in (0, 0.5), got {self.logit_alpha}")
         if not self.sample_temperature > 0:
@@ -265,7 +265,7 @@ class RealNVP(nn.Module):
 
     @property
     def dims(self) -> int:
-        return self.cfg.in_channels * self.cfg.image_size ** 2
+        return self.cfg.in_channels * self.cfg.image_size**2
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) -> z (B, D), log|det dz/dx| (B,)."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from models.generative.ddpm import ClassifierGuidance, Guidance, SampleOutput, drop_labels, guided_output, infer_device
+from models.generative.process import broadcast_to
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -85,11 +86,9 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
 # The process
 
 
-def _bcast(values: Tensor, x: Tensor) -> Tensor:
-    return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
-
-
 class RectifiedFlow:
+    """Rectified flow with SD3's recipe; implements models.generative.process.GenerativeProcess."""
+
     def __init__(self, cfg: RectifiedFlowConfig) -> None:
         self.cfg = cfg
 
@@ -100,7 +99,7 @@ class RectifiedFlow:
 
     def interpolate(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """z_t = (1 - t) x_0 + t eps                                                             (SD3 eq. 13)"""
-        tb = _bcast(t, x0)  # (B, 1, ..., 1)
+        tb = broadcast_to(t, x0)  # (B, 1, ..., 1)
         return (1 - tb) * x0 + tb * noise
 
     def training_losses(
@@ -138,6 +137,12 @@ class RectifiedFlow:
 
     # -- sampling -------------------------------------------------------------------------------------
 
+    def prior(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """z_1 ~ N(0, I): the t = 1 end of the path is pure noise                            (SD3 eq. 2)"""
+        return torch.randn(shape, generator=generator, device=device)  # (B, ...)
+
     def time_grid(self, steps: int, device=None) -> Tensor:
         """1 = t_0 > t_1 > ... > t_N = 0: uniform, then shifted (SD3 eq. 23)."""
         grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)  # (N + 1,)
@@ -167,7 +172,7 @@ class RectifiedFlow:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         device = torch.device(device) if device is not None else infer_device(model)
-        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)  # (B, ...)
+        x = self.prior(shape, generator, device) if x_T is None else x_T.to(device)  # (B, ...)
         grid = self.time_grid(steps, device)  # (N + 1,)
         nfe = 0
         with torch.no_grad():

@@ -42,6 +42,7 @@ from models.generative.ddpm import (
     guided_output,
     infer_device,
 )
+from models.generative.process import broadcast_to
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -102,12 +103,9 @@ class SDEConfig:
 # The SDEs
 
 
-def _bcast(values: Tensor, x: Tensor) -> Tensor:
-    return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
-
-
 class SDE:
-    """Common part: training loss, score function from a network, the sampling interface."""
+    """Common part: training loss, score function from a network, the sampling interface. VPSDE and VESDE
+    implement models.generative.process.GenerativeProcess through it."""
 
     default_sample_eps = 1e-3
 
@@ -134,17 +132,23 @@ class SDE:
         """Forward step t_next -> t written as x_t = x + f + G z (f evaluated at x), for the reverse-diffusion
         predictor. Generic version: Euler-Maruyama of the forward SDE (Song Appendix E)."""
         dt = t - t_next  # (B,) > 0
-        return self.drift(x, t) * _bcast(dt, x), self.diffusion(t) * dt.sqrt()
+        return self.drift(x, t) * broadcast_to(dt, x), self.diffusion(t) * dt.sqrt()
 
     def langevin_alpha(self, t: Tensor, t_next: Tensor) -> Tensor:
         return torch.ones_like(t)
 
     def marginal_prob(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         a, std = self.marginal_coeffs(t)
-        return _bcast(a, x0) * x0, _bcast(std, x0)  # mean (B, ...), std (B, 1, ..., 1)
+        return broadcast_to(a, x0) * x0, broadcast_to(std, x0)  # mean (B, ...), std (B, 1, ..., 1)
 
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
         return self.prior_std() * torch.randn(shape, generator=generator, device=device)  # (B, ...)
+
+    def prior(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """x_1 ~ N(0, prior_std^2 I), the p_T the reverse SDE starts from (Song Section 3.1; GenerativeProcess)."""
+        return self.prior_sample(shape, generator, device)  # (B, ...)
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -184,7 +188,7 @@ class SDE:
             t_in = t * scale  # (B,)
             out, _ = guided_output(model, x, t_in, guidance, cond)  # (B, ...)
             if self.cfg.parameterization == "noise":
-                out = -out / _bcast(self.marginal_coeffs(t)[1], x)
+                out = -out / broadcast_to(self.marginal_coeffs(t)[1], x)
             if isinstance(guidance, ClassifierGuidance):
                 out = out + guidance.grad_log_prob(x, t_in)
             return out
@@ -209,8 +213,13 @@ class SDE:
         """The same interface as GaussianDiffusion.sample; nfe counts network evaluations."""
         device = torch.device(device) if device is not None else infer_device(model)
         out = self.sample_score(
-            self.score_fn(model, guidance, **cond), shape, steps=steps, sampler=sampler, generator=generator,
-            x_T=x_T, device=device,
+            self.score_fn(model, guidance, **cond),
+            shape,
+            steps=steps,
+            sampler=sampler,
+            generator=generator,
+            x_T=x_T,
+            device=device,
         )
         per_call = 2 if isinstance(guidance, ClassifierFreeGuidance) else 1
         return SampleOutput(x=out.x, nfe=out.nfe * per_call)
@@ -242,7 +251,7 @@ class VPSDE(SDE):
         return self.cfg.beta_min + t * (self.cfg.beta_max - self.cfg.beta_min)  # (B,)
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        return -0.5 * _bcast(self.beta(t), x) * x
+        return -0.5 * broadcast_to(self.beta(t), x) * x
 
     def diffusion(self, t: Tensor) -> Tensor:
         return self.beta(t).sqrt()
@@ -263,7 +272,7 @@ class VPSDE(SDE):
     def discretize(self, x: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM step x_t = sqrt(1 - beta_i) x + sqrt(beta_i) z with beta_i exact for [t_next, t] (Appendix E)."""
         alpha = self._step_alpha(t, t_next)  # (B,)
-        return (_bcast(alpha.sqrt(), x) - 1) * x, (1 - alpha).sqrt()
+        return (broadcast_to(alpha.sqrt(), x) - 1) * x, (1 - alpha).sqrt()
 
     def langevin_alpha(self, t: Tensor, t_next: Tensor) -> Tensor:
         return self._step_alpha(t, t_next)  # alpha_i of Song Algorithm 5
@@ -321,7 +330,7 @@ def euler_maruyama_sampler(
     for i in range(steps):
         t, dt = _full(grid[i], x), float(grid[i + 1] - grid[i])  # (B,), scalar < 0
         # 1. reverse drift f(x, t) - g(t)^2 score(x, t)                                          (Song eq. 6)
-        g = _bcast(sde.diffusion(t), x)  # (B, 1, ..., 1)
+        g = broadcast_to(sde.diffusion(t), x)  # (B, 1, ..., 1)
         x_mean = x + (sde.drift(x, t) - g**2 * score_fn(x, t)) * dt  # (B, ...)
         # 2. + g(t) sqrt(|dt|) z, except for the last step when denoising
         if i == steps - 1 and sde.cfg.denoise:
@@ -345,7 +354,7 @@ def langevin_corrector(
         if grad_norm == 0:  # e.g. a zero-initialised network: the step size is undefined, skip
             continue
         noise_norm = z.flatten(1).norm(dim=1).mean()
-        step = 2 * _bcast(alpha, x) * (sde.cfg.snr * noise_norm / grad_norm) ** 2  # (B, 1, ..., 1)
+        step = 2 * broadcast_to(alpha, x) * (sde.cfg.snr * noise_norm / grad_norm) ** 2  # (B, 1, ..., 1)
         x = x + step * grad + (2 * step).sqrt() * z
     return x
 
@@ -368,13 +377,13 @@ def pc_sampler(
         if sde.cfg.predictor == "reverse_diffusion":
             # 2a. reverse diffusion: x_mean = x - f + G^2 s, then + G z                        (Song Appendix E)
             f, G = sde.discretize(x, t, t_next)
-            G = _bcast(G, x)
+            G = broadcast_to(G, x)
             x_mean = x - f + G**2 * score
             noise_scale = G
         else:
             # 2b. Euler-Maruyama on the reverse SDE                                                (Song eq. 6)
             dt = float(grid[i + 1] - grid[i])
-            g = _bcast(sde.diffusion(t), x)
+            g = broadcast_to(sde.diffusion(t), x)
             x_mean = x + (sde.drift(x, t) - g**2 * score) * dt
             noise_scale = g * math.sqrt(-dt)
         if i == steps - 1 and sde.cfg.denoise:
@@ -395,7 +404,7 @@ def probability_flow_ode_sampler(
     def ode_fn(t: float, y: np.ndarray) -> np.ndarray:
         xt = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)  # (B, ...)
         tt = torch.full((shape[0],), t, device=device, dtype=dtype)  # (B,)
-        g = _bcast(sde.diffusion(tt), xt)
+        g = broadcast_to(sde.diffusion(tt), xt)
         dx = sde.drift(xt, tt) - 0.5 * g**2 * score_fn(xt, tt)  # (B, ...)
         return dx.detach().to("cpu", torch.float64).numpy().reshape(-1)
 

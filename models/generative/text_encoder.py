@@ -97,8 +97,9 @@ class TextEncoder(nn.Module):
         D = cfg.dim
         self.token_embed = nn.Embedding(cfg.vocab_size, D)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_length, D) * 0.02)
-        layer = nn.TransformerEncoderLayer(D, cfg.num_heads, 4 * D, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            D, cfg.num_heads, 4 * D, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         # enable_nested_tensor=False: the fast path would drop padded positions' outputs to 0, not compute them
         self.transformer = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(D)
@@ -121,8 +122,10 @@ class TextConditionedUNet(nn.Module):
     def __init__(self, unet: UNet, text_encoder: TextEncoder) -> None:
         super().__init__()
         if unet.cfg.context_dim != text_encoder.cfg.dim:
-            raise ValueError(f"the UNet's context_dim ({unet.cfg.context_dim}) must equal the text encoder's dim "
-                             f"({text_encoder.cfg.dim})")
+            raise ValueError(
+                f"the UNet's context_dim ({unet.cfg.context_dim}) must equal the text encoder's dim "
+                f"({text_encoder.cfg.dim})"
+            )
         if unet.cfg.num_classes:
             raise ValueError("a text-conditioned UNet has no label embedding (num_classes must be 0)")
         self.unet = unet

@@ -193,8 +193,13 @@ class Upsample(nn.Module):
 class EmbedSequential(nn.Sequential):
     """A sequence of layers where ResBlocks also receive the embedding, cross-attention the context."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None,  # type: ignore[override]
-                context_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor | None = None,  # type: ignore[override]
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -254,14 +259,17 @@ class _Encoder(nn.Module):
     def embed_time(self, t: Tensor) -> Tensor:
         return self.time_embed(timestep_embedding(t, self.cfg.base_channels, self.cfg.max_period))  # (B, E)
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)
             skips.append(h)
-        return self.middle_block(h, emb, context, context_mask), skips  # (B, C_top, H_low, W_low), one skip per input block
+        return self.middle_block(
+            h, emb, context, context_mask
+        ), skips  # (B, C_top, H_low, W_low), one skip per input block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,8 +310,15 @@ class UNet(nn.Module):
             raise AttributeError("an unconditional UNet (num_classes=0) has no null label")
         return self.cfg.num_classes
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, residuals: list[Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        residuals: list[Tensor] | None = None,
+    ) -> Tensor:
         """x (B, C, H, W); t (B,) float or integer time input; y (B,) long in [0, num_classes], or None;
         context (B, L, context_dim) tokens for the cross-attention, context_mask (B, L) True at padding;
         residuals: a ControlNet's (models/generative/controlnet.py), one per skip then one for the middle output."""

@@ -62,9 +62,7 @@ class NgramConfig:
             raise ValueError(f"ngram.order must be an integer >= 1, got {self.order!r}")
         fallback = self.discount_fallback
         if not isinstance(fallback, list) or len(fallback) != 3:
-            raise ValueError(
-                f"ngram.discount_fallback must be a list of 3 discounts [D1, D2, D3+], got {fallback!r}"
-            )
+            raise ValueError(f"ngram.discount_fallback must be a list of 3 discounts [D1, D2, D3+], got {fallback!r}")
         for j, d in enumerate(fallback, start=1):
             # A discount D_j may take at most j from a count of j (eq. 26 keeps D_j in (0, j) on real data).
             if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 < d < j:
@@ -482,7 +480,7 @@ def parse_arpa(lines: Iterable[str]) -> tuple[BackoffModel, list[str]]:
     def next_line() -> str:
         """The next non-blank line."""
         nonlocal lineno
-        for lineno, text in numbered:
+        for lineno, text in numbered:  # noqa: B007  (lineno is the nonlocal the caller reads)
             if text:
                 return text
         lineno += 1

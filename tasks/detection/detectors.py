@@ -70,7 +70,9 @@ def derived_detector_fields(name: str):
         coco = json.loads((root / SCENES_DIR / "train" / "annotations.json").read_text())
         sizes = {(im["height"], im["width"]) for im in coco["images"]}
         if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
-            raise ValueError(f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}")
+            raise ValueError(
+                f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}"
+            )
         return {name: {"num_classes": len(coco["categories"]), "input_size": next(iter(sizes))[0]}}
 
     return derive
@@ -99,9 +101,15 @@ def predict(model: nn.Module, split: Split, batch_size: int, device: torch.devic
 def detections_to_coco(dets: Detections | tuple, image_ids: list[int], category_ids: list[int]) -> list[dict]:
     boxes, scores, labels, image_index = (np.asarray(t.cpu() if torch.is_tensor(t) else t) for t in dets)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    return [{"image_id": image_ids[int(i)], "category_id": category_ids[int(c)],
-             "bbox": [round(float(v), 4) for v in box], "score": round(float(s), 6)}
-            for box, s, c, i in zip(xywh, scores, labels, image_index)]
+    return [
+        {
+            "image_id": image_ids[int(i)],
+            "category_id": category_ids[int(c)],
+            "bbox": [round(float(v), 4) for v in box],
+            "score": round(float(s), 6),
+        }
+        for box, s, c, i in zip(xywh, scores, labels, image_index)
+    ]
 
 
 def detection_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -121,13 +129,26 @@ class DetectorFit:
         return {"val_ap50_final": self.val_ap50, "parameters": float(self.parameters)}
 
     def metrics(self) -> dict[str, float]:
-        return {**self.results(), "train_seconds": self.train.train_seconds,
-                "train_images_per_s": self.train.items_per_second, "resumed_from_step": float(self.train.resumed_from)}
+        return {
+            **self.results(),
+            "train_seconds": self.train.train_seconds,
+            "train_images_per_s": self.train.items_per_second,
+            "resumed_from_step": float(self.train.resumed_from),
+        }
 
 
-def fit_detector(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_cfg: DetectionEvalConfig,
-                 splits: dict[str, Split], *, seed: int, device: torch.device, checkpoint: Path | None,
-                 run: StageRun | None) -> DetectorFit:
+def fit_detector(
+    name: str,
+    model_cfg: Any,
+    train_cfg: TrainConfig,
+    eval_cfg: DetectionEvalConfig,
+    splits: dict[str, Split],
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> DetectorFit:
     torch.manual_seed(seed)
     model = build_detector(name, model_cfg)
     train_split, val_split = splits["train"], splits["val"]
@@ -145,12 +166,29 @@ def fit_detector(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_cfg: De
         m.train()
         return {"val_ap": float(result.stats[0]), "val_ap50": float(result.stats[1])}
 
-    fingerprint = {"model": name, "model_config": dataclasses.asdict(model_cfg),
-                   "train_config": dataclasses.asdict(train_cfg), "seed": seed,
-                   "train_images": len(train_x), "train_checksum": int(train_split.images.sum(dtype=np.int64))}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=detection_loss, evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc=f"detector@{name}")
+    fingerprint = {
+        "model": name,
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(train_cfg),
+        "seed": seed,
+        "train_images": len(train_x),
+        "train_checksum": int(train_split.images.sum(dtype=np.int64)),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=detection_loss,
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc=f"detector@{name}",
+    )
     records = predict(model, splits["test"], eval_cfg.batch_size, device)
     val_ap50 = result.history[-1]["val_ap50"] if result.history else float("nan")
     return DetectorFit(model, result, records, val_ap50, sum(p.numel() for p in model.parameters()))
@@ -167,8 +205,10 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
-    return {**{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
-            "per_class_ap": {str(c): float(v) for c, v in zip(result.cat_ids, result.per_class_ap)}}
+    return {
+        **{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
+        "per_class_ap": {str(c): float(v) for c, v in zip(result.cat_ids, result.per_class_ap)},
+    }
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -199,11 +239,21 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
     splits = {split: read_split(root, split) for split in ("train", "val", "test")}
     for split in ("train", "test"):
         table = pd.DataFrame(splits[split].coco["annotations"])[["image_id", "category_id", "area"]]
-        run.log_input(table, source=str(root / SCENES_DIR / split / "annotations.json"), name=f"scenes-{split}",
-                      context=split)
+        run.log_input(
+            table, source=str(root / SCENES_DIR / split / "annotations.json"), name=f"scenes-{split}", context=split
+        )
     out_dir = root / DETECTOR_DIR / name
-    fit = fit_detector(name, model_cfg, train_cfg, eval_cfg, splits, seed=seed, device=resolve_device(device_name),
-                       checkpoint=out_dir / "checkpoint.pt", run=run)
+    fit = fit_detector(
+        name,
+        model_cfg,
+        train_cfg,
+        eval_cfg,
+        splits,
+        seed=seed,
+        device=resolve_device(device_name),
+        checkpoint=out_dir / "checkpoint.pt",
+        run=run,
+    )
     save_model(out_dir / "model.pt", name, model_cfg, fit.model)
     write_text(out_dir / "predictions_test.json", json.dumps(fit.test_predictions))
     write_json(root / METRICS_DIR / "detector" / f"{name}.json", fit.results())
@@ -212,8 +262,10 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
     metrics = fit.metrics()
     run.log_metrics(metrics)
     run.log_artifact(root / PLOTS_DIR / "detector" / f"{name}.csv", "plots")
-    print(f"detector@{name}: val AP50 {fit.val_ap50:.3f} ({fit.parameters:,} parameters, "
-          f"{fit.train.items_per_second:.1f} images/s)")
+    print(
+        f"detector@{name}: val AP50 {fit.val_ap50:.3f} ({fit.parameters:,} parameters, "
+        f"{fit.train.items_per_second:.1f} images/s)"
+    )
     return metrics
 
 
@@ -252,15 +304,23 @@ def map_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     run.log_figure(pr_figure(curves), "plots/pr_curve.png")
     run.log_text(json.dumps(summaries, indent=2) + "\n", "map.json")
     for name in DETECTOR_NAMES:
-        print(f"{name}: AP {summaries[name]['AP']:.3f}  AP50 {summaries[name]['AP50']:.3f}  "
-              f"AP75 {summaries[name]['AP75']:.3f}  AR100 {summaries[name]['AR100']:.3f}")
+        print(
+            f"{name}: AP {summaries[name]['AP']:.3f}  AP50 {summaries[name]['AP50']:.3f}  "
+            f"AP75 {summaries[name]['AP75']:.3f}  AR100 {summaries[name]['AR100']:.3f}"
+        )
     return metrics
 
 
 SPECS = [
-    StageSpec(name="detector", family="detection", task=detector_task, inputs=DetectorInputs, items=DETECTOR_NAMES,
-              sections=lambda item: {"model": (item, DETECTORS[item][0])},
-              derive=lambda root, item: derived_detector_fields(item)(root),
-              placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTOR_NAMES}),
+    StageSpec(
+        name="detector",
+        family="detection",
+        task=detector_task,
+        inputs=DetectorInputs,
+        items=DETECTOR_NAMES,
+        sections=lambda item: {"model": (item, DETECTORS[item][0])},
+        derive=lambda root, item: derived_detector_fields(item)(root),
+        placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTOR_NAMES},
+    ),
     StageSpec(name="map", family="detection", task=map_task, seeded=False),
 ]

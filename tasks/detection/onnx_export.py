@@ -16,14 +16,7 @@ from torch import nn
 from models.detection.boxes import Detections
 from models.detection.coco_eval import evaluate_coco
 from models.detection.detectors import GrayscaleDetector
-from tasks.detection.detectors import (
-    DETECTOR_NAMES,
-    Split,
-    detections_to_coco,
-    load_detector,
-    pixels,
-    read_split,
-)
+from tasks.detection.detectors import DETECTOR_NAMES, Split, detections_to_coco, load_detector, pixels, read_split
 from tasks.io import atomic_path, write_json
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, ONNX_DIR
 from tasks.spec import StageContext, StageSpec
@@ -41,13 +34,25 @@ def export_onnx(model: nn.Module, input_size: int, path: Path) -> bool:
     wrapper = GrayscaleDetector(model).eval()
     names = {"input_names": ["pixels"], "output_names": ["boxes", "scores", "labels", "image_index"]}
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.onnx.export(wrapper, (torch.rand(2, 1, input_size, input_size),), dynamo=True,
-                                custom_translation_table=ONNX_TRANSLATION_TABLE, dynamic_shapes={"gray": {0: batch}},
-                                verbose=False, **names)
+    program = torch.onnx.export(
+        wrapper,
+        (torch.rand(2, 1, input_size, input_size),),
+        dynamo=True,
+        custom_translation_table=ONNX_TRANSLATION_TABLE,
+        dynamic_shapes={"gray": {0: batch}},
+        verbose=False,
+        **names,
+    )
     dynamic = bool(program.model_proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param)
     if not dynamic:
-        program = torch.onnx.export(wrapper, (torch.rand(1, 1, input_size, input_size),), dynamo=True,
-                                    custom_translation_table=ONNX_TRANSLATION_TABLE, verbose=False, **names)
+        program = torch.onnx.export(
+            wrapper,
+            (torch.rand(1, 1, input_size, input_size),),
+            dynamo=True,
+            custom_translation_table=ONNX_TRANSLATION_TABLE,
+            verbose=False,
+            **names,
+        )
     with atomic_path(path) as tmp:
         program.save(str(tmp))
     return dynamic
@@ -94,9 +99,16 @@ def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
         prepared = tmp.with_name(tmp.name + ".pre.onnx")
         try:
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+            quantize_static(
+                str(prepared),
+                str(tmp),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            )
         finally:
             prepared.unlink(missing_ok=True)
 
@@ -117,8 +129,11 @@ def compare_outputs(torch_dets: list[Detections], onnx_out: list[tuple]) -> dict
     count_mismatch, max_box, max_score = 0, 0.0, 0.0
     for ours, theirs in zip(torch_dets, onnx_out):
         boxes, scores, labels, image_index = theirs
-        if len(boxes) != len(ours.boxes) or not np.array_equal(labels, ours.labels.numpy()) \
-                or not np.array_equal(image_index, ours.image_index.numpy()):
+        if (
+            len(boxes) != len(ours.boxes)
+            or not np.array_equal(labels, ours.labels.numpy())
+            or not np.array_equal(image_index, ours.image_index.numpy())
+        ):
             count_mismatch += 1
             continue
         if len(boxes):
@@ -168,19 +183,30 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
         session = onnx_session(fp32)
         onnx_records, onnx_raw = run_onnx(session, test, batch)
         with torch.no_grad():
-            torch_dets = [GrayscaleDetector(model)(pixels(test.images[lo : lo + batch]))
-                          for lo in range(0, len(test.images), batch)]
-        torch_records = [r for lo, d in zip(range(0, len(test.images), batch), torch_dets)
-                         for r in detections_to_coco(d, test.image_ids[lo : lo + batch], test.category_ids)]
+            torch_dets = [
+                GrayscaleDetector(model)(pixels(test.images[lo : lo + batch]))
+                for lo in range(0, len(test.images), batch)
+            ]
+        torch_records = [
+            r
+            for lo, d in zip(range(0, len(test.images), batch), torch_dets)
+            for r in detections_to_coco(d, test.image_ids[lo : lo + batch], test.category_ids)
+        ]
         parity = compare_outputs(torch_dets, onnx_raw)
         if parity["batches_mismatched"]:
-            print(f"warning: {name}: kept boxes differ between PyTorch and onnxruntime in "
-                  f"{parity['batches_mismatched']:.0f} batch(es) (near-tied scores break differently in NMS)")
+            print(
+                f"warning: {name}: kept boxes differ between PyTorch and onnxruntime in "
+                f"{parity['batches_mismatched']:.0f} batch(es) (near-tied scores break differently in NMS)"
+            )
         ap_torch = evaluate_coco(test.coco, torch_records).stats
         ap_onnx = evaluate_coco(test.coco, onnx_records).stats
         entry: dict[str, Any] = {
-            **parity, "dynamic_batch": float(dynamic), "map_torch": float(ap_torch[0]), "map_onnx": float(ap_onnx[0]),
-            "ap50_torch": float(ap_torch[1]), "ap50_onnx": float(ap_onnx[1]),
+            **parity,
+            "dynamic_batch": float(dynamic),
+            "map_torch": float(ap_torch[0]),
+            "map_onnx": float(ap_onnx[0]),
+            "ap50_torch": float(ap_torch[1]),
+            "ap50_onnx": float(ap_onnx[1]),
             "map_abs_diff": float(abs(ap_torch[0] - ap_onnx[0])),
         }
         one = pixels(test.images[:1])
@@ -188,25 +214,40 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
         with torch.no_grad():
             entry["latency_torch"] = latency_ms(wrapper, one, cfg.latency_warmup, cfg.latency_runs)
         feed = {session.get_inputs()[0].name: one.numpy()}
-        entry["latency_onnx_fp32"] = latency_ms(lambda f: session.run(None, f), feed, cfg.latency_warmup, cfg.latency_runs)
+        entry["latency_onnx_fp32"] = latency_ms(
+            lambda f: session.run(None, f), feed, cfg.latency_warmup, cfg.latency_runs
+        )
         if cfg.quantize_int8:
             quantize_int8(fp32, int8, train_split.images[: cfg.calibration_images])
             session8 = onnx_session(int8)
             int8_records, _ = run_onnx(session8, test, batch)
             ap_int8 = evaluate_coco(test.coco, int8_records).stats
             entry.update({"map_onnx_int8": float(ap_int8[0]), "ap50_onnx_int8": float(ap_int8[1])})
-            entry["latency_onnx_int8"] = latency_ms(lambda f: session8.run(None, f), feed, cfg.latency_warmup,
-                                                    cfg.latency_runs)
+            entry["latency_onnx_int8"] = latency_ms(
+                lambda f: session8.run(None, f), feed, cfg.latency_warmup, cfg.latency_runs
+            )
         report[name] = entry
         register_onnx(run, name, onnx.load(str(fp32)), cfg.registered_model_prefix)
-        print(f"{name}: mAP torch {entry['map_torch']:.4f} onnx {entry['map_onnx']:.4f}; "
-              f"p50 torch {entry['latency_torch']['p50_ms']:.1f} ms, onnx {entry['latency_onnx_fp32']['p50_ms']:.1f} ms"
-              + (f", int8 {entry['latency_onnx_int8']['p50_ms']:.1f} ms (mAP {entry['map_onnx_int8']:.4f})"
-                 if cfg.quantize_int8 else ""))
+        print(
+            f"{name}: mAP torch {entry['map_torch']:.4f} onnx {entry['map_onnx']:.4f}; "
+            f"p50 torch {entry['latency_torch']['p50_ms']:.1f} ms, onnx {entry['latency_onnx_fp32']['p50_ms']:.1f} ms"
+            + (
+                f", int8 {entry['latency_onnx_int8']['p50_ms']:.1f} ms (mAP {entry['map_onnx_int8']:.4f})"
+                if cfg.quantize_int8
+                else ""
+            )
+        )
     write_json(root / METRICS_DIR / "onnx.json", report)
     flat = {f"{name}_{k}": v for name, e in report.items() for k, v in e.items() if isinstance(v, float)}
-    flat.update({f"{name}_{k}_{q}": v for name, e in report.items() for k, d in e.items() if isinstance(d, dict)
-                 for q, v in d.items()})
+    flat.update(
+        {
+            f"{name}_{k}_{q}": v
+            for name, e in report.items()
+            for k, d in e.items()
+            if isinstance(d, dict)
+            for q, v in d.items()
+        }
+    )
     run.log_metrics(flat)
     return flat
 

@@ -26,11 +26,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.digits import load_digit_images
 from tasks.errors import InputError
 from tasks.io import atomic_path
 from tasks.layout import SPLITS
 from tasks.spec import StageContext, StageSpec
-from tasks.digits import load_digit_images
 
 INK_LEVEL = 64  # a pixel (uint8) is ink at >= this level; boxes are the tight extent of such pixels
 PLACE_TRIES = 50  # positions tried per digit before it is dropped from the scene
@@ -86,8 +86,9 @@ class ScenesConfig:
         if self.min_scale < 8:
             raise ValueError(f"min_scale must be >= 8 (the digits' native size), got {self.min_scale}")
         if not self.min_scale <= self.max_scale <= self.canvas:
-            raise ValueError(f"max_scale must be in [min_scale, canvas] = [{self.min_scale}, {self.canvas}], "
-                             f"got {self.max_scale}")
+            raise ValueError(
+                f"max_scale must be in [min_scale, canvas] = [{self.min_scale}, {self.canvas}], got {self.max_scale}"
+            )
         if not 0.0 <= self.max_overlap < 1.0:
             raise ValueError(f"max_overlap must be in [0, 1), got {self.max_overlap}")
         if self.clutter < 0:
@@ -114,8 +115,8 @@ def digit_pools(labels: np.ndarray, cfg: ScenesConfig) -> dict[str, np.ndarray]:
         n_test = max(1, round(len(idx) * cfg.test_fraction))
         n_val = max(1, round(len(idx) * cfg.val_fraction))
         pools["test"].append(idx[:n_test])
-        pools["val"].append(idx[n_test:n_test + n_val])
-        pools["train"].append(idx[n_test + n_val:])
+        pools["val"].append(idx[n_test : n_test + n_val])
+        pools["train"].append(idx[n_test + n_val :])
     return {s: np.sort(np.concatenate(parts)) for s, parts in pools.items()}
 
 
@@ -191,7 +192,7 @@ def _place_digits(rng: np.random.Generator, digits: np.ndarray, pool: np.ndarray
             x0, y0 = int(rng.integers(0, cfg.canvas - w + 1)), int(rng.integers(0, cfg.canvas - h + 1))
             box = np.array([x0 + inner[0], y0 + inner[1], inner[2], inner[3]], dtype=np.float64)
             if not boxes or iou_xywh(box, np.stack(boxes)).max() <= cfg.max_overlap:
-                region = canvas[y0:y0 + h, x0:x0 + w]
+                region = canvas[y0 : y0 + h, x0 : x0 + w]
                 np.maximum(region, patch, out=region)  # ink over background
                 boxes.append(box)
                 chosen.append(index)
@@ -207,7 +208,7 @@ def _draw_clutter(rng: np.random.Generator, digits: np.ndarray, pool: np.ndarray
     def paste(patch: np.ndarray) -> None:
         h, w = min(patch.shape[0], size), min(patch.shape[1], size)
         y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        region = layer[y0:y0 + h, x0:x0 + w]
+        region = layer[y0 : y0 + h, x0 : x0 + w]
         np.maximum(region, patch[:h, :w], out=region)
 
     for _ in range(cfg.clutter):
@@ -232,7 +233,7 @@ def _draw_clutter(rng: np.random.Generator, digits: np.ndarray, pool: np.ndarray
             ch, cw = rng.integers(2, 5, size=2)
             r0, c0 = int(rng.integers(0, 9 - ch)), int(rng.integers(0, 9 - cw))
             factor = rng.uniform(cfg.min_scale, cfg.max_scale) / 8
-            crop = digit[r0:r0 + ch, c0:c0 + cw]
+            crop = digit[r0 : r0 + ch, c0 : c0 + cw]
             paste(resize_bilinear(crop, max(2, round(ch * factor)), max(2, round(cw * factor))) * level)
         else:  # a whole digit far below min_scale: texture, not an object to detect
             digit = digits[int(rng.choice(pool))]
@@ -241,8 +242,9 @@ def _draw_clutter(rng: np.random.Generator, digits: np.ndarray, pool: np.ndarray
     return layer
 
 
-def compose_scene(seed: list[int], digits: np.ndarray, labels: np.ndarray, pool: np.ndarray,
-                  cfg: ScenesConfig) -> Scene:
+def compose_scene(
+    seed: list[int], digits: np.ndarray, labels: np.ndarray, pool: np.ndarray, cfg: ScenesConfig
+) -> Scene:
     """One scene from digits[pool]. The digits and the clutter/noise draw from separate streams of
     `seed`, so clutter and noise never move a box."""
     rng = np.random.default_rng([*seed, 0])
@@ -251,9 +253,11 @@ def compose_scene(seed: list[int], digits: np.ndarray, labels: np.ndarray, pool:
         if len(boxes) >= cfg.min_digits:
             break
     else:
-        raise ScenesError(f"scenes: could not place min_digits={cfg.min_digits} digits of up to "
-                          f"max_scale={cfg.max_scale} px on a canvas={cfg.canvas} canvas with "
-                          f"max_overlap={cfg.max_overlap}; lower min_digits/max_scale or raise canvas")
+        raise ScenesError(
+            f"scenes: could not place min_digits={cfg.min_digits} digits of up to "
+            f"max_scale={cfg.max_scale} px on a canvas={cfg.canvas} canvas with "
+            f"max_overlap={cfg.max_overlap}; lower min_digits/max_scale or raise canvas"
+        )
     image = ink.astype(np.float32) / 255.0
     if cfg.clutter or cfg.noise:
         other = np.random.default_rng([*seed, 1])
@@ -265,8 +269,7 @@ def compose_scene(seed: list[int], digits: np.ndarray, labels: np.ndarray, pool:
     return Scene(image, np.stack(boxes).reshape(-1, 4), labels[index], index)
 
 
-def build_split(cfg: ScenesConfig, split: str, digits: np.ndarray, labels: np.ndarray,
-                pool: np.ndarray) -> list[Scene]:
+def build_split(cfg: ScenesConfig, split: str, digits: np.ndarray, labels: np.ndarray, pool: np.ndarray) -> list[Scene]:
     k = SPLITS.index(split)
     return [compose_scene([cfg.seed, k, i], digits, labels, pool, cfg) for i in range(cfg.split_images(split))]
 
@@ -274,15 +277,33 @@ def build_split(cfg: ScenesConfig, split: str, digits: np.ndarray, labels: np.nd
 def scenes_to_coco(scenes: list[Scene], split: str, cfg: ScenesConfig) -> dict[str, Any]:
     images, annotations = [], []
     for image_id, scene in enumerate(scenes, start=1):
-        images.append({"id": image_id, "file_name": f"images/{image_id:06d}.png",
-                       "width": cfg.canvas, "height": cfg.canvas})
+        images.append(
+            {"id": image_id, "file_name": f"images/{image_id:06d}.png", "width": cfg.canvas, "height": cfg.canvas}
+        )
         for box, label, index in zip(scene.boxes, scene.labels, scene.digit_index):
             x, y, w, h = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "digit_index": int(index)})
-    return {"info": {"description": "Kiln digit scenes from scikit-learn's digits", "split": split,
-                     "seed": cfg.seed, "source": "builtin"},
-            "images": images, "annotations": annotations, "categories": DIGIT_CATEGORIES}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "digit_index": int(index),
+                }
+            )
+    return {
+        "info": {
+            "description": "Kiln digit scenes from scikit-learn's digits",
+            "split": split,
+            "seed": cfg.seed,
+            "source": "builtin",
+        },
+        "images": images,
+        "annotations": annotations,
+        "categories": DIGIT_CATEGORIES,
+    }
 
 
 # -------------------------------------------------------------------------------- COCO input
@@ -356,8 +377,10 @@ def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
             except Exception as err:  # Pillow raises several types for unreadable files
                 fail(name, f"image file {path} is not a readable image: {err}")
             if actual != (img["width"], img["height"]):
-                fail(name, f"image file {path} is {actual[0]}x{actual[1]}, "
-                           f"the record says {img['width']}x{img['height']}")
+                fail(
+                    name,
+                    f"image file {path} is {actual[0]}x{actual[1]}, the record says {img['width']}x{img['height']}",
+                )
         sizes[img["id"]] = (img["width"], img["height"])
     if not sizes:
         fail("images", "no images")
@@ -400,11 +423,13 @@ def split_coco_images(data: dict, cfg: ScenesConfig, where: str) -> dict[str, li
     images = sorted(data["images"], key=lambda im: im["id"])
     order = np.random.default_rng([cfg.seed, 0xC0C0]).permutation(len(images))
     n_test, n_val = round(len(images) * cfg.test_fraction), round(len(images) * cfg.val_fraction)
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     for split in SPLITS:
         if not len(parts[split]):
-            raise ScenesError(f"{where}: the {split} split is empty ({len(images)} images with val_fraction="
-                              f"{cfg.val_fraction}, test_fraction={cfg.test_fraction}); give more images")
+            raise ScenesError(
+                f"{where}: the {split} split is empty ({len(images)} images with val_fraction="
+                f"{cfg.val_fraction}, test_fraction={cfg.test_fraction}); give more images"
+            )
     return {split: [images[i] for i in sorted(parts[split])] for split in SPLITS}
 
 
@@ -423,8 +448,9 @@ def _letterbox(path: Path, canvas: int) -> tuple[np.ndarray, float, float]:
     return out, nw / w, nh / h
 
 
-def _coco_split(data: dict, images: list[dict], images_dir: Path, split: str, cfg: ScenesConfig,
-                source: str, write_to: Path) -> dict[str, Any]:
+def _coco_split(
+    data: dict, images: list[dict], images_dir: Path, split: str, cfg: ScenesConfig, source: str, write_to: Path
+) -> dict[str, Any]:
     categories = sorted(data["categories"], key=lambda c: c["id"])
     by_image: dict[int, list[dict]] = {}
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
@@ -433,21 +459,43 @@ def _coco_split(data: dict, images: list[dict], images_dir: Path, split: str, cf
     for image_id, img in enumerate(images, start=1):
         pixels, sx, sy = _letterbox(images_dir / img["file_name"], cfg.canvas)
         _write_png(pixels, write_to / "images" / f"{image_id:06d}.png")
-        out_images.append({"id": image_id, "file_name": f"images/{image_id:06d}.png", "width": cfg.canvas,
-                           "height": cfg.canvas, "source_id": img["id"], "source_file": img["file_name"]})
+        out_images.append(
+            {
+                "id": image_id,
+                "file_name": f"images/{image_id:06d}.png",
+                "width": cfg.canvas,
+                "height": cfg.canvas,
+                "source_id": img["id"],
+                "source_file": img["file_name"],
+            }
+        )
         for ann in by_image.get(img["id"], []):
             x, y, w, h = ann["bbox"]
             x, y = min(max(x, 0.0), img["width"]), min(max(y, 0.0), img["height"])
             w, h = min(w, img["width"] - x), min(h, img["height"] - y)  # round-off within the tolerance
             area = ann.get("area", w * h)
-            out_annotations.append({
-                "id": len(out_annotations) + 1, "image_id": image_id, "category_id": ann["category_id"],
-                "bbox": [x * sx, y * sy, w * sx, h * sy], "area": float(area) * sx * sy,
-                "iscrowd": int(ann.get("iscrowd", 0)), "source_id": ann["id"]})
-    return {"info": {"description": "Kiln scenes from a user COCO dataset", "split": split,
-                     "seed": cfg.seed, "source": source},
-            "images": out_images, "annotations": out_annotations,
-            "categories": [{"id": c["id"], "name": c["name"]} for c in categories]}
+            out_annotations.append(
+                {
+                    "id": len(out_annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": ann["category_id"],
+                    "bbox": [x * sx, y * sy, w * sx, h * sy],
+                    "area": float(area) * sx * sy,
+                    "iscrowd": int(ann.get("iscrowd", 0)),
+                    "source_id": ann["id"],
+                }
+            )
+    return {
+        "info": {
+            "description": "Kiln scenes from a user COCO dataset",
+            "split": split,
+            "seed": cfg.seed,
+            "source": source,
+        },
+        "images": out_images,
+        "annotations": out_annotations,
+        "categories": [{"id": c["id"], "name": c["name"]} for c in categories],
+    }
 
 
 # ------------------------------------------------------------------------------------ output
@@ -464,11 +512,14 @@ def split_stats(coco: dict) -> dict[str, float]:
     boxes = np.array([a["bbox"] for a in coco["annotations"]], dtype=np.float64).reshape(-1, 4)
     n = len(coco["images"])
     side = np.sqrt(boxes[:, 2] * boxes[:, 3])
-    return {"images": float(n), "boxes": float(len(boxes)),
-            "boxes_per_image": len(boxes) / n if n else 0.0,
-            "mean_box_size": float(side.mean()) if len(side) else 0.0,  # sqrt(w * h), pixels
-            "mean_box_width": float(boxes[:, 2].mean()) if len(boxes) else 0.0,
-            "mean_box_height": float(boxes[:, 3].mean()) if len(boxes) else 0.0}
+    return {
+        "images": float(n),
+        "boxes": float(len(boxes)),
+        "boxes_per_image": len(boxes) / n if n else 0.0,
+        "mean_box_size": float(side.mean()) if len(side) else 0.0,  # sqrt(w * h), pixels
+        "mean_box_width": float(boxes[:, 2].mean()) if len(boxes) else 0.0,
+        "mean_box_height": float(boxes[:, 3].mean()) if len(boxes) else 0.0,
+    }
 
 
 def _resolve(root: Path, path: str) -> Path:
@@ -546,8 +597,12 @@ def load_split(split_dir: Path) -> tuple[np.ndarray, list[dict[str, np.ndarray]]
     for im in records:
         anns = by_image[im["id"]]
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        targets.append({"boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-                        "labels": np.array([category_index[a["category_id"]] for a in anns], dtype=np.int64)})
+        targets.append(
+            {
+                "boxes": np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+                "labels": np.array([category_index[a["category_id"]] for a in anns], dtype=np.int64),
+            }
+        )
     return images, targets, coco
 
 

@@ -1,5 +1,5 @@
-"""The `controlnet` stage: a ControlNet (models/generative/controlnet.py) trained on the frozen `diffusion@ddpm` UNet with
-Canny edge maps of the images as the condition, then scored by how well samples follow their condition (F1
+"""The `controlnet` stage: a ControlNet (models/generative/controlnet.py) trained on the frozen `diffusion@ddpm` UNet
+with Canny edge maps of the images as the condition, then scored by how well samples follow their condition (F1
 between the condition and the edges of the sample) with and without the control, next to FID.
 
 The edge maps of every split are a stage output (data/models/controlnet/edges/<split>.npy), so what the
@@ -33,13 +33,7 @@ from models.generative.ddpm import DiffusionConfig, GaussianDiffusion
 from models.generative.unet import UNet
 from tasks.generative.diffusion import build_network
 from tasks.generative.fid import FIDConfig, FIDEvaluator
-from tasks.generative.images import (
-    image_grid,
-    read_images,
-    to_model_range,
-    to_pixels,
-    write_png,
-)
+from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import CONTROLNET_DIR, DIFFUSION_DIR, METRICS_DIR, SPLITS
 from tasks.spec import StageContext, StageSpec
@@ -66,29 +60,41 @@ class ControlNetEvalConfig:
 
 def edges_of(images: Tensor, cfg: ControlNetConfig, batch_size: int = 512) -> Tensor:
     """Canny edge maps (N, 1, H, W) in {0, 1} of model-range images (N, C, H, W)."""
-    return torch.cat([canny_edges(images[i: i + batch_size], cfg.edge_low, cfg.edge_high)
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            canny_edges(images[i : i + batch_size], cfg.edge_low, cfg.edge_high)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def save_controlnet(path: Path, controlnet: ControlNet) -> None:
     """Weights with both configs: the ControlNet's and the base UNet's it was copied from."""
     with atomic_path(path) as tmp:
-        torch.save({"model": "controlnet", "config": asdict(controlnet.cfg), "base_config": asdict(controlnet.base_cfg),
-                    "state_dict": controlnet.state_dict()}, tmp)
+        torch.save(
+            {
+                "model": "controlnet",
+                "config": asdict(controlnet.cfg),
+                "base_config": asdict(controlnet.base_cfg),
+                "state_dict": controlnet.state_dict(),
+            },
+            tmp,
+        )
 
 
-def load_controlnet(path: Path, base: UNet, device: torch.device | str = "cpu") -> ControlNet:
-    saved = torch.load(path, map_location=device, weights_only=True)
-    if saved["base_config"] != asdict(base.cfg):
-        raise ValueError(f"{path}: made for another base UNet than the one given")
-    controlnet = ControlNet(base, ControlNetConfig(**saved["config"]))
-    controlnet.load_state_dict(saved["state_dict"])
-    return controlnet.to(device).eval()
-
-
-def fit_controlnet(process: GaussianDiffusion, base: UNet, cfg: ControlNetConfig, train_cfg: TrainConfig,
-                   data: dict[str, tuple[Tensor, Tensor, Tensor]], val_images: int, *, seed: int,
-                   device: torch.device, checkpoint: Path | None, run: StageRun | None) -> tuple[ControlledUNet, Any]:
+def fit_controlnet(
+    process: GaussianDiffusion,
+    base: UNet,
+    cfg: ControlNetConfig,
+    train_cfg: TrainConfig,
+    data: dict[str, tuple[Tensor, Tensor, Tensor]],
+    val_images: int,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> tuple[ControlledUNet, Any]:
     """Train a ControlNet on the frozen `base`: the DDPM loss of the controlled model, only ControlNet
     parameters in the optimizer (the base's have requires_grad False). `data[split]` = (x0, labels, edges)."""
     torch.manual_seed(seed)
@@ -111,27 +117,60 @@ def fit_controlnet(process: GaussianDiffusion, base: UNet, cfg: ControlNetConfig
         alone = float(process.training_losses(m, x_val, y=y_val, generator=g)["loss"])
         return {"val_loss": controlled, "val_loss_base": alone}
 
-    fingerprint = {"controlnet": asdict(cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
-                   "process": asdict(process.cfg), "base_checksum": float(sum(p.double().sum() for p in base.parameters())),
-                   "process_code": code_digest(model, sys.modules[type(process).__module__])}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=loss, evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc="controlnet")
+    fingerprint = {
+        "controlnet": asdict(cfg),
+        "train": asdict(train_cfg),
+        "seed": seed,
+        "n": len(x_train),
+        "process": asdict(process.cfg),
+        "base_checksum": float(sum(p.double().sum() for p in base.parameters())),
+        "process_code": code_digest(model, sys.modules[type(process).__module__]),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=loss,
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc="controlnet",
+    )
     model.eval()
     return model, result
 
 
 @torch.no_grad()
-def sample(process: GaussianDiffusion, model: ControlledUNet, x_T: Tensor, labels: Tensor, cond: Tensor | None,
-           eval_cfg: ControlNetEvalConfig, batch_size: int) -> Tensor:
+def sample(
+    process: GaussianDiffusion,
+    model: ControlledUNet,
+    x_T: Tensor,
+    labels: Tensor,
+    cond: Tensor | None,
+    eval_cfg: ControlNetEvalConfig,
+    batch_size: int,
+) -> Tensor:
     """Samples (N, C, H, W) in [-1, 1] from the given initial noise; `cond=None`: the base model alone."""
     device = x_T.device
     out = []
     for i in range(0, len(x_T), batch_size):
-        extra = {} if cond is None else {"cond": cond[i: i + batch_size].to(device)}
+        extra = {} if cond is None else {"cond": cond[i : i + batch_size].to(device)}
         torch.manual_seed(i)  # the ancestral sampler's fresh noise: the same draws with and without control
-        x = process.sample(model, tuple(x_T[i: i + batch_size].shape), steps=eval_cfg.steps, sampler=eval_cfg.sampler,
-                           x_T=x_T[i: i + batch_size], device=device, y=labels[i: i + batch_size].to(device), **extra).x
+        x = process.sample(
+            model,
+            tuple(x_T[i : i + batch_size].shape),
+            steps=eval_cfg.steps,
+            sampler=eval_cfg.sampler,
+            x_T=x_T[i : i + batch_size],
+            device=device,
+            y=labels[i : i + batch_size].to(device),
+            **extra,
+        ).x
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -165,8 +204,18 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
         data[split] = (x, torch.as_tensor(images.labels), edges)
     edge_density = float(data["train"][2].mean())
 
-    model, result = fit_controlnet(process, base, cfg, train_cfg, data, eval_cfg.val_images, seed=seed,
-                                   device=device, checkpoint=out / "checkpoint.pt", run=run)
+    model, result = fit_controlnet(
+        process,
+        base,
+        cfg,
+        train_cfg,
+        data,
+        eval_cfg.val_images,
+        seed=seed,
+        device=device,
+        checkpoint=out / "checkpoint.pt",
+        run=run,
+    )
     save_controlnet(out / "model.pt", model.controlnet)
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
@@ -185,17 +234,24 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     report = evaluator.report(controlled, labels)
     report_base = evaluator.report(alone, labels)
     metrics: dict[str, Any] = {
-        "fid": report["fid"], "fid_base": report_base["fid"], "fid_floor": evaluator.floor,
-        "fid_ceiling": evaluator.ceiling, "fid_samples": report["fid_samples"],
-        "class_accuracy": report["class_accuracy"], "class_accuracy_base": report_base["class_accuracy"],
-        "edge_f1_control": float(f1_control.mean()), "edge_f1_base": float(f1_base.mean()),
+        "fid": report["fid"],
+        "fid_base": report_base["fid"],
+        "fid_floor": evaluator.floor,
+        "fid_ceiling": evaluator.ceiling,
+        "fid_samples": report["fid_samples"],
+        "class_accuracy": report["class_accuracy"],
+        "class_accuracy_base": report_base["class_accuracy"],
+        "edge_f1_control": float(f1_control.mean()),
+        "edge_f1_base": float(f1_base.mean()),
         # At 16 px a digit's edges cover ~20% of the image and a 1 px tolerance forgives a lot: the exact
         # (tolerance 0) agreement separates controlled from uncontrolled samples more sharply.
         "edge_f1_control_exact": float(edge_f1(edges_control, conditions, 0).mean()),
         "edge_f1_base_exact": float(edge_f1(edges_base, conditions, 0).mean()),
-        "edge_density": edge_density, "val_loss": result.history[-1].get("val_loss", float("nan")),
+        "edge_density": edge_density,
+        "val_loss": result.history[-1].get("val_loss", float("nan")),
         "val_loss_base": result.history[-1].get("val_loss_base", float("nan")),
-        "train_seconds": result.train_seconds, "sample_seconds": sample_seconds,
+        "train_seconds": result.train_seconds,
+        "sample_seconds": sample_seconds,
         "trainable_parameters": float(sum(p.numel() for p in model.parameters() if p.requires_grad)),
         "frozen_parameters": float(sum(p.numel() for p in model.base.parameters())),
         "stage_seconds": time.perf_counter() - start,
@@ -203,17 +259,25 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     write_json(root / METRICS_DIR / "controlnet.json", metrics)
 
     k = min(eval_cfg.grid_rows, n)
-    triplets = torch.stack([(conditions[:k] * 2 - 1).expand_as(controlled[:k]), controlled[:k], alone[:k]], dim=1).flatten(0, 1)  # (3k, C, H, W)
+    triplets = torch.stack(
+        [(conditions[:k] * 2 - 1).expand_as(controlled[:k]), controlled[:k], alone[:k]], dim=1
+    ).flatten(0, 1)  # (3k, C, H, W)
     grid = write_png(image_grid(to_pixels(triplets), 3), out / "samples.png", upscale=2)
 
     flat = {key: float(v) for key, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
     run.log_artifact(grid, "samples")
-    run.set_tags({"kiln.headline": f"edge F1 {metrics['edge_f1_control']:.3f} with control, "
-                                   f"{metrics['edge_f1_base']:.3f} without"})
-    print(f"controlnet: edge F1 {metrics['edge_f1_control']:.3f} with control vs {metrics['edge_f1_base']:.3f} base "
-          f"alone; FID {metrics['fid']:.3f} (base {metrics['fid_base']:.3f}, floor {evaluator.floor:.3f}); "
-          f"class accuracy {metrics['class_accuracy']:.3f}; {metrics['stage_seconds']:.1f} s")
+    run.set_tags(
+        {
+            "kiln.headline": f"edge F1 {metrics['edge_f1_control']:.3f} with control, "
+            f"{metrics['edge_f1_base']:.3f} without"
+        }
+    )
+    print(
+        f"controlnet: edge F1 {metrics['edge_f1_control']:.3f} with control vs {metrics['edge_f1_base']:.3f} base "
+        f"alone; FID {metrics['fid']:.3f} (base {metrics['fid_base']:.3f}, floor {evaluator.floor:.3f}); "
+        f"class accuracy {metrics['class_accuracy']:.3f}; {metrics['stage_seconds']:.1f} s"
+    )
     return flat
 
 

@@ -2,7 +2,8 @@
 process, then FID against the test split for every sampler and number of steps) and `guidance`
 (classifier-free and classifier guidance swept over the guidance scale: FID against class accuracy).
 
-The process (models/generative/ddpm.py, models/generative/sde.py, models/generative/rectified_flow.py) and the network (models/generative/unet.py,
+The process (models/generative/ddpm.py, models/generative/sde.py, models/generative/rectified_flow.py) and the
+network (models/generative/unet.py,
 models/generative/dit.py) are separate: every generator here is a (process, network, data space) triple from
 `GENERATORS`, trained by the one training loop and sampled through the processes' shared
 `sample(model, shape, steps=, sampler=, guidance=, y=)`. All networks are class-conditional and trained
@@ -33,13 +34,7 @@ from models.generative.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.generative.sde import SDE, SDEConfig, build_sde
 from models.generative.unet import UNet, UNetConfig
 from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels
-from tasks.generative.images import (
-    image_grid,
-    read_images,
-    to_model_range,
-    to_pixels,
-    write_png,
-)
+from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.generative.vae import load_vae, read_latents
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
@@ -109,17 +104,63 @@ class GeneratorSpec:
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
-    "ddpm": GeneratorSpec("ddpm", "unet", "unet", "diffusion_train", "pixels", ("ancestral", "ddim"), "ancestral"),
-    "sde_vp": GeneratorSpec("sde_vp", "unet", "unet", "diffusion_train", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
-    "sde_ve": GeneratorSpec("sde_ve", "unet", "unet", "diffusion_train", "pixels", ("euler_maruyama", "pc", "ode"), "pc"),
-    "ldm": GeneratorSpec("ldm", "ldm_unet", "unet", "ldm_train", "latents", ("ancestral", "ddim"), "ancestral"),
-    "dit_rf": GeneratorSpec("dit_rf", "dit", "dit", "dit_train", "latents", ("euler",), "euler",
-                            steps_field="flow_steps", compare_with="ldm"),
+    "ddpm": GeneratorSpec(
+        process_section="ddpm",
+        network_section="unet",
+        network="unet",
+        train_section="diffusion_train",
+        space="pixels",
+        samplers=("ancestral", "ddim"),
+        headline="ancestral",
+    ),
+    "sde_vp": GeneratorSpec(
+        process_section="sde_vp",
+        network_section="unet",
+        network="unet",
+        train_section="diffusion_train",
+        space="pixels",
+        samplers=("euler_maruyama", "pc", "ode"),
+        headline="pc",
+    ),
+    "sde_ve": GeneratorSpec(
+        process_section="sde_ve",
+        network_section="unet",
+        network="unet",
+        train_section="diffusion_train",
+        space="pixels",
+        samplers=("euler_maruyama", "pc", "ode"),
+        headline="pc",
+    ),
+    "ldm": GeneratorSpec(
+        process_section="ldm",
+        network_section="ldm_unet",
+        network="unet",
+        train_section="ldm_train",
+        space="latents",
+        samplers=("ancestral", "ddim"),
+        headline="ancestral",
+    ),
+    "dit_rf": GeneratorSpec(
+        process_section="dit_rf",
+        network_section="dit",
+        network="dit",
+        train_section="dit_train",
+        space="latents",
+        samplers=("euler",),
+        headline="euler",
+        steps_field="flow_steps",
+        compare_with="ldm",
+    ),
 }
 GENERATOR_NAMES = tuple(GENERATORS)
 # Each generator's process config class (the params section `GENERATORS[name].process_section` holds it).
-PROCESS_CONFIGS: dict[str, type] = {"ddpm": DiffusionConfig, "sde_vp": SDEConfig, "sde_ve": SDEConfig,
-                                    "ldm": DiffusionConfig, "dit_rf": RectifiedFlowConfig}
+PROCESS_CONFIGS: dict[str, type] = {
+    "ddpm": DiffusionConfig,
+    "sde_vp": SDEConfig,
+    "sde_ve": SDEConfig,
+    "ldm": DiffusionConfig,
+    "dit_rf": RectifiedFlowConfig,
+}
 SDE_KINDS = {"sde_vp": "vp", "sde_ve": "ve"}
 
 
@@ -145,8 +186,11 @@ def derived_generator_fields(name: str):
     def derive(root: Path) -> dict[str, dict[str, Any]]:
         meta = json.loads((root / METRICS_DIR / "images.json").read_text())
         spec = GENERATORS[name]
-        fields = {"in_channels": int(meta["channels"]), "image_size": int(meta["height"]),
-                  "num_classes": int(meta["classes"])}
+        fields = {
+            "in_channels": int(meta["channels"]),
+            "image_size": int(meta["height"]),
+            "num_classes": int(meta["classes"]),
+        }
         if spec.space == "latents":
             c, h, _ = json.loads((root / LATENTS_DIR / "latents.json").read_text())["shape"]
             fields.update(in_channels=int(c), image_size=int(h))
@@ -175,19 +219,26 @@ class DataSpace:
 
 def pixel_space(root: Path) -> DataSpace:
     train, val = read_images(root, "train"), read_images(root, "val")
-    return DataSpace(to_model_range(train.pixels), torch.as_tensor(train.labels), to_model_range(val.pixels),
-                     torch.as_tensor(val.labels), decode=lambda x: x.clamp(-1, 1))
+    return DataSpace(
+        to_model_range(train.pixels),
+        torch.as_tensor(train.labels),
+        to_model_range(val.pixels),
+        torch.as_tensor(val.labels),
+        decode=lambda x: x.clamp(-1, 1),
+    )
 
 
-def vae_space(vae: nn.Module, train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor, scale: float,
-              batch_size: int) -> DataSpace:
+def vae_space(
+    vae: nn.Module, train: Tensor, train_labels: Tensor, val: Tensor, val_labels: Tensor, scale: float, batch_size: int
+) -> DataSpace:
     """Unscaled latents times `scale` (unit variance); decoding divides it out again."""
     device = next(vae.parameters()).device
 
     @torch.no_grad()
     def decode(z: Tensor) -> Tensor:
-        return torch.cat([vae.decode(z[i: i + batch_size].to(device) / scale).cpu()
-                          for i in range(0, len(z), batch_size)]).clamp(-1, 1)
+        return torch.cat(
+            [vae.decode(z[i : i + batch_size].to(device) / scale).cpu() for i in range(0, len(z), batch_size)]
+        ).clamp(-1, 1)
 
     return DataSpace(train * scale, train_labels, val * scale, val_labels, decode)
 
@@ -195,30 +246,53 @@ def vae_space(vae: nn.Module, train: Tensor, train_labels: Tensor, val: Tensor, 
 def latent_space(root: Path, device: torch.device, batch_size: int) -> DataSpace:
     """The cached latents, scaled by the cache's scale factor, decoded by the `vae` stage's model."""
     train, val = read_latents(root, "train"), read_latents(root, "val")
-    return vae_space(load_vae(root, device), torch.from_numpy(np.array(train.latents)), torch.as_tensor(train.labels),
-                     torch.from_numpy(np.array(val.latents)), torch.as_tensor(val.labels), train.scale_factor,
-                     batch_size)
+    return vae_space(
+        load_vae(root, device),
+        torch.from_numpy(np.array(train.latents)),
+        torch.as_tensor(train.labels),
+        torch.from_numpy(np.array(val.latents)),
+        torch.as_tensor(val.labels),
+        train.scale_factor,
+        batch_size,
+    )
 
 
 # ------------------------------------------------------------------------------------ sampling
 
 
-def sample_images(process: Process, model: nn.Module, space: DataSpace, labels: Tensor, *, sampler: str,
-                  steps: int | None, guidance: Callable[[Tensor], Guidance] | None = None, seed: int,
-                  batch_size: int, conditional: bool = True) -> tuple[Tensor, int]:
+def sample_images(
+    process: Process,
+    model: nn.Module,
+    space: DataSpace,
+    labels: Tensor,
+    *,
+    sampler: str,
+    steps: int | None,
+    guidance: Callable[[Tensor], Guidance] | None = None,
+    seed: int,
+    batch_size: int,
+    conditional: bool = True,
+) -> tuple[Tensor, int]:
     """len(labels) images in [-1, 1] and the network evaluations per image. Every call with the same seed
     starts from the same noise, so samplers and step counts are compared on equal footing."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     parts, nfe = [], 0
     for i in range(0, len(labels), batch_size):
-        y = labels[i: i + batch_size].to(device)
+        y = labels[i : i + batch_size].to(device)
         if guidance is not None:
             cond: dict[str, Any] = {"guidance": guidance(y)}
         else:
             cond = {"y": y} if conditional else {}
-        out = process.sample(model, (len(y), *space.sample_shape), steps=steps, sampler=sampler,
-                             generator=generator, device="cpu" if device.type == "cpu" else device, **cond)
+        out = process.sample(
+            model,
+            (len(y), *space.sample_shape),
+            steps=steps,
+            sampler=sampler,
+            generator=generator,
+            device="cpu" if device.type == "cpu" else device,
+            **cond,
+        )
         parts.append(out.x.float().cpu())
         nfe = out.nfe
     return space.decode(torch.cat(parts)), nfe
@@ -232,26 +306,53 @@ class Sweep:
     labels: Tensor
 
 
-def sweep_samplers(name: str, process: Process, model: nn.Module, space: DataSpace, evaluator: FIDEvaluator,
-                   step_counts: list[int], fid_cfg: FIDConfig, seed: int, samplers: tuple[str, ...],
-                   headline_sampler: str) -> Sweep:
+def sweep_samplers(
+    name: str,
+    process: Process,
+    model: nn.Module,
+    space: DataSpace,
+    evaluator: FIDEvaluator,
+    step_counts: list[int],
+    fid_cfg: FIDConfig,
+    seed: int,
+    samplers: tuple[str, ...],
+    headline_sampler: str,
+) -> Sweep:
     """FID and class accuracy for every sampler and step count, and the headline samples."""
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
     rows: list[dict[str, Any]] = []
     sweep = None
     step_counts = sorted(step_counts)
     for sampler in samplers:
-        for steps in ([None] if sampler == "ode" else step_counts):
+        for steps in [None] if sampler == "ode" else step_counts:
             start = time.perf_counter()
-            images, nfe = sample_images(process, model, space, labels, sampler=sampler, steps=steps,
-                                        seed=seed + 1, batch_size=fid_cfg.batch_size)
+            images, nfe = sample_images(
+                process,
+                model,
+                space,
+                labels,
+                sampler=sampler,
+                steps=steps,
+                seed=seed + 1,
+                batch_size=fid_cfg.batch_size,
+            )
             seconds = time.perf_counter() - start
             report = evaluator.report(images, labels)
-            rows.append({"sampler": sampler, "steps": steps or nfe, "nfe": nfe, "fid": report["fid"],
-                         "class_accuracy": report["class_accuracy"], "sample_seconds": seconds,
-                         "images_per_s": len(labels) / seconds})
-            print(f"{name}: {sampler} {steps or 'adaptive'} steps ({nfe} evaluations): FID {report['fid']:.3f}, "
-                  f"class accuracy {report['class_accuracy']:.3f}, {len(labels) / seconds:.1f} images/s")
+            rows.append(
+                {
+                    "sampler": sampler,
+                    "steps": steps or nfe,
+                    "nfe": nfe,
+                    "fid": report["fid"],
+                    "class_accuracy": report["class_accuracy"],
+                    "sample_seconds": seconds,
+                    "images_per_s": len(labels) / seconds,
+                }
+            )
+            print(
+                f"{name}: {sampler} {steps or 'adaptive'} steps ({nfe} evaluations): FID {report['fid']:.3f}, "
+                f"class accuracy {report['class_accuracy']:.3f}, {len(labels) / seconds:.1f} images/s"
+            )
             if sampler == headline_sampler and (sampler == "ode" or steps == step_counts[-1]):
                 sweep = Sweep(rows, {**report, "headline_steps": steps or nfe}, images, labels)
     assert sweep is not None, f"{name}: headline sampler {headline_sampler!r} is not among its samplers"
@@ -269,8 +370,13 @@ def fid_steps_figure(name: str, rows: list[dict], floor: float, ceiling: float):
     for sampler, part in frame.groupby("sampler", sort=False):
         ax.plot(part["nfe"], part["fid"], marker="o", label=sampler)
     ax.axhline(floor, color="gray", linestyle="--", label=f"floor (train vs test) {floor:.2f}")
-    ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="FID vs test",
-           title=f"{name}: FID by sampler and steps (noise ceiling {ceiling:.0f})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="network evaluations per image",
+        ylabel="FID vs test",
+        title=f"{name}: FID by sampler and steps (noise ceiling {ceiling:.0f})",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -295,9 +401,20 @@ def diffusion_loss(process: Process) -> Callable[[nn.Module, tuple[Tensor, Tenso
     return loss
 
 
-def fit_generator(name: str, process: Process, net_cfg: NetworkConfig, train_cfg: TrainConfig, space: DataSpace,
-                  eval_cfg: DiffusionEvalConfig, *, seed: int, device: torch.device, checkpoint: Path | None,
-                  run: StageRun | None, fingerprint: dict[str, Any]):
+def fit_generator(
+    name: str,
+    process: Process,
+    net_cfg: NetworkConfig,
+    train_cfg: TrainConfig,
+    space: DataSpace,
+    eval_cfg: DiffusionEvalConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+    fingerprint: dict[str, Any],
+):
     torch.manual_seed(seed)
     model = NETWORKS[GENERATORS[name].network][1](net_cfg)
     x_train, y_train = space.train.to(device), space.train_labels.to(device)
@@ -312,12 +429,30 @@ def fit_generator(name: str, process: Process, net_cfg: NetworkConfig, train_cfg
         g = torch.Generator(device).manual_seed(seed)
         return {"val_loss": float(process.training_losses(m, x_val, y=y_val, generator=g)["loss"])}
 
-    fingerprint = {**fingerprint, "process_code": code_digest(model, sys.modules[type(process).__module__]),
-                   "network": asdict(net_cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
-                   "train_checksum": float(space.train.double().sum())}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=diffusion_loss(process), evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc=f"diffusion@{name}")
+    fingerprint = {
+        **fingerprint,
+        "process_code": code_digest(model, sys.modules[type(process).__module__]),
+        "network": asdict(net_cfg),
+        "train": asdict(train_cfg),
+        "seed": seed,
+        "n": len(x_train),
+        "train_checksum": float(space.train.double().sum()),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=diffusion_loss(process),
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc=f"diffusion@{name}",
+    )
     model.eval()
     return model, result
 
@@ -345,31 +480,60 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     process = build_process(name, process_cfg)
     space = pixel_space(root) if spec.space == "pixels" else latent_space(root, device, fid_cfg.batch_size)
     out = root / DIFFUSION_DIR / name
-    model, result = fit_generator(name, process, net_cfg, train_cfg, space, eval_cfg, seed=seed, device=device,
-                                  checkpoint=out / "checkpoint.pt", run=run,
-                                  fingerprint={"process": asdict(process_cfg)})
+    model, result = fit_generator(
+        name,
+        process,
+        net_cfg,
+        train_cfg,
+        space,
+        eval_cfg,
+        seed=seed,
+        device=device,
+        checkpoint=out / "checkpoint.pt",
+        run=run,
+        fingerprint={"process": asdict(process_cfg)},
+    )
     save_model(out / "model.pt", spec.network, net_cfg, model)
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     step_counts = getattr(eval_cfg, spec.steps_field)
-    sweep = sweep_samplers(name, process, model, space, evaluator, step_counts, fid_cfg, seed, spec.samplers,
-                           spec.headline)
+    sweep = sweep_samplers(
+        name, process, model, space, evaluator, step_counts, fid_cfg, seed, spec.samplers, spec.headline
+    )
     rows, images, labels, headline = sweep.rows, sweep.images, sweep.labels, sweep.headline
     samplers = list(spec.samplers)
     if spec.compare_with is not None and compare_cfg is not None:
         # The same latent space, noise and step counts: the network and the process are what differ.
         _, other_model = load_model(root / DIFFUSION_DIR / spec.compare_with / "model.pt", build_network, device)
-        other_rows = sweep_samplers(spec.compare_with, build_process(spec.compare_with, compare_cfg), other_model,
-                                    space, evaluator, step_counts, fid_cfg, seed, ("ddim",), "ddim").rows
+        other_rows = sweep_samplers(
+            spec.compare_with,
+            build_process(spec.compare_with, compare_cfg),
+            other_model,
+            space,
+            evaluator,
+            step_counts,
+            fid_cfg,
+            seed,
+            ("ddim",),
+            "ddim",
+        ).rows
         rows += [{**r, "sampler": f"{spec.compare_with}_{r['sampler']}"} for r in other_rows]
         samplers.append(f"{spec.compare_with}_ddim")
-    metrics = {**headline, "headline_sampler": spec.headline, "train_seconds": result.train_seconds,
-               "train_images_per_s": result.items_per_second, "sweep": rows}
+    metrics = {
+        **headline,
+        "headline_sampler": spec.headline,
+        "train_seconds": result.train_seconds,
+        "train_images_per_s": result.items_per_second,
+        "sweep": rows,
+    }
     write_json(root / METRICS_DIR / "diffusion" / f"{name}.json", metrics)
     with atomic_path(root / PLOTS_DIR / "diffusion" / f"{name}_fid_vs_steps.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    grid = write_png(class_grid_of(images, labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes),
-                     out / "samples.png", upscale=2)
+    grid = write_png(
+        class_grid_of(images, labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes),
+        out / "samples.png",
+        upscale=2,
+    )
 
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
@@ -380,24 +544,36 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     run.log_figure(fid_steps_figure(name, rows, evaluator.floor, evaluator.ceiling), "plots/fid_vs_steps.png")
     run.log_artifact(grid, "samples")
     run.set_tags({"kiln.headline": f"{spec.headline} sampler at {metrics['headline_steps']} steps"})
-    print(f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
-          f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
-          f"class accuracy {headline['class_accuracy']:.3f}")
+    print(
+        f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
+        f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
+        f"class accuracy {headline['class_accuracy']:.3f}"
+    )
     return flat
 
 
 def generator_sections(item: str) -> dict[str, tuple[str, type]]:
     spec = GENERATORS[item]
     compare = GENERATORS[spec.compare_with or item]
-    return {"process": (spec.process_section, PROCESS_CONFIGS[item]),
-            "network": (spec.network_section, NETWORKS[spec.network][0]),
-            "train": (spec.train_section, TrainConfig),
-            "compare": (compare.process_section, PROCESS_CONFIGS[spec.compare_with or item])}
+    return {
+        "process": (spec.process_section, PROCESS_CONFIGS[item]),
+        "network": (spec.network_section, NETWORKS[spec.network][0]),
+        "train": (spec.train_section, TrainConfig),
+        "compare": (compare.process_section, PROCESS_CONFIGS[spec.compare_with or item]),
+    }
 
 
-SPEC = StageSpec(name="diffusion", family="generative", task=diffusion_task, inputs=DiffusionInputs,
-                 items=GENERATOR_NAMES, sections=generator_sections,
-                 derive=lambda root, item: derived_generator_fields(item)(root),
-                 placeholders={"unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
-                               "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
-                               "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10}})
+SPEC = StageSpec(
+    name="diffusion",
+    family="generative",
+    task=diffusion_task,
+    inputs=DiffusionInputs,
+    items=GENERATOR_NAMES,
+    sections=generator_sections,
+    derive=lambda root, item: derived_generator_fields(item)(root),
+    placeholders={
+        "unet": {"in_channels": 1, "image_size": 16, "num_classes": 10},
+        "ldm_unet": {"in_channels": 4, "image_size": 8, "num_classes": 10},
+        "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
+    },
+)

@@ -23,12 +23,7 @@ from tasks.generative.diffusion import (
     sample_images,
     vae_space,
 )
-from tasks.generative.fid import (
-    FIDConfig,
-    FIDEvaluator,
-    balanced_labels,
-    derived_image_fields,
-)
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, derived_image_fields
 from tasks.generative.images import read_images, to_model_range
 from tasks.generative.vae import fit_vae
 from tasks.io import atomic_path, write_json
@@ -66,17 +61,38 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], int | None]] = {
 }
 
 
-def retrained_vae_space(root: Path, channels: int, vae_cfg: VAEConfig, vae_train: TrainConfig, seed: int,
-                        device: torch.device, batch_size: int) -> DataSpace:
+def retrained_vae_space(
+    root: Path,
+    channels: int,
+    vae_cfg: VAEConfig,
+    vae_train: TrainConfig,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+) -> DataSpace:
     """A VAE like the `vae` stage's with another latent width, trained here, and its scaled latents."""
     splits = {s: read_images(root, s) for s in ("train", "val", "test")}
-    fit = fit_vae(replace(vae_cfg, latent_channels=channels), vae_train, splits, seed=seed, device=device,
-                  checkpoint=None, run=None)
+    fit = fit_vae(
+        replace(vae_cfg, latent_channels=channels),
+        vae_train,
+        splits,
+        seed=seed,
+        device=device,
+        checkpoint=None,
+        run=None,
+    )
     with torch.no_grad():
         train_z = fit.model.encode(to_model_range(splits["train"].pixels).to(device)).cpu()
         val_z = fit.model.encode(to_model_range(splits["val"].pixels).to(device)).cpu()
-    return vae_space(fit.model, train_z, torch.as_tensor(splits["train"].labels), val_z,
-                     torch.as_tensor(splits["val"].labels), float(1 / train_z.std()), batch_size)
+    return vae_space(
+        fit.model,
+        train_z,
+        torch.as_tensor(splits["train"].labels),
+        val_z,
+        torch.as_tensor(splits["val"].labels),
+        float(1 / train_z.std()),
+        batch_size,
+    )
 
 
 def ablation_figure(rows: list[dict], floor: float):
@@ -113,28 +129,68 @@ def dit_ablation_task(ctx: StageContext, inputs: DiTAblationInputs) -> dict[str,
     vae_cfg, vae_train, eval_cfg, fid_cfg = inputs.vae, inputs.vae_train, inputs.diffusion_eval, inputs.fid
     device = resolve_device(device_name)
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
-    budget = replace(train_cfg, steps=cfg.train_steps, warmup_steps=min(train_cfg.warmup_steps, cfg.train_steps),
-                     eval_every=cfg.train_steps, checkpoint_every=cfg.train_steps)
+    budget = replace(
+        train_cfg,
+        steps=cfg.train_steps,
+        warmup_steps=min(train_cfg.warmup_steps, cfg.train_steps),
+        eval_every=cfg.train_steps,
+        checkpoint_every=cfg.train_steps,
+    )
     cached = latent_space(root, device, fid_cfg.batch_size)
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
     rows = []
     for variant in cfg.variants:
         process_changes, network_changes, channels = ABLATIONS[variant]
-        space = cached if channels is None else retrained_vae_space(root, channels, vae_cfg, vae_train, seed, device,
-                                                                      fid_cfg.batch_size)
+        space = (
+            cached
+            if channels is None
+            else retrained_vae_space(root, channels, vae_cfg, vae_train, seed, device, fid_cfg.batch_size)
+        )
         net_cfg = replace(dit_cfg, in_channels=space.sample_shape[0], **network_changes)
         process = RectifiedFlow(replace(rf_cfg, **process_changes))
-        model, result = fit_generator("dit_rf", process, net_cfg, budget, space, eval_cfg, seed=seed, device=device,
-                                      checkpoint=None, run=None, fingerprint={})
-        images, _ = sample_images(process, model, space, labels, sampler="euler", steps=cfg.sample_steps,
-                                  seed=seed + 1, batch_size=fid_cfg.batch_size)
+        model, result = fit_generator(
+            "dit_rf",
+            process,
+            net_cfg,
+            budget,
+            space,
+            eval_cfg,
+            seed=seed,
+            device=device,
+            checkpoint=None,
+            run=None,
+            fingerprint={},
+        )
+        images, _ = sample_images(
+            process,
+            model,
+            space,
+            labels,
+            sampler="euler",
+            steps=cfg.sample_steps,
+            seed=seed + 1,
+            batch_size=fid_cfg.batch_size,
+        )
         report = evaluator.report(images, labels)
-        rows.append({"variant": variant, "fid": report["fid"], "class_accuracy": report["class_accuracy"],
-                     "latent_channels": space.sample_shape[0], "train_seconds": result.train_seconds})
-        print(f"dit_ablation: {variant}: FID {report['fid']:.3f}, class accuracy {report['class_accuracy']:.3f} "
-              f"({cfg.train_steps} steps, {cfg.sample_steps} Euler steps)")
-    metrics: dict[str, Any] = {"fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling, "variants": rows,
-                               **{f"fid_{r['variant']}": r["fid"] for r in rows}}
+        rows.append(
+            {
+                "variant": variant,
+                "fid": report["fid"],
+                "class_accuracy": report["class_accuracy"],
+                "latent_channels": space.sample_shape[0],
+                "train_seconds": result.train_seconds,
+            }
+        )
+        print(
+            f"dit_ablation: {variant}: FID {report['fid']:.3f}, class accuracy {report['class_accuracy']:.3f} "
+            f"({cfg.train_steps} steps, {cfg.sample_steps} Euler steps)"
+        )
+    metrics: dict[str, Any] = {
+        "fid_floor": evaluator.floor,
+        "fid_ceiling": evaluator.ceiling,
+        "variants": rows,
+        **{f"fid_{r['variant']}": r["fid"] for r in rows},
+    }
     write_json(root / METRICS_DIR / "dit_ablation.json", metrics)
     with atomic_path(root / PLOTS_DIR / "dit_ablation.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -148,6 +204,11 @@ def _derive(root: Path, item: str) -> dict[str, dict[str, Any]]:
     return {**derived_generator_fields("dit_rf")(root), **derived_image_fields("vae", ("in_channels",))(root)}
 
 
-SPEC = StageSpec(name="dit_ablation", family="generative", task=dit_ablation_task, inputs=DiTAblationInputs,
-                 derive=_derive, placeholders={"dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
-                                               "vae": {"in_channels": 1}})
+SPEC = StageSpec(
+    name="dit_ablation",
+    family="generative",
+    task=dit_ablation_task,
+    inputs=DiTAblationInputs,
+    derive=_derive,
+    placeholders={"dit": {"in_channels": 4, "image_size": 8, "num_classes": 10}, "vae": {"in_channels": 1}},
+)

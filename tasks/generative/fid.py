@@ -52,8 +52,11 @@ def derived_image_fields(section: str, fields: tuple[str, ...] = ("in_channels",
 
     def derive(root: Path) -> dict[str, dict[str, Any]]:
         meta = json.loads((root / METRICS_DIR / "images.json").read_text())
-        known = {"in_channels": int(meta["channels"]), "image_size": int(meta["height"]),
-                 "num_classes": int(meta["classes"])}
+        known = {
+            "in_channels": int(meta["channels"]),
+            "image_size": int(meta["height"]),
+            "num_classes": int(meta["classes"]),
+        }
         return {section: {name: known[name] for name in fields}}
 
     return derive
@@ -67,8 +70,10 @@ def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tenso
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     model.eval()
-    correct = sum(int((model(x[i: i + batch_size]).argmax(-1) == y[i: i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     return correct / max(1, len(x))
 
 
@@ -76,8 +81,16 @@ def build_fid_net(name: str, config: dict[str, Any]) -> FIDNet:
     return FIDNet(FIDNetConfig(**config))
 
 
-def fit_fid_net(cfg: FIDNetConfig, train_cfg: TrainConfig, splits: dict[str, ImageSet], *, seed: int,
-                         device: torch.device, checkpoint: Path | None, run: StageRun | None) -> tuple[FIDNet, dict]:
+def fit_fid_net(
+    cfg: FIDNetConfig,
+    train_cfg: TrainConfig,
+    splits: dict[str, ImageSet],
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> tuple[FIDNet, dict]:
     torch.manual_seed(seed)
     model = FIDNet(cfg)
     data = {s: (to_model_range(p.pixels).to(device), torch.as_tensor(p.labels).to(device)) for s, p in splits.items()}
@@ -90,14 +103,35 @@ def fit_fid_net(cfg: FIDNetConfig, train_cfg: TrainConfig, splits: dict[str, Ima
     def evaluate(m: nn.Module) -> dict[str, float]:
         return {"val_accuracy": accuracy(m, *data["val"])}
 
-    fingerprint = {"config": cfg.__dict__, "train": train_cfg.__dict__, "seed": seed,
-                   "train_checksum": int(splits["train"].pixels.sum(dtype=np.int64)), "n": len(x_train)}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=classification_loss, evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc="fid_net")
+    fingerprint = {
+        "config": cfg.__dict__,
+        "train": train_cfg.__dict__,
+        "seed": seed,
+        "train_checksum": int(splits["train"].pixels.sum(dtype=np.int64)),
+        "n": len(x_train),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=classification_loss,
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc="fid_net",
+    )
     model.eval()
-    return model, {"test_accuracy": accuracy(model, *data["test"]), "val_accuracy": accuracy(model, *data["val"]),
-                   "train_seconds": result.train_seconds, "feature_dim": float(cfg.feature_dim)}
+    return model, {
+        "test_accuracy": accuracy(model, *data["test"]),
+        "val_accuracy": accuracy(model, *data["val"]),
+        "train_seconds": result.train_seconds,
+        "feature_dim": float(cfg.feature_dim),
+    }
 
 
 def fid_extractor(root: Path, fid_cfg: FIDConfig, device: torch.device) -> nn.Module:
@@ -115,8 +149,9 @@ def fid_extractor(root: Path, fid_cfg: FIDConfig, device: torch.device) -> nn.Mo
 @torch.no_grad()
 def features_of(extractor: nn.Module, x: Tensor, batch_size: int) -> np.ndarray:
     device = next(extractor.parameters()).device
-    return torch.cat([extractor(x[i: i + batch_size].to(device)).double().cpu()
-                      for i in range(0, len(x), batch_size)]).numpy()
+    return torch.cat(
+        [extractor(x[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
+    ).numpy()
 
 
 @dataclass
@@ -140,8 +175,9 @@ class FIDEvaluator:
         return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds["fid_floor"], bounds["fid_ceiling"])
 
     def fid(self, x: Tensor) -> FIDResult:
-        return frechet_distance_from_stats(feature_statistics(features_of(self.extractor, x, self.batch_size)),
-                                           self.reference)
+        return frechet_distance_from_stats(
+            feature_statistics(features_of(self.extractor, x, self.batch_size)), self.reference
+        )
 
     def class_accuracy(self, x: Tensor, y: Tensor) -> float:
         device = next(self.classifier.parameters()).device
@@ -150,9 +186,15 @@ class FIDEvaluator:
     def report(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         """fid, its reference floor and noise ceiling, the sample counts, and class accuracy when labelled."""
         result = self.fid(x)
-        out = {"fid": result.fid, "fid_floor": self.floor, "fid_ceiling": self.ceiling,
-               "fid_samples": float(result.n_a), "fid_reference_images": float(result.n_b),
-               "fid_feature_dim": float(result.feature_dim), "fid_imaginary_residue": result.imaginary_residue}
+        out = {
+            "fid": result.fid,
+            "fid_floor": self.floor,
+            "fid_ceiling": self.ceiling,
+            "fid_samples": float(result.n_a),
+            "fid_reference_images": float(result.n_b),
+            "fid_feature_dim": float(result.feature_dim),
+            "fid_imaginary_residue": result.imaginary_residue,
+        }
         if y is not None:
             out["class_accuracy"] = self.class_accuracy(x, y)
         return out
@@ -177,8 +219,9 @@ def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
     device = resolve_device(device_name)
     splits = {s: read_images(root, s) for s in SPLITS}
     out = root / FID_NET_DIR
-    model, metrics = fit_fid_net(cfg, train_cfg, splits, seed=seed, device=device,
-                                          checkpoint=out / "checkpoint.pt", run=run)
+    model, metrics = fit_fid_net(
+        cfg, train_cfg, splits, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run
+    )
     save_model(out / "model.pt", "fid_net", cfg, model)
     # The FID scale of this dataset: a perfect generator scores about the floor (train vs test, both real),
     # noise scores the ceiling. Both use the extractor the generators are scored with.
@@ -191,17 +234,31 @@ def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
     test_stats = feature_statistics(test)
     floor = frechet_distance_from_stats(feature_statistics(train_f), test_stats)
     ceiling = frechet_distance_from_stats(feature_statistics(noise_f), test_stats)
-    metrics.update({"fid_floor": floor.fid, "fid_floor_train_images": float(floor.n_a),
-                    "fid_ceiling": ceiling.fid, "fid_ceiling_noise_images": float(ceiling.n_a),
-                    "fid_reference_images": float(floor.n_b), "fid_feature_dim": float(floor.feature_dim)})
+    metrics.update(
+        {
+            "fid_floor": floor.fid,
+            "fid_floor_train_images": float(floor.n_a),
+            "fid_ceiling": ceiling.fid,
+            "fid_ceiling_noise_images": float(ceiling.n_a),
+            "fid_reference_images": float(floor.n_b),
+            "fid_feature_dim": float(floor.feature_dim),
+        }
+    )
     write_json(root / METRICS_DIR / "fid_net.json", metrics)
     run.log_metrics(metrics)
-    print(f"fid_net: test accuracy {metrics['test_accuracy']:.4f}; FID floor (train vs test) {floor.fid:.3f}, "
-          f"ceiling (noise vs test) {ceiling.fid:.1f}, {floor.feature_dim}-d features, "
-          f"{floor.n_b} test images")
+    print(
+        f"fid_net: test accuracy {metrics['test_accuracy']:.4f}; FID floor (train vs test) {floor.fid:.3f}, "
+        f"ceiling (noise vs test) {ceiling.fid:.1f}, {floor.feature_dim}-d features, "
+        f"{floor.n_b} test images"
+    )
     return metrics
 
 
-SPEC = StageSpec(name="fid_net", family="generative", task=fid_net_task, inputs=FIDNetInputs,
-                 derive=lambda root, item: derived_image_fields("fid_net")(root),
-                 placeholders={"fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10}})
+SPEC = StageSpec(
+    name="fid_net",
+    family="generative",
+    task=fid_net_task,
+    inputs=FIDNetInputs,
+    derive=lambda root, item: derived_image_fields("fid_net")(root),
+    placeholders={"fid_net": {"in_channels": 1, "image_size": 16, "num_classes": 10}},
+)

@@ -1,4 +1,5 @@
-"""`guidance`: classifier-free guidance of the ddpm UNet and classifier guidance with a noisy classifier, traded off by scale."""
+"""`guidance`: classifier-free guidance of the ddpm UNet and classifier guidance with a noisy classifier, traded off
+by scale."""
 
 from __future__ import annotations
 
@@ -32,12 +33,7 @@ from tasks.generative.diffusion import (
     pixel_space,
     sample_images,
 )
-from tasks.generative.fid import (
-    FIDConfig,
-    FIDEvaluator,
-    balanced_labels,
-    derived_image_fields,
-)
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, derived_image_fields
 from tasks.generative.images import write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, METRICS_DIR, PLOTS_DIR
@@ -59,9 +55,17 @@ def noisy_classification_loss(process: GaussianDiffusion):
     return loss
 
 
-def fit_noisy_classifier(process: GaussianDiffusion, cfg: UNetConfig, train_cfg: TrainConfig, space: DataSpace, *,
-                         seed: int, device: torch.device, checkpoint: Path | None,
-                         run: StageRun | None) -> tuple[EncoderClassifier, dict[str, float]]:
+def fit_noisy_classifier(
+    process: GaussianDiffusion,
+    cfg: UNetConfig,
+    train_cfg: TrainConfig,
+    space: DataSpace,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> tuple[EncoderClassifier, dict[str, float]]:
     torch.manual_seed(seed)
     model = EncoderClassifier(cfg)
     x_train, y_train = space.train.to(device), space.train_labels.to(device)
@@ -82,12 +86,28 @@ def fit_noisy_classifier(process: GaussianDiffusion, cfg: UNetConfig, train_cfg:
             metrics[f"val_accuracy_{label}"] = float((logits.argmax(-1) == y_val).float().mean())
         return metrics
 
-    fingerprint = {"unet": asdict(cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
-                   "process": asdict(process.cfg)}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=noisy_classification_loss(process),
-                   evaluate=evaluate, items_per_batch=train_cfg.batch_size, seed=seed, device=device,
-                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, item_name="images",
-                   desc="guidance classifier")
+    fingerprint = {
+        "unet": asdict(cfg),
+        "train": asdict(train_cfg),
+        "seed": seed,
+        "n": len(x_train),
+        "process": asdict(process.cfg),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=noisy_classification_loss(process),
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc="guidance classifier",
+    )
     model.eval()
     return model, {f"classifier_{k}": v for k, v in result.history[-1].items() if k != "step"}
 
@@ -103,11 +123,20 @@ def tradeoff_figure(rows: list[dict], floor: float):
     for kind, part in frame.groupby("guidance", sort=False):
         ax.plot(part["class_accuracy"], part["fid"], marker="o", label=kind)
         for _, r in part.iterrows():
-            ax.annotate(f"{r['scale']:g}", (r["class_accuracy"], r["fid"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                f"{r['scale']:g}",
+                (r["class_accuracy"], r["fid"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.axhline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
-    ax.set(xlabel="class accuracy of samples (fid_net)", ylabel="FID vs test", yscale="log",
-           title="Guidance scale: fidelity vs class accuracy")
+    ax.set(
+        xlabel="class accuracy of samples (fid_net)",
+        ylabel="FID vs test",
+        yscale="log",
+        title="Guidance scale: fidelity vs class accuracy",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -134,8 +163,9 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
     _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_network, device)
     space = pixel_space(root)
     out = root / GUIDANCE_DIR
-    classifier, classifier_metrics = fit_noisy_classifier(process, classifier_cfg, train_cfg, space, seed=seed,
-                                                          device=device, checkpoint=out / "checkpoint.pt", run=run)
+    classifier, classifier_metrics = fit_noisy_classifier(
+        process, classifier_cfg, train_cfg, space, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run
+    )
     save_model(out / "classifier.pt", "encoder_classifier", classifier_cfg, classifier)
     for p in classifier.parameters():
         p.requires_grad_(False)
@@ -150,19 +180,41 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
     for kind, (scales, make) in guidances.items():
         for scale in scales:
             start = time.perf_counter()
-            images, nfe = sample_images(process, model, space, labels, sampler=cfg.sampler, steps=cfg.steps,
-                                        guidance=make(scale), seed=seed + 1, batch_size=fid_cfg.batch_size)
+            images, nfe = sample_images(
+                process,
+                model,
+                space,
+                labels,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                guidance=make(scale),
+                seed=seed + 1,
+                batch_size=fid_cfg.batch_size,
+            )
             report = evaluator.report(images, labels)
-            rows.append({"guidance": kind, "scale": scale, "fid": report["fid"],
-                         "class_accuracy": report["class_accuracy"], "nfe": nfe,
-                         "sample_seconds": time.perf_counter() - start})
-            print(f"guidance: {kind} scale {scale:g}: FID {report['fid']:.3f}, class accuracy "
-                  f"{report['class_accuracy']:.3f}")
+            rows.append(
+                {
+                    "guidance": kind,
+                    "scale": scale,
+                    "fid": report["fid"],
+                    "class_accuracy": report["class_accuracy"],
+                    "nfe": nfe,
+                    "sample_seconds": time.perf_counter() - start,
+                }
+            )
+            print(
+                f"guidance: {kind} scale {scale:g}: FID {report['fid']:.3f}, class accuracy "
+                f"{report['class_accuracy']:.3f}"
+            )
             grids[(kind, scale)] = images
     with atomic_path(root / PLOTS_DIR / "guidance.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics: dict[str, Any] = {**classifier_metrics, "fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling,
-                               "sweep": rows}
+    metrics: dict[str, Any] = {
+        **classifier_metrics,
+        "fid_floor": evaluator.floor,
+        "fid_ceiling": evaluator.ceiling,
+        "sweep": rows,
+    }
     for kind in guidances:
         part = [r for r in rows if r["guidance"] == kind]
         best = max(part, key=lambda r: r["class_accuracy"])
@@ -170,8 +222,9 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
         metrics[f"{kind}_best_accuracy_scale"] = best["scale"]
         metrics[f"{kind}_best_fid"] = min(r["fid"] for r in part)
         strongest = max(part, key=lambda r: r["scale"])
-        grid = class_grid_of(grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class,
-                             evaluator.classifier.cfg.num_classes)
+        grid = class_grid_of(
+            grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes
+        )
         run.log_artifact(write_png(grid, out / f"{kind}_samples.png", upscale=2), "samples")
         # Scales are floats; MLflow steps are ints, so the series is indexed by position in the sweep.
         run.log_metric_series(f"{kind}_fid", {i: r["fid"] for i, r in enumerate(part)})
@@ -183,6 +236,11 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
     return flat
 
 
-SPEC = StageSpec(name="guidance", family="generative", task=guidance_task, inputs=GuidanceInputs,
-                 derive=lambda root, item: derived_image_fields("guidance_classifier")(root),
-                 placeholders={"guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10}})
+SPEC = StageSpec(
+    name="guidance",
+    family="generative",
+    task=guidance_task,
+    inputs=GuidanceInputs,
+    derive=lambda root, item: derived_image_fields("guidance_classifier")(root),
+    placeholders={"guidance_classifier": {"in_channels": 1, "image_size": 16, "num_classes": 10}},
+)

@@ -81,8 +81,9 @@ def resize_images(pixels: np.ndarray, size: int) -> np.ndarray:
     if size == 0 or pixels.shape[2:] == (size, size):
         return pixels
     x = torch.from_numpy(np.ascontiguousarray(pixels)).float()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                      antialias=size < max(pixels.shape[2:]))
+    y = F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < max(pixels.shape[2:])
+    )
     return y.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -92,8 +93,12 @@ def builtin_digits(size: int) -> ImageSet:
 
     ink, labels = load_digit_images()  # (1797, 8, 8) in [0, 1]
     pixels = np.round(ink * 255).astype(np.uint8)[:, None]
-    return ImageSet(resize_images(pixels, size), labels, [str(d) for d in range(10)],
-                    [f"sklearn.datasets.load_digits[{i}]" for i in range(len(labels))])
+    return ImageSet(
+        resize_images(pixels, size),
+        labels,
+        [str(d) for d in range(10)],
+        [f"sklearn.datasets.load_digits[{i}]" for i in range(len(labels))],
+    )
 
 
 def _decode(data: bytes | Path, channels: int, where: str) -> np.ndarray:
@@ -113,8 +118,10 @@ def _stack(arrays: list[np.ndarray], where: list[str], size: int) -> np.ndarray:
     first = arrays[0].shape[1:]
     for array, name in zip(arrays, where):
         if array.shape[1:] != first:
-            raise ImageDataError(f"{name}: image is {array.shape[2]}x{array.shape[1]} but {where[0]} is "
-                                 f"{first[1]}x{first[0]}; set images.size to resize them to one size")
+            raise ImageDataError(
+                f"{name}: image is {array.shape[2]}x{array.shape[1]} but {where[0]} is "
+                f"{first[1]}x{first[0]}; set images.size to resize them to one size"
+            )
     return np.stack(arrays)
 
 
@@ -124,8 +131,12 @@ def read_image_folder(path: Path, channels: int, size: int) -> ImageSet:
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ImageDataError(f"{path}: expected one subfolder of images per class, found none")
-    files = [(f, k) for k, name in enumerate(classes) for f in sorted((path / name).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, k)
+        for k, name in enumerate(classes)
+        for f in sorted((path / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise ImageDataError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     arrays = [_decode(f, channels, str(f)) for f, _ in files]
@@ -171,8 +182,10 @@ def stratified_split(labels: np.ndarray, cfg: ImagesConfig) -> dict[str, np.ndar
 
     counts = np.bincount(labels)
     if counts.min() < 3:
-        raise ImageDataError(f"class {int(counts.argmin())} has {counts.min()} image(s); each class needs >= 3 "
-                             "to appear in train, val and test")
+        raise ImageDataError(
+            f"class {int(counts.argmin())} has {counts.min()} image(s); each class needs >= 3 "
+            "to appear in train, val and test"
+        )
     index = np.arange(len(labels))
     rest, test = train_test_split(index, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed)
     val_share = cfg.val_fraction / (1 - cfg.test_fraction)
@@ -183,11 +196,19 @@ def stratified_split(labels: np.ndarray, cfg: ImagesConfig) -> dict[str, np.ndar
 def split_table(images: ImageSet) -> pa.Table:
     n, c, h, w = images.pixels.shape
     flat = images.pixels.reshape(n, -1)
-    table = pa.table({"label": pa.array(images.labels, pa.int64()),
-                      "pixels": pa.array([row.tobytes() for row in flat], pa.binary()),
-                      "source": pa.array(images.sources, pa.string())})
-    meta = {"kiln.channels": str(c), "kiln.height": str(h), "kiln.width": str(w),
-            "kiln.classes": json.dumps(images.classes)}
+    table = pa.table(
+        {
+            "label": pa.array(images.labels, pa.int64()),
+            "pixels": pa.array([row.tobytes() for row in flat], pa.binary()),
+            "source": pa.array(images.sources, pa.string()),
+        }
+    )
+    meta = {
+        "kiln.channels": str(c),
+        "kiln.height": str(h),
+        "kiln.width": str(w),
+        "kiln.classes": json.dumps(images.classes),
+    }
     return table.replace_schema_metadata(meta)
 
 
@@ -200,8 +221,12 @@ def read_images(root: Path, split: str) -> ImageSet:
     shape = (int(meta["kiln.channels"]), int(meta["kiln.height"]), int(meta["kiln.width"]))
     blob = b"".join(table.column("pixels").to_pylist())
     pixels = np.frombuffer(blob, dtype=np.uint8).reshape(len(table), *shape).copy()
-    return ImageSet(pixels, table.column("label").to_numpy().astype(np.int64), json.loads(meta["kiln.classes"]),
-                    table.column("source").to_pylist())
+    return ImageSet(
+        pixels,
+        table.column("label").to_numpy().astype(np.int64),
+        json.loads(meta["kiln.classes"]),
+        table.column("source").to_pylist(),
+    )
 
 
 def to_model_range(pixels: np.ndarray | Tensor) -> Tensor:
@@ -221,7 +246,7 @@ def image_grid(pixels: np.ndarray, columns: int) -> np.ndarray:
     grid = np.full((c, rows * (h + 1) + 1, columns * (w + 1) + 1), 128, dtype=np.uint8)
     for i in range(n):
         r, k = divmod(i, columns)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = pixels[i]
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = pixels[i]
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
@@ -260,8 +285,13 @@ def images_task(ctx: StageContext, inputs: ImagesInputs) -> dict[str, float]:
         for name, part in splits.items():
             pq.write_table(split_table(part), tmp / f"{name}.parquet")
     _, c, h, w = images.pixels.shape
-    metrics: dict[str, float] = {"classes": float(len(images.classes)), "channels": float(c), "height": float(h),
-                                 "width": float(w), **{f"{s}_images": float(len(p)) for s, p in splits.items()}}
+    metrics: dict[str, float] = {
+        "classes": float(len(images.classes)),
+        "channels": float(c),
+        "height": float(h),
+        "width": float(w),
+        **{f"{s}_images": float(len(p)) for s, p in splits.items()},
+    }
     write_json(root / METRICS_DIR / "images.json", metrics)
     for name in ("train", "test"):
         frame = pd.DataFrame({"label": splits[name].labels, "source": splits[name].sources})
@@ -270,8 +300,10 @@ def images_task(ctx: StageContext, inputs: ImagesInputs) -> dict[str, float]:
     write_png(class_grid(splits["test"], per_class=10), grid, upscale=2)
     run.log_artifact(grid, "samples")
     run.log_metrics(metrics)
-    print(f"images: {len(images)} images of {c}x{h}x{w}, {len(images.classes)} classes; "
-          + ", ".join(f"{s} {len(p)}" for s, p in splits.items()))
+    print(
+        f"images: {len(images)} images of {c}x{h}x{w}, {len(images.classes)} classes; "
+        + ", ".join(f"{s} {len(p)}" for s, p in splits.items())
+    )
     return metrics
 
 

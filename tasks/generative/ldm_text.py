@@ -37,12 +37,7 @@ from models.generative.text_encoder import (
     drop_captions,
 )
 from models.generative.unet import UNet, UNetConfig
-from tasks.generative.diffusion import (
-    DataSpace,
-    class_grid_of,
-    latent_space,
-    sample_images,
-)
+from tasks.generative.diffusion import DataSpace, class_grid_of, latent_space, sample_images
 from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels
 from tasks.generative.images import write_png
 from tasks.io import write_json
@@ -112,13 +107,10 @@ def derived_text_fields(root: Path) -> dict[str, dict[str, Any]]:
     cfg = load_section(root / "params", "ldm_text", LdmTextConfig)
     vocab = len(build_tokenizer(cfg, int(meta["classes"])))
     dim = load_section(root / "params", "text_encoder", TextEncoderConfig, {"vocab_size": vocab}).dim
-    return {"ldm_text_unet": {"in_channels": int(c), "image_size": int(h), "num_classes": 0, "context_dim": dim},
-            "text_encoder": {"vocab_size": vocab}}
-
-
-def build_text_model(name: str, config: dict[str, Any]) -> nn.Module:
-    """Rebuild a saved `ldm_text` model from its stored {"unet": ..., "text_encoder": ...} config."""
-    return TextConditionedUNet(UNet(UNetConfig(**config["unet"])), TextEncoder(TextEncoderConfig(**config["text_encoder"])))
+    return {
+        "ldm_text_unet": {"in_channels": int(c), "image_size": int(h), "num_classes": 0, "context_dim": dim},
+        "text_encoder": {"vocab_size": vocab},
+    }
 
 
 @dataclass
@@ -135,9 +127,21 @@ def caption_loss(process: GaussianDiffusion, p_uncond: float):
     return loss
 
 
-def fit_text_model(process: GaussianDiffusion, cfg: LdmTextConfig, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig,
-                   train_cfg: TrainConfig, space: DataSpace, train_ids: Tensor, *, seed: int, device: torch.device,
-                   checkpoint: Path | None, run: StageRun | None, fingerprint: dict[str, Any]):
+def fit_text_model(
+    process: GaussianDiffusion,
+    cfg: LdmTextConfig,
+    unet_cfg: UNetConfig,
+    text_cfg: TextEncoderConfig,
+    train_cfg: TrainConfig,
+    space: DataSpace,
+    train_ids: Tensor,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+    fingerprint: dict[str, Any],
+):
     torch.manual_seed(seed)
     model = TextConditionedUNet(UNet(unet_cfg), TextEncoder(text_cfg))
     x_train, y_train = space.train.to(device), space.train_labels.to(device)
@@ -155,12 +159,31 @@ def fit_text_model(process: GaussianDiffusion, cfg: LdmTextConfig, unet_cfg: UNe
         g = torch.Generator(device).manual_seed(seed)
         return {"val_loss": float(process.training_losses(m, x_val, y=val_ids, generator=g)["loss"])}
 
-    fingerprint = {**fingerprint, "code": code_digest(model, sys.modules[__name__]), "unet": asdict(unet_cfg),
-                   "text_encoder": asdict(text_cfg), "train": asdict(train_cfg), "seed": seed, "n": len(x_train),
-                   "train_checksum": float(space.train.double().sum())}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=caption_loss(process, cfg.caption_dropout),
-                   evaluate=evaluate, items_per_batch=train_cfg.batch_size, seed=seed, device=device,
-                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, item_name="images", desc="ldm_text")
+    fingerprint = {
+        **fingerprint,
+        "code": code_digest(model, sys.modules[__name__]),
+        "unet": asdict(unet_cfg),
+        "text_encoder": asdict(text_cfg),
+        "train": asdict(train_cfg),
+        "seed": seed,
+        "n": len(x_train),
+        "train_checksum": float(space.train.double().sum()),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=caption_loss(process, cfg.caption_dropout),
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc="ldm_text",
+    )
     model.eval()
     return model, result
 
@@ -191,46 +214,91 @@ def ldm_text_task(ctx: StageContext, inputs: LdmTextInputs) -> dict[str, float]:
     train_ids = caption_ids(tokenizer, cfg.train_templates, num_classes, L)  # (K, T_train, L)
     heldout_ids = caption_ids(tokenizer, cfg.heldout_templates, num_classes, L)  # (K, T_heldout, L)
     out = root / LDM_TEXT_DIR
-    model, result = fit_text_model(process, cfg, unet_cfg, text_cfg, train_cfg, space, train_ids, seed=seed,
-                                   device=device, checkpoint=out / "checkpoint.pt", run=run,
-                                   fingerprint={"process": asdict(process_cfg), "ldm_text": asdict(cfg)})
+    model, result = fit_text_model(
+        process,
+        cfg,
+        unet_cfg,
+        text_cfg,
+        train_cfg,
+        space,
+        train_ids,
+        seed=seed,
+        device=device,
+        checkpoint=out / "checkpoint.pt",
+        run=run,
+        fingerprint={"process": asdict(process_cfg), "ldm_text": asdict(cfg)},
+    )
     save_model(out / "model.pt", "ldm_text", TextModelConfig(unet_cfg, text_cfg), model)
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
-    metrics: dict[str, Any] = {"fid_floor": evaluator.floor, "fid_ceiling": evaluator.ceiling,
-                               "guidance_scale": cfg.guidance_scale, "vocab_size": len(tokenizer),
-                               "heldout_unk_rate": float((heldout_ids == UNK_ID).sum() / (heldout_ids != PAD_ID).sum())}
+    metrics: dict[str, Any] = {
+        "fid_floor": evaluator.floor,
+        "fid_ceiling": evaluator.ceiling,
+        "guidance_scale": cfg.guidance_scale,
+        "vocab_size": len(tokenizer),
+        "heldout_unk_rate": float((heldout_ids == UNK_ID).sum() / (heldout_ids != PAD_ID).sum()),
+    }
     samples = {}
     for split, ids in (("heldout", heldout_ids), ("train", train_ids)):
         # labels cycle through the classes; the templates cycle at a slower pace so every class meets each
         y = ids[labels, (torch.arange(len(labels)) // num_classes) % ids.shape[1]]  # (N, L)
         t0 = time.perf_counter()
-        images, nfe = sample_images(process, model, space, y, sampler=cfg.sampler, steps=cfg.steps,
-                                    guidance=lambda c: ClassifierFreeGuidance(y=c, scale=cfg.guidance_scale),
-                                    seed=seed + 1, batch_size=fid_cfg.batch_size)
+        images, nfe = sample_images(
+            process,
+            model,
+            space,
+            y,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            guidance=lambda c: ClassifierFreeGuidance(y=c, scale=cfg.guidance_scale),
+            seed=seed + 1,
+            batch_size=fid_cfg.batch_size,
+        )
         report = evaluator.report(images, labels)
-        metrics.update({f"{split}_fid": report["fid"], f"{split}_class_accuracy": report["class_accuracy"],
-                        f"{split}_sample_seconds": time.perf_counter() - t0, "nfe": nfe})
+        metrics.update(
+            {
+                f"{split}_fid": report["fid"],
+                f"{split}_class_accuracy": report["class_accuracy"],
+                f"{split}_sample_seconds": time.perf_counter() - t0,
+                "nfe": nfe,
+            }
+        )
         samples[split] = images
-        print(f"ldm_text: {split} templates: FID {report['fid']:.3f}, class accuracy {report['class_accuracy']:.3f} "
-              f"(guidance {cfg.guidance_scale:g}, {cfg.sampler} {cfg.steps} steps)")
-    metrics.update(fid=metrics["heldout_fid"], class_accuracy=metrics["heldout_class_accuracy"],
-                   train_seconds=result.train_seconds, train_images_per_s=result.items_per_second,
-                   stage_seconds=time.perf_counter() - start)
-    grid = write_png(class_grid_of(samples["heldout"], labels, cfg.grid_per_class, num_classes), out / "samples.png",
-                     upscale=2)
+        print(
+            f"ldm_text: {split} templates: FID {report['fid']:.3f}, class accuracy {report['class_accuracy']:.3f} "
+            f"(guidance {cfg.guidance_scale:g}, {cfg.sampler} {cfg.steps} steps)"
+        )
+    metrics.update(
+        fid=metrics["heldout_fid"],
+        class_accuracy=metrics["heldout_class_accuracy"],
+        train_seconds=result.train_seconds,
+        train_images_per_s=result.items_per_second,
+        stage_seconds=time.perf_counter() - start,
+    )
+    grid = write_png(
+        class_grid_of(samples["heldout"], labels, cfg.grid_per_class, num_classes), out / "samples.png", upscale=2
+    )
     write_json(root / METRICS_DIR / "ldm_text.json", metrics)
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
     run.log_artifact(grid, "samples")
     run.set_tags({"kiln.headline": "held-out caption templates"})
-    print(f"ldm_text: held-out FID {metrics['fid']:.3f} (floor {evaluator.floor:.3f}), class accuracy "
-          f"{metrics['class_accuracy']:.3f}; training templates {metrics['train_class_accuracy']:.3f}")
+    print(
+        f"ldm_text: held-out FID {metrics['fid']:.3f} (floor {evaluator.floor:.3f}), class accuracy "
+        f"{metrics['class_accuracy']:.3f}; training templates {metrics['train_class_accuracy']:.3f}"
+    )
     return flat
 
 
-SPEC = StageSpec(name="ldm_text", family="generative", task=ldm_text_task, inputs=LdmTextInputs,
-                 derive=lambda root, item: derived_text_fields(root),
-                 placeholders={"ldm_text_unet": {"in_channels": 4, "image_size": 8, "num_classes": 0, "context_dim": 32},
-                               "text_encoder": {"vocab_size": 2}})
+SPEC = StageSpec(
+    name="ldm_text",
+    family="generative",
+    task=ldm_text_task,
+    inputs=LdmTextInputs,
+    derive=lambda root, item: derived_text_fields(root),
+    placeholders={
+        "ldm_text_unet": {"in_channels": 4, "image_size": 8, "num_classes": 0, "context_dim": 32},
+        "text_encoder": {"vocab_size": 2},
+    },
+)

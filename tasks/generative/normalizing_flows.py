@@ -4,8 +4,8 @@ models/generative/realnvp.py), and scores its samples with FID against the test 
 stages do (FIDEvaluator, with the floor and noise ceiling).
 
 realnvp: models/generative/realnvp.py, maximum likelihood in logit space. cnf: the flow-matching process of
-models/generative/cnf.py driving the UNet of models/generative/unet.py (unconditional, time input scaled), sampled and scored
-by integrating its ODE (with the divergence for the likelihood).
+models/generative/cnf.py driving the UNet of models/generative/unet.py (unconditional, time input scaled), sampled
+and scored by integrating its ODE (with the divergence for the likelihood).
 """
 
 from __future__ import annotations
@@ -32,13 +32,7 @@ from models.generative.realnvp import (
 )
 from models.generative.unet import UNet, UNetConfig
 from tasks.generative.fid import FIDConfig, FIDEvaluator, derived_image_fields
-from tasks.generative.images import (
-    image_grid,
-    read_images,
-    to_model_range,
-    to_pixels,
-    write_png,
-)
+from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, NFLOW_DIR
 from tasks.spec import StageContext, StageSpec
@@ -82,13 +76,6 @@ def derived_flow_fields(name: str):
     """Channels and size of the flow's network from the images (the flows are unconditional)."""
     spec = FLOWS[name]
     return derived_image_fields(spec.net_section or spec.model_section, ("in_channels", "image_size"))
-
-
-def build_flow_model(name: str, config: dict[str, Any]) -> nn.Module:
-    """The `save_model` registry: `realnvp` or the CNF's `unet`."""
-    if name == "realnvp":
-        return RealNVP(RealNVPConfig(**config))
-    return UNet(UNetConfig(**config))
 
 
 # ------------------------------------------------------------------------------------ the two flows
@@ -157,9 +144,18 @@ def pixels_of(root: Path, split: str) -> Tensor:
     return torch.from_numpy(read_images(root, split).pixels).float()  # (N, C, H, W) in 0..255
 
 
-def fit_flow(flow: Flow, train_cfg: TrainConfig, train_pixels: Tensor, val_pixels: Tensor, *, seed: int,
-             device: torch.device, checkpoint: Path | None, run: StageRun | None,
-             fingerprint: dict[str, Any]) -> Any:
+def fit_flow(
+    flow: Flow,
+    train_cfg: TrainConfig,
+    train_pixels: Tensor,
+    val_pixels: Tensor,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+    fingerprint: dict[str, Any],
+) -> Any:
     torch.manual_seed(seed)
     model = flow.model
     # The val images keep one dequantisation, so the curve shows the model, not the draw.
@@ -173,18 +169,36 @@ def fit_flow(flow: Flow, train_cfg: TrainConfig, train_pixels: Tensor, val_pixel
         # The CNF loss draws t and x_0: the same draw at every evaluation, from its own generator.
         return {"val_loss": float(flow.loss(m, y_val, torch.Generator(device).manual_seed(seed)))}
 
-    fingerprint = {**fingerprint, "process_code": code_digest(model, flow.process_module),
-                   "train": asdict(train_cfg), "seed": seed, "n": len(train_pixels),
-                   "train_checksum": float(train_pixels.double().sum())}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=flow.loss, evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc=f"nflow@{flow.name}")
+    fingerprint = {
+        **fingerprint,
+        "process_code": code_digest(model, flow.process_module),
+        "train": asdict(train_cfg),
+        "seed": seed,
+        "n": len(train_pixels),
+        "train_checksum": float(train_pixels.double().sum()),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=flow.loss,
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc=f"nflow@{flow.name}",
+    )
     model.eval()
     return result
 
 
-def split_bits_per_dim(flow: Flow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *, seed: int,
-                      device: torch.device) -> dict[str, float]:
+def split_bits_per_dim(
+    flow: Flow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *, seed: int, device: torch.device
+) -> dict[str, float]:
     """Mean bits/dim of the test images (one seeded dequantisation) and how long the likelihood took."""
     if eval_cfg.bpd_images:
         pixels = pixels[: eval_cfg.bpd_images]
@@ -192,12 +206,17 @@ def split_bits_per_dim(flow: Flow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *,
     y = dequantize(pixels, generator)
     start, parts, nfe = time.perf_counter(), [], 0
     for i in range(0, len(y), eval_cfg.bpd_batch_size):
-        bpd, nfe = flow.bpd(flow.model, y[i: i + eval_cfg.bpd_batch_size].to(device), generator)
+        bpd, nfe = flow.bpd(flow.model, y[i : i + eval_cfg.bpd_batch_size].to(device), generator)
         parts.append(bpd.detach().cpu())
     seconds = time.perf_counter() - start
     bpd = torch.cat(parts).double()
-    return {"test_bpd": float(bpd.mean()), "test_bpd_stderr": float(bpd.std() / len(bpd) ** 0.5),
-            "test_bpd_images": float(len(bpd)), "likelihood_seconds": seconds, "likelihood_nfe": float(nfe)}
+    return {
+        "test_bpd": float(bpd.mean()),
+        "test_bpd_stderr": float(bpd.std() / len(bpd) ** 0.5),
+        "test_bpd_images": float(len(bpd)),
+        "likelihood_seconds": seconds,
+        "likelihood_nfe": float(nfe),
+    }
 
 
 def sample_images(flow: Flow, n: int, batch_size: int, *, seed: int) -> tuple[Tensor, dict[str, float]]:
@@ -208,8 +227,11 @@ def sample_images(flow: Flow, n: int, batch_size: int, *, seed: int) -> tuple[Te
         y, nfe = flow.sample(flow.model, min(batch_size, n - i), generator)
         parts.append(quantize(y.float().cpu()))
     seconds = time.perf_counter() - start
-    return to_model_range(torch.cat(parts)), {"sample_seconds": seconds, "sample_images_per_s": n / seconds,
-                                              "sample_nfe": float(nfe)}
+    return to_model_range(torch.cat(parts)), {
+        "sample_seconds": seconds,
+        "sample_images_per_s": n / seconds,
+        "sample_nfe": float(nfe),
+    }
 
 
 @dataclass(frozen=True)
@@ -230,31 +252,47 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
     flow = build_flow(name, model_cfg, net_cfg)
     out = root / NFLOW_DIR / name
     train_pixels, val_pixels = pixels_of(root, "train"), pixels_of(root, "val")[: eval_cfg.val_images]
-    result = fit_flow(flow, train_cfg, train_pixels, val_pixels, seed=seed, device=device,
-                      checkpoint=out / "checkpoint.pt", run=run,
-                      fingerprint={"model": asdict(model_cfg), "net": asdict(net_cfg) if net_cfg else None})
+    result = fit_flow(
+        flow,
+        train_cfg,
+        train_pixels,
+        val_pixels,
+        seed=seed,
+        device=device,
+        checkpoint=out / "checkpoint.pt",
+        run=run,
+        fingerprint={"model": asdict(model_cfg), "net": asdict(net_cfg) if net_cfg else None},
+    )
     save_model(out / "model.pt", flow.registry_name, flow.config, flow.model)
 
     likelihood = split_bits_per_dim(flow, pixels_of(root, "test"), eval_cfg, seed=seed + 2, device=device)
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     images, speed = sample_images(flow, fid_cfg.samples, fid_cfg.batch_size, seed=seed + 1)
     report = evaluator.report(images, None)
-    metrics: dict[str, Any] = {**likelihood, **report, **speed, "train_seconds": result.train_seconds,
-                               "train_images_per_s": result.items_per_second}
+    metrics: dict[str, Any] = {
+        **likelihood,
+        **report,
+        **speed,
+        "train_seconds": result.train_seconds,
+        "train_images_per_s": result.items_per_second,
+    }
     if isinstance(model_cfg, CNFConfig):
         metrics["trace"] = model_cfg.trace
         metrics["sample_solver"] = model_cfg.sample_solver
         metrics["likelihood_solver"] = model_cfg.likelihood_solver
     write_json(root / METRICS_DIR / "nflow" / f"{name}.json", metrics)
-    grid = write_png(image_grid(to_pixels(images[: eval_cfg.grid_images]), eval_cfg.grid_columns),
-                     out / "samples.png", upscale=2)
+    grid = write_png(
+        image_grid(to_pixels(images[: eval_cfg.grid_images]), eval_cfg.grid_columns), out / "samples.png", upscale=2
+    )
 
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
     run.log_artifact(grid, "samples")
-    print(f"nflow@{name}: test {metrics['test_bpd']:.3f} bits/dim ({int(metrics['test_bpd_images'])} images), "
-          f"FID {report['fid']:.3f} (floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
-          f"{speed['sample_images_per_s']:.1f} samples/s")
+    print(
+        f"nflow@{name}: test {metrics['test_bpd']:.3f} bits/dim ({int(metrics['test_bpd_images'])} images), "
+        f"FID {report['fid']:.3f} (floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
+        f"{speed['sample_images_per_s']:.1f} samples/s"
+    )
     return flat
 
 
@@ -265,7 +303,13 @@ def flow_sections(item: str) -> dict[str, tuple[str, type]]:
     return {"model": (spec.model_section, model_cls), "network": net, "train": (spec.train_section, TrainConfig)}
 
 
-SPEC = StageSpec(name="nflow", family="generative", task=nflow_task, inputs=NFlowInputs, items=FLOW_NAMES,
-                 sections=flow_sections, derive=lambda root, item: derived_flow_fields(item)(root),
-                 placeholders={"realnvp": {"in_channels": 1, "image_size": 16},
-                               "cnf_unet": {"in_channels": 1, "image_size": 16}})
+SPEC = StageSpec(
+    name="nflow",
+    family="generative",
+    task=nflow_task,
+    inputs=NFlowInputs,
+    items=FLOW_NAMES,
+    sections=flow_sections,
+    derive=lambda root, item: derived_flow_fields(item)(root),
+    placeholders={"realnvp": {"in_channels": 1, "image_size": 16}, "cnf_unet": {"in_channels": 1, "image_size": 16}},
+)

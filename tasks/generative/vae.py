@@ -24,14 +24,7 @@ from torch import Tensor, nn
 
 from models.generative.vae import VAE, VAEConfig, psnr
 from tasks.generative.fid import FIDConfig, FIDEvaluator, derived_image_fields
-from tasks.generative.images import (
-    ImageSet,
-    image_grid,
-    read_images,
-    to_model_range,
-    to_pixels,
-    write_png,
-)
+from tasks.generative.images import ImageSet, image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import LATENTS_DIR, METRICS_DIR, SPLITS, VAE_DIR
 from tasks.spec import StageContext, StageSpec
@@ -66,8 +59,9 @@ def vae_loss(model: nn.Module, batch: Tensor) -> Tensor:
 def reconstruct(vae: VAE, x: Tensor, batch_size: int) -> Tensor:
     """Decode the posterior mean: what the latent cache holds, so what latent diffusion can reach."""
     device = next(vae.parameters()).device
-    return torch.cat([vae.decode(vae.encode(x[i: i + batch_size].to(device))).cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [vae.decode(vae.encode(x[i : i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    )
 
 
 @dataclass
@@ -77,8 +71,16 @@ class VAEFit:
     reconstructions: Tensor  # of the test split, model range
 
 
-def fit_vae(cfg: VAEConfig, train_cfg: TrainConfig, splits: dict[str, ImageSet], *, seed: int,
-            device: torch.device, checkpoint: Path | None, run: StageRun | None) -> VAEFit:
+def fit_vae(
+    cfg: VAEConfig,
+    train_cfg: TrainConfig,
+    splits: dict[str, ImageSet],
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> VAEFit:
     torch.manual_seed(seed)
     model = VAE(cfg)
     x = {s: to_model_range(p.pixels) for s, p in splits.items()}
@@ -90,17 +92,38 @@ def fit_vae(cfg: VAEConfig, train_cfg: TrainConfig, splits: dict[str, ImageSet],
     def evaluate(m: nn.Module) -> dict[str, float]:
         return {"val_psnr": float(psnr(reconstruct(m, x["val"], 256), x["val"]).mean())}
 
-    fingerprint = {"config": cfg.__dict__, "train": train_cfg.__dict__, "seed": seed, "n": len(x_train),
-                   "train_checksum": int(splits["train"].pixels.sum(dtype=np.int64))}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=vae_loss, evaluate=evaluate,
-                   items_per_batch=train_cfg.batch_size, seed=seed, device=device, checkpoint=checkpoint,
-                   fingerprint=fingerprint, run=run, item_name="images", desc="vae")
+    fingerprint = {
+        "config": cfg.__dict__,
+        "train": train_cfg.__dict__,
+        "seed": seed,
+        "n": len(x_train),
+        "train_checksum": int(splits["train"].pixels.sum(dtype=np.int64)),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=vae_loss,
+        evaluate=evaluate,
+        items_per_batch=train_cfg.batch_size,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        item_name="images",
+        desc="vae",
+    )
     model.eval()
     rec = reconstruct(model, x["test"], 256)
     with torch.no_grad():
         losses = model.training_losses(x["test"].to(device), torch.Generator(device).manual_seed(seed))
-    metrics = {"test_psnr": float(psnr(rec, x["test"]).mean()), "test_kl": float(losses["kl"]),
-               "test_reconstruction_error": float(losses["reconstruction"]), "train_seconds": result.train_seconds}
+    metrics = {
+        "test_psnr": float(psnr(rec, x["test"]).mean()),
+        "test_kl": float(losses["kl"]),
+        "test_reconstruction_error": float(losses["reconstruction"]),
+        "train_seconds": result.train_seconds,
+    }
     return VAEFit(model, metrics, rec)
 
 
@@ -122,18 +145,25 @@ def vae_task(ctx: StageContext, inputs: VAEInputs) -> dict[str, float]:
     save_model(out / "model.pt", "vae", cfg, fit.model)
     # FID of the reconstructions: the best a latent model decoded by this VAE can score.
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
-    metrics = {**fit.metrics, "reconstruction_fid": evaluator.fid(fit.reconstructions).fid,
-               "fid_floor": evaluator.floor}
+    metrics = {
+        **fit.metrics,
+        "reconstruction_fid": evaluator.fid(fit.reconstructions).fid,
+        "fid_floor": evaluator.floor,
+    }
     test = splits["test"]
     shown = np.concatenate([np.flatnonzero(test.labels == k)[:2] for k in range(len(test.classes))])
-    pairs = np.stack([test.pixels[shown], to_pixels(fit.reconstructions[shown])], axis=1).reshape(-1, *test.pixels.shape[1:])
+    pairs = np.stack([test.pixels[shown], to_pixels(fit.reconstructions[shown])], axis=1).reshape(
+        -1, *test.pixels.shape[1:]
+    )
     grid = write_png(image_grid(pairs, columns=8), out / "reconstructions.png", upscale=2)
     write_json(root / METRICS_DIR / "vae.json", metrics)
     run.log_metrics(metrics)
     run.log_artifact(grid, "samples")
-    print(f"vae: test PSNR {metrics['test_psnr']:.2f} dB, reconstruction FID {metrics['reconstruction_fid']:.3f} "
-          f"(floor {evaluator.floor:.3f}), latent {cfg.latent_channels}x{test.pixels.shape[2] // cfg.downsample_factor}"
-          f"x{test.pixels.shape[3] // cfg.downsample_factor}")
+    print(
+        f"vae: test PSNR {metrics['test_psnr']:.2f} dB, reconstruction FID {metrics['reconstruction_fid']:.3f} "
+        f"(floor {evaluator.floor:.3f}), latent {cfg.latent_channels}x{test.pixels.shape[2] // cfg.downsample_factor}"
+        f"x{test.pixels.shape[3] // cfg.downsample_factor}"
+    )
     return metrics
 
 
@@ -143,7 +173,7 @@ def vae_task(ctx: StageContext, inputs: VAEInputs) -> dict[str, float]:
 @torch.no_grad()
 def encode(vae: VAE, x: Tensor, batch_size: int) -> Tensor:
     device = next(vae.parameters()).device
-    return torch.cat([vae.encode(x[i: i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([vae.encode(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
 
 
 @dataclass(frozen=True)
@@ -157,26 +187,36 @@ def latents_task(ctx: StageContext, inputs: LatentsInputs) -> dict[str, float]:
     device = resolve_device(device_name)
     vae = load_vae(root, device)
     start = time.perf_counter()
-    latents = {s: (encode(vae, to_model_range(images.pixels), cfg.batch_size).numpy(), images)
-               for s, images in ((s, read_images(root, s)) for s in SPLITS)}
+    latents = {
+        s: (encode(vae, to_model_range(images.pixels), cfg.batch_size).numpy(), images)
+        for s, images in ((s, read_images(root, s)) for s in SPLITS)
+    }
     seconds = time.perf_counter() - start
     train_z = latents["train"][0]
     scale = float(1.0 / train_z.std())
-    meta = {"scale_factor": scale, "shape": list(train_z.shape[1:]), "train_mean": float(train_z.mean()),
-            "train_std": float(train_z.std()), "encode_seconds": seconds,
-            **{f"{s}_latents": len(z) for s, (z, _) in latents.items()}}
+    meta = {
+        "scale_factor": scale,
+        "shape": list(train_z.shape[1:]),
+        "train_mean": float(train_z.mean()),
+        "train_std": float(train_z.std()),
+        "encode_seconds": seconds,
+        **{f"{s}_latents": len(z) for s, (z, _) in latents.items()},
+    }
     out = root / LATENTS_DIR
     with atomic_path(out, directory=True) as tmp:
         for split, (z, images) in latents.items():
             with open(tmp / f"{split}.npy", "wb") as f:
                 np.save(f, z.astype(np.float32))
-            pd.DataFrame({"row": np.arange(len(z)), "label": images.labels, "source": images.sources}) \
-                .to_parquet(tmp / f"{split}.parquet", index=False)
+            pd.DataFrame({"row": np.arange(len(z)), "label": images.labels, "source": images.sources}).to_parquet(
+                tmp / f"{split}.parquet", index=False
+            )
         (tmp / "latents.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_json(root / METRICS_DIR / "latents.json", meta)
     run.log_metrics({k: float(v) for k, v in meta.items() if not isinstance(v, list)})
-    print(f"latents: {'x'.join(map(str, meta['shape']))} per image, scale factor {scale:.4f}, "
-          f"encoded {sum(len(z) for z, _ in latents.values())} images in {seconds:.1f} s")
+    print(
+        f"latents: {'x'.join(map(str, meta['shape']))} per image, scale factor {scale:.4f}, "
+        f"encoded {sum(len(z) for z, _ in latents.values())} images in {seconds:.1f} s"
+    )
     return meta
 
 
@@ -200,8 +240,13 @@ def read_latents(root: Path, split: str) -> LatentSplit:
 
 
 SPECS = [
-    StageSpec(name="vae", family="generative", task=vae_task, inputs=VAEInputs,
-              derive=lambda root, item: derived_image_fields("vae", ("in_channels",))(root),
-              placeholders={"vae": {"in_channels": 1}}),
+    StageSpec(
+        name="vae",
+        family="generative",
+        task=vae_task,
+        inputs=VAEInputs,
+        derive=lambda root, item: derived_image_fields("vae", ("in_channels",))(root),
+        placeholders={"vae": {"in_channels": 1}},
+    ),
     StageSpec(name="latents", family="generative", task=latents_task, inputs=LatentsInputs, seeded=False),
 ]

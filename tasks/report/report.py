@@ -59,8 +59,10 @@ def language_models(root: Path, report: Report) -> None:
     with open(compare, newline="") as f:
         rows = [(r["model"], float(r["test_perplexity"])) for r in csv.DictReader(f)]
     table = ["| model | test perplexity |", "|---|---:|", *(f"| {m} | {p:.2f} |" for m, p in rows)]
-    report.sections.append("## Language models\n\nPerplexity on the shared test token stream (lower is "
-                           "better).\n\n" + "\n".join(table) + "\n\n![](lm_perplexity.png)")
+    report.sections.append(
+        "## Language models\n\nPerplexity on the shared test token stream (lower is "
+        "better).\n\n" + "\n".join(table) + "\n\n![](lm_perplexity.png)"
+    )
     fig, ax = _figure()
     ax.barh([m for m, _ in rows][::-1], [p for _, p in rows][::-1])
     ax.set(xscale="log", xlabel="test perplexity", title="Language models")
@@ -98,10 +100,13 @@ def image_generation(root: Path, report: Report) -> None:
         acc = f"{m['class_accuracy']:.3f}" if "class_accuracy" in m else ""
         bpd = f"{m['test_bpd']:.3f}" if "test_bpd" in m else ""
         table.append(f"| {name} | {m['fid']:.3f} | {acc} | {bpd} | {note} |")
-    text = (f"## Image generation\n\nFID against the test split: floor (train split vs test split) {floor:.3f}, "
-            f"noise ceiling (uniform noise vs test split) {ceiling:.1f}. ControlNet's samples are conditioned on the "
-            "test images' edge maps, so its FID is not comparable with the others'.\n\n" + "\n".join(table)
-            + "\n\n![](fid.png)")
+    text = (
+        f"## Image generation\n\nFID against the test split: floor (train split vs test split) {floor:.3f}, "
+        f"noise ceiling (uniform noise vs test split) {ceiling:.1f}. ControlNet's samples are conditioned on the "
+        "test images' edge maps, so its FID is not comparable with the others'.\n\n"
+        + "\n".join(table)
+        + "\n\n![](fid.png)"
+    )
     fig, ax = _figure()
     ax.barh([n for n, _ in rows][::-1], [m["fid"] for _, m in rows][::-1])
     ax.axvline(floor, color="gray", linestyle="--", label=f"floor {floor:.2f}")
@@ -112,16 +117,19 @@ def image_generation(root: Path, report: Report) -> None:
     report.figures["fid.png"] = fig
     # ControlNet samples copy the test images' own edge maps, so its FID is not comparable with the others'.
     best = min((r for r in rows if r[0] != "controlnet"), key=lambda r: r[1]["fid"])
-    report.headline.append(f"image generators: best FID {best[1]['fid']:.3f} ({best[0]}); floor {floor:.3f}, "
-                           f"noise ceiling {ceiling:.1f}")
+    report.headline.append(
+        f"image generators: best FID {best[1]['fid']:.3f} ({best[0]}); floor {floor:.3f}, noise ceiling {ceiling:.1f}"
+    )
 
     guidance = root / PLOTS_DIR / "guidance.csv"
     if guidance.is_file():
         with open(guidance, newline="") as f:
             sweep = list(csv.DictReader(f))
         lines = ["| guidance | scale | FID | class accuracy |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['guidance']} | {float(r['scale']):g} | {float(r['fid']):.3f} | "
-                  f"{float(r['class_accuracy']):.3f} |" for r in sweep]
+        lines += [
+            f"| {r['guidance']} | {float(r['scale']):g} | {float(r['fid']):.3f} | {float(r['class_accuracy']):.3f} |"
+            for r in sweep
+        ]
         text += "\n\n### Guidance scale (DDPM)\n\n" + "\n".join(lines) + "\n\n![](guidance.png)"
         fig, ax = _figure()
         for kind in dict.fromkeys(r["guidance"] for r in sweep):
@@ -138,14 +146,18 @@ def image_generation(root: Path, report: Report) -> None:
             by_sampler.setdefault(r["sampler"], {})[int(r["steps"])] = r["fid"]
         steps = sorted({s for fids in by_sampler.values() for s in fids})
         lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
-        lines += [f"| {name} | " + " | ".join(f"{fids[s]:.3f}" if s in fids else "" for s in steps) + " |"
-                  for name, fids in by_sampler.items()]
+        lines += [
+            f"| {name} | " + " | ".join(f"{fids[s]:.3f}" if s in fids else "" for s in steps) + " |"
+            for name, fids in by_sampler.items()
+        ]
         text += "\n\n### DiT-RF against the UNet DDPM at equal steps (FID)\n\n" + "\n".join(lines)
     ablation = _read(root / METRICS_DIR / "dit_ablation.json")
     if ablation:
         lines = ["| variant | FID | class accuracy | latent channels |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['fid']:.3f} | {r['class_accuracy']:.3f} | {r['latent_channels']} |"
-                  for r in ablation["variants"]]
+        lines += [
+            f"| {r['variant']} | {r['fid']:.3f} | {r['class_accuracy']:.3f} | {r['latent_channels']} |"
+            for r in ablation["variants"]
+        ]
         text += "\n\n### DiT-RF: SD3 design choices, one at a time\n\n" + "\n".join(lines)
     report.sections.append(text)
 
@@ -156,15 +168,20 @@ def detection(root: Path, report: Report) -> None:
         report.missing.append("detection")
         return
     onnx = _read(root / METRICS_DIR / "onnx.json") or {}
-    table = ["| detector | AP | AP50 | AP75 | AR100 | eager p50 ms | onnxruntime p50 ms | int8 p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table = [
+        "| detector | AP | AP50 | AP75 | AR100 | eager p50 ms | onnxruntime p50 ms | int8 p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in summaries.items():
         o = onnx.get(name, {})
         lat = [o.get(k, {}).get("p50_ms") for k in ("latency_torch", "latency_onnx_fp32", "latency_onnx_int8")]
         cells = " | ".join(f"{v:.2f}" if v is not None else "" for v in lat)
         table.append(f"| {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f} | {m['AR100']:.3f} | {cells} |")
-    report.sections.append("## Detection\n\nCOCO metrics on the test scenes; batch-1 latency.\n\n" + "\n".join(table)
-                           + "\n\n![](detection.png)")
+    report.sections.append(
+        "## Detection\n\nCOCO metrics on the test scenes; batch-1 latency.\n\n"
+        + "\n".join(table)
+        + "\n\n![](detection.png)"
+    )
     fig, ax = _figure()
     names = list(summaries)
     ax.bar(names, [summaries[n]["AP50"] for n in names], label="AP50")

@@ -28,7 +28,9 @@ def headline(root: Path) -> str:
         lines.append(f"  {'detector':<12} {'AP':>6} {'AP50':>6} {'AP75':>6} {'AR100':>6}  {'onnx p50 ms':>11}")
         for name, m in detection.items():
             p50 = onnx.get(name, {}).get("latency_onnx_fp32", {}).get("p50_ms", float("nan"))
-            lines.append(f"  {name:<12} {m['AP']:6.3f} {m['AP50']:6.3f} {m['AP75']:6.3f} {m['AR100']:6.3f}  {p50:11.2f}")
+            lines.append(
+                f"  {name:<12} {m['AP']:6.3f} {m['AP50']:6.3f} {m['AP75']:6.3f} {m['AR100']:6.3f}  {p50:11.2f}"
+            )
     from tasks.report.report import generator_rows
 
     generators = generator_rows(root)

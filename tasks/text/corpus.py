@@ -44,7 +44,6 @@ class CorpusConfig:
             raise ValueError(f"max_documents must be >= 0, got {self.max_documents}")
 
 
-
 class CorpusError(InputError):
     """Unusable text: the message names the file (or source) at fault."""
 
@@ -130,18 +129,21 @@ def build_corpus(documents: list[Document], cfg: CorpusConfig, source: str) -> C
         if not sizes[split_of == split].sum():
             raise CorpusError(
                 f"{source}: the {split} split is empty ({len(documents)} documents, {total} tokens); "
-                "give more text or change corpus.val_fraction / corpus.test_fraction")
+                "give more text or change corpus.val_fraction / corpus.test_fraction"
+            )
 
     sentences = {s: [sent for doc, sp in zip(tokenized, split_of) if sp == s for sent in doc] for s in SPLITS}
     vocab = build_vocab(sentences["train"], cfg.min_count)
     streams = {s: encode(sentences[s], vocab) for s in SPLITS}
     counts = np.bincount(streams["train"], minlength=len(vocab)).astype(np.int64)
-    documents_table = pd.DataFrame({
-        "document": [d.name for d in documents],
-        "split": split_of.astype(str),
-        "sentences": [len(doc) for doc in tokenized],
-        "tokens": sizes,
-    })
+    documents_table = pd.DataFrame(
+        {
+            "document": [d.name for d in documents],
+            "split": split_of.astype(str),
+            "sentences": [len(doc) for doc in tokenized],
+            "tokens": sizes,
+        }
+    )
     return Corpus(vocab, counts, streams, documents_table)
 
 
@@ -149,9 +151,13 @@ def write_corpus(corpus: Corpus, out_dir: Path) -> None:
     with atomic_path(out_dir, directory=True) as tmp:
         for split, stream in corpus.streams.items():
             pq.write_table(pa.table({"token_id": pa.array(stream, pa.int32())}), tmp / f"{split}.parquet")
-        vocab = pa.table({"id": pa.array(np.arange(len(corpus.vocab)), pa.int32()),
-                          "token": pa.array(corpus.vocab, pa.string()),
-                          "count": pa.array(corpus.vocab_counts, pa.int64())})
+        vocab = pa.table(
+            {
+                "id": pa.array(np.arange(len(corpus.vocab)), pa.int32()),
+                "token": pa.array(corpus.vocab, pa.string()),
+                "count": pa.array(corpus.vocab_counts, pa.int64()),
+            }
+        )
         pq.write_table(vocab, tmp / "vocab.parquet")
         pq.write_table(pa.Table.from_pandas(corpus.documents, preserve_index=False), tmp / "documents.parquet")
 

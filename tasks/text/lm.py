@@ -68,8 +68,9 @@ class LMEvalConfig:
 # ----------------------------------------------------------------------------------- compute
 
 
-def token_log_probs(model: nn.Module, stream: np.ndarray, context: int, batch_size: int,
-                    device: torch.device) -> np.ndarray:
+def token_log_probs(
+    model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device
+) -> np.ndarray:
     """Natural-log p(stream[i + 1] | stream[..i]) for every i, as a (len - 1,) float64 array.
 
     Sliding windows of `context` tokens with stride `context // 2`: after the first window only each
@@ -97,8 +98,9 @@ def token_log_probs(model: nn.Module, stream: np.ndarray, context: int, batch_si
     return out
 
 
-def stream_nll(model: nn.Module, stream: np.ndarray, context: int, batch_size: int,
-               device: torch.device) -> tuple[float, int]:
+def stream_nll(
+    model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device
+) -> tuple[float, int]:
     """Summed natural-log NLL of a token stream and the number of tokens counted: every target but `<s>`
     (the project's accounting)."""
     counted = np.asarray(stream[1:]) != BOS_ID
@@ -135,23 +137,42 @@ class LMFit:
 
     def results(self) -> dict[str, float]:
         """What the model reached: deterministic for a seed, so DVC sees no change when nothing changed."""
-        return {"test_perplexity": self.test_perplexity, "val_perplexity_final": self.val_perplexity,
-                "parameters": float(self.parameters)}
+        return {
+            "test_perplexity": self.test_perplexity,
+            "val_perplexity_final": self.val_perplexity,
+            "parameters": float(self.parameters),
+        }
 
     def metrics(self) -> dict[str, float]:
         """Everything for MLflow: the results and how the run went (time, throughput, resume point)."""
-        return {**self.results(), "train_seconds": self.train.train_seconds,
-                "train_tokens_per_s": self.train.items_per_second, "resumed_from_step": float(self.train.resumed_from)}
+        return {
+            **self.results(),
+            "train_seconds": self.train.train_seconds,
+            "train_tokens_per_s": self.train.items_per_second,
+            "resumed_from_step": float(self.train.resumed_from),
+        }
 
 
-def fit_language_model(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_cfg: LMEvalConfig,
-                       streams: dict[str, np.ndarray], vocab: list[str], *, seed: int, device: torch.device,
-                       checkpoint: Path | None, run: StageRun | None) -> LMFit:
+def fit_language_model(
+    name: str,
+    model_cfg: Any,
+    train_cfg: TrainConfig,
+    eval_cfg: LMEvalConfig,
+    streams: dict[str, np.ndarray],
+    vocab: list[str],
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None,
+    run: StageRun | None,
+) -> LMFit:
     context = model_cfg.context_length
     for split, stream in streams.items():
         if len(stream) < context + 2:
-            raise ValueError(f"{name}.context_length = {context} is longer than the {split} stream "
-                             f"({len(stream)} tokens); lower it or give more text")
+            raise ValueError(
+                f"{name}.context_length = {context} is longer than the {split} stream "
+                f"({len(stream)} tokens); lower it or give more text"
+            )
     torch.manual_seed(seed)
     model = build_language_model(name, model_cfg)
     train_stream = torch.as_tensor(streams["train"], dtype=torch.long)
@@ -161,14 +182,29 @@ def fit_language_model(name: str, model_cfg: Any, train_cfg: TrainConfig, eval_c
         x, y = random_windows(train_stream, context, train_cfg.batch_size, generator)
         return x.to(device), y.to(device)
 
-    fingerprint = {"model": name, "model_config": dataclasses.asdict(model_cfg),
-                   "train_config": dataclasses.asdict(train_cfg), "seed": seed,
-                   "train_tokens": int(len(streams["train"])), "train_checksum": int(np.sum(streams["train"], dtype=np.int64)),
-                   "vocab_size": len(vocab)}
-    result = train(model, train_cfg, next_batch=next_batch, loss_fn=lm_loss,
-                   evaluate=lambda m: {"val_perplexity": perplexity(m, val, context, eval_cfg.batch_size, device)},
-                   items_per_batch=train_cfg.batch_size * context, seed=seed, device=device,
-                   checkpoint=checkpoint, fingerprint=fingerprint, run=run, desc=f"lm@{name}")
+    fingerprint = {
+        "model": name,
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(train_cfg),
+        "seed": seed,
+        "train_tokens": int(len(streams["train"])),
+        "train_checksum": int(np.sum(streams["train"], dtype=np.int64)),
+        "vocab_size": len(vocab),
+    }
+    result = train(
+        model,
+        train_cfg,
+        next_batch=next_batch,
+        loss_fn=lm_loss,
+        evaluate=lambda m: {"val_perplexity": perplexity(m, val, context, eval_cfg.batch_size, device)},
+        items_per_batch=train_cfg.batch_size * context,
+        seed=seed,
+        device=device,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        run=run,
+        desc=f"lm@{name}",
+    )
     model.eval()
     with torch.no_grad():
         test_ppl = perplexity(model, streams["test"], context, eval_cfg.batch_size, device)
@@ -214,11 +250,25 @@ def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
     vocab = read_vocab(corpus_dir)
     streams = {split: read_stream(corpus_dir, split) for split in ("train", "val", "test")}
     for split in ("train", "test"):
-        run.log_input(pd.DataFrame({"token_id": streams[split]}), source=str(corpus_dir / f"{split}.parquet"),
-                      name=f"corpus-{split}", context=split)
+        run.log_input(
+            pd.DataFrame({"token_id": streams[split]}),
+            source=str(corpus_dir / f"{split}.parquet"),
+            name=f"corpus-{split}",
+            context=split,
+        )
     device = resolve_device(device_name)
-    fit = fit_language_model(name, model_cfg, train_cfg, eval_cfg, streams, vocab, seed=seed, device=device,
-                             checkpoint=out_dir / "checkpoint.pt", run=run)
+    fit = fit_language_model(
+        name,
+        model_cfg,
+        train_cfg,
+        eval_cfg,
+        streams,
+        vocab,
+        seed=seed,
+        device=device,
+        checkpoint=out_dir / "checkpoint.pt",
+        run=run,
+    )
     save_model(out_dir / "model.pt", name, model_cfg, fit.model)
 
     metrics = fit.metrics()
@@ -230,12 +280,20 @@ def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
     run.log_text(fit.sample + "\n", "sample.txt")
     run.log_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n", "model_config.json")
     run.log_artifact(root / PLOTS_DIR / "lm" / f"{name}.csv", "plots")
-    print(f"lm@{name}: test perplexity {fit.test_perplexity:.2f} ({fit.parameters:,} parameters, "
-          f"{fit.train.items_per_second:,.0f} tokens/s)\nsample: {fit.sample[:300]}")
+    print(
+        f"lm@{name}: test perplexity {fit.test_perplexity:.2f} ({fit.parameters:,} parameters, "
+        f"{fit.train.items_per_second:,.0f} tokens/s)\nsample: {fit.sample[:300]}"
+    )
     return metrics
 
 
-SPEC = StageSpec(name="lm", family="text", task=lm_task, inputs=LMInputs, items=LM_NAMES,
-              sections=lambda item: {"model": (item, LANGUAGE_MODELS[item][0])},
-              derive=lambda root, item: derived_model_fields(item)(root),
-              placeholders={name: {"vocab_size": 1} for name in LM_NAMES})
+SPEC = StageSpec(
+    name="lm",
+    family="text",
+    task=lm_task,
+    inputs=LMInputs,
+    items=LM_NAMES,
+    sections=lambda item: {"model": (item, LANGUAGE_MODELS[item][0])},
+    derive=lambda root, item: derived_model_fields(item)(root),
+    placeholders={name: {"vocab_size": 1} for name in LM_NAMES},
+)

@@ -21,10 +21,14 @@ LM_NAMES = tuple(LANGUAGE_MODELS)
 
 def compare_table(ngram_metrics: dict, lm_metrics: dict[str, dict]) -> pd.DataFrame:
     """One row per model: unigram and every KN order, then the neural LMs; test perplexity."""
-    rows = [{"model": "unigram" if n == "1" else f"kn{n}", "family": "ngram", "test_perplexity": ppl}
-            for n, ppl in sorted(ngram_metrics["test_perplexity_by_order"].items(), key=lambda kv: int(kv[0]))]
-    rows += [{"model": name, "family": "neural", "test_perplexity": m["test_perplexity"],
-              "parameters": m["parameters"]} for name, m in lm_metrics.items()]
+    rows = [
+        {"model": "unigram" if n == "1" else f"kn{n}", "family": "ngram", "test_perplexity": ppl}
+        for n, ppl in sorted(ngram_metrics["test_perplexity_by_order"].items(), key=lambda kv: int(kv[0]))
+    ]
+    rows += [
+        {"model": name, "family": "neural", "test_perplexity": m["test_perplexity"], "parameters": m["parameters"]}
+        for name, m in lm_metrics.items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -48,6 +52,7 @@ def compare_figure(table: pd.DataFrame):
 @task(name="lm_compare", cache_policy=NO_CACHE)
 def lm_compare_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     root, run = ctx.root, ctx.run
+
     def read(path: Path) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run its stage first")

@@ -73,10 +73,15 @@ def ngram_task(ctx: StageContext, inputs: NgramInputs) -> dict[str, float]:
     corpus_dir, out_dir = root / CORPUS_DIR, root / NGRAM_DIR
     vocab = read_vocab(corpus_dir)
     train, test = read_stream(corpus_dir, "train"), read_stream(corpus_dir, "test")
-    run.log_input(pd.DataFrame({"token_id": train}), source=str(corpus_dir / "train.parquet"),
-                  name="corpus-train", context="train")
-    run.log_input(pd.DataFrame({"token_id": test}), source=str(corpus_dir / "test.parquet"),
-                  name="corpus-test", context="test")
+    run.log_input(
+        pd.DataFrame({"token_id": train}),
+        source=str(corpus_dir / "train.parquet"),
+        name="corpus-train",
+        context="train",
+    )
+    run.log_input(
+        pd.DataFrame({"token_id": test}), source=str(corpus_dir / "test.parquet"), name="corpus-test", context="test"
+    )
 
     fit = fit_ngram(train, test, len(vocab), cfg)
     for warning in fit.model.warnings:
@@ -90,18 +95,25 @@ def ngram_task(ctx: StageContext, inputs: NgramInputs) -> dict[str, float]:
                 arpa.write(chunk)
 
     metrics = fit.metrics()
-    write_json(root / METRICS_DIR / "ngram.json", {
-        "order": cfg.order,
-        "test_perplexity": fit.test_perplexity[cfg.order],
-        "test_perplexity_by_order": {str(n): p for n, p in fit.test_perplexity.items()},
-        "ngram_types_by_order": {str(n): len(k) for n, k in enumerate(fit.counts.keys, start=1)},
-        "discounts_by_order": {str(n): list(map(float, d)) for n, d in enumerate(fit.model.discounts, start=1)},
-        "discount_fallback_orders": [w.split(":")[0] for w in fit.model.warnings],
-        "test_tokens": fit.test_tokens,
-    })
-    curve = pd.DataFrame({"order": list(fit.test_perplexity),
-                          "test_perplexity": list(fit.test_perplexity.values()),
-                          "ngram_types": [len(k) for k in fit.counts.keys]})
+    write_json(
+        root / METRICS_DIR / "ngram.json",
+        {
+            "order": cfg.order,
+            "test_perplexity": fit.test_perplexity[cfg.order],
+            "test_perplexity_by_order": {str(n): p for n, p in fit.test_perplexity.items()},
+            "ngram_types_by_order": {str(n): len(k) for n, k in enumerate(fit.counts.keys, start=1)},
+            "discounts_by_order": {str(n): list(map(float, d)) for n, d in enumerate(fit.model.discounts, start=1)},
+            "discount_fallback_orders": [w.split(":")[0] for w in fit.model.warnings],
+            "test_tokens": fit.test_tokens,
+        },
+    )
+    curve = pd.DataFrame(
+        {
+            "order": list(fit.test_perplexity),
+            "test_perplexity": list(fit.test_perplexity.values()),
+            "ngram_types": [len(k) for k in fit.counts.keys],
+        }
+    )
     with atomic_path(root / PLOTS_DIR / "ngram_perplexity.csv") as tmp:
         curve.to_csv(tmp, index=False)
 

@@ -70,8 +70,17 @@ def score_with_ngram(root: Path, sentences: list[str]) -> list[SentenceScore]:
     for sentence, tokens, sent_ids, start, total in zip(sentences, tokenized, ids, starts, scores.sentence_log10):
         per_token = scores.token_log10[start + 1 : start + len(sent_ids) + 2]  # words and </s>
         unknown = [i == UNK_ID and t != UNK for t, i in zip(tokens, sent_ids)] + [False]
-        out.append(SentenceScore("ngram", sentence, [*tokens, EOS], unknown, per_token.tolist(), float(total),
-                                 float(10.0 ** (-total / len(per_token)))))
+        out.append(
+            SentenceScore(
+                "ngram",
+                sentence,
+                [*tokens, EOS],
+                unknown,
+                per_token.tolist(),
+                float(total),
+                float(10.0 ** (-total / len(per_token))),
+            )
+        )
     return out
 
 
@@ -93,8 +102,11 @@ def neural_scorer(name: str) -> Callable[[Path, list[str]], list[SentenceScore]]
                 log10 = token_log_probs(model, stream, model.cfg.context_length, 8, torch.device("cpu")) / np.log(10)
             unknown = [i == UNK_ID and t != UNK for t, i in zip(tokens, ids)] + [False]
             total = float(log10.sum())
-            out.append(SentenceScore(name, sentence, [*tokens, EOS], unknown, log10.tolist(), total,
-                                     float(10.0 ** (-total / len(log10)))))
+            out.append(
+                SentenceScore(
+                    name, sentence, [*tokens, EOS], unknown, log10.tolist(), total, float(10.0 ** (-total / len(log10)))
+                )
+            )
         return out
 
     return score
@@ -120,14 +132,14 @@ def format_scores(scores: list[SentenceScore]) -> str:
     """A ranked table per model, with every token's log10 probability; `<unk>`-scored words marked."""
     lines = []
     for model in dict.fromkeys(s.model for s in scores):
-        lines.append(f"model {model}: ranked most to least plausible (perplexity per predicted token, "
-                     "</s> included)")
+        lines.append(f"model {model}: ranked most to least plausible (perplexity per predicted token, </s> included)")
         lines.append(f"{'rank':>4}  {'log10 P':>9}  {'ppl':>9}  sentence")
         ranked = [s for s in scores if s.model == model]
         for rank, s in enumerate(ranked, start=1):
             lines.append(f"{rank:>4}  {s.log10_prob:>9.3f}  {s.perplexity:>9.2f}  {s.sentence}")
-            tokens = " ".join(f"{t}{'[<unk>]' if u else ''}:{lp:.2f}"
-                              for t, u, lp in zip(s.tokens, s.unknown, s.token_log10))
+            tokens = " ".join(
+                f"{t}{'[<unk>]' if u else ''}:{lp:.2f}" for t, u, lp in zip(s.tokens, s.unknown, s.token_log10)
+            )
             lines.append(f"{'':>26}{tokens}")
         if any(any(s.unknown) for s in ranked):
             lines.append("words marked [<unk>] are outside the model's vocabulary and were scored as <unk>")

@@ -24,14 +24,22 @@ def api(url: str, method: str, endpoint: str, **kwargs) -> dict:
 
 
 def test_a_stage_logs_to_an_mlflow_server_on_postgresql_and_reads_back_over_rest(mlflow_server_run: LoggedRun) -> None:
-    url, project, folder, pg_port = (mlflow_server_run.url, mlflow_server_run.project, mlflow_server_run.services,
-                                     mlflow_server_run.pg_port)
+    url, project, folder, pg_port = (
+        mlflow_server_run.url,
+        mlflow_server_run.project,
+        mlflow_server_run.services,
+        mlflow_server_run.pg_port,
+    )
     assert not (project / "mlflow.db").exists(), "the stage logged to the local sqlite store, not the server"
     expected = json.loads((project / "data" / "metrics" / "corpus.json").read_text())
 
     experiment = api(url, "GET", "experiments/get-by-name", params={"experiment_name": "text"})["experiment"]
-    (run,) = api(url, "POST", "runs/search", json={"experiment_ids": [experiment["experiment_id"]],
-                                                   "filter": "attributes.run_name = 'corpus'"})["runs"]
+    (run,) = api(
+        url,
+        "POST",
+        "runs/search",
+        json={"experiment_ids": [experiment["experiment_id"]], "filter": "attributes.run_name = 'corpus'"},
+    )["runs"]
     assert run["info"]["status"] == "FINISHED"
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["dvc.stage"] == "corpus" and tags["kiln.profile"] == "smoke"
@@ -44,8 +52,9 @@ def test_a_stage_logs_to_an_mlflow_server_on_postgresql_and_reads_back_over_rest
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/"), run["info"]["artifact_uri"]
     listed = api(url, "GET", "artifacts/list", params={"run_id": run_id, "path": "corpus"})
     assert {"corpus/vocab.parquet", "corpus/documents.parquet"} <= {f["path"] for f in listed["files"]}
-    download = requests.get(f"{url}/get-artifact", params={"run_id": run_id, "path": "corpus/vocab.parquet"},
-                            timeout=10)
+    download = requests.get(
+        f"{url}/get-artifact", params={"run_id": run_id, "path": "corpus/vocab.parquet"}, timeout=10
+    )
     assert download.status_code == 200
     assert download.content == (project / "data" / "prepared" / "corpus" / "vocab.parquet").read_bytes()
     assert any(folder.joinpath("mlflow-artifacts").rglob("vocab.parquet")), "no artifact in the server's store"

@@ -27,9 +27,19 @@ def browser(tmp_path: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-proxy-server",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1600,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-proxy-server",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(flag)
     # An explicit driver path: Selenium Manager downloads nothing.
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
@@ -37,19 +47,19 @@ def browser(tmp_path: Path):
     driver.quit()
 
 
-def test_the_mlflow_ui_shows_the_experiment_the_run_and_its_metric(mlflow_server_run: LoggedRun, browser,
-                                                                   tmp_path: Path) -> None:
+def test_the_mlflow_ui_shows_the_experiment_the_run_and_its_metric(
+    mlflow_server_run: LoggedRun, browser, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from mlflow.tracking import MlflowClient
 
     url, project = mlflow_server_run.url, mlflow_server_run.project
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name("text")
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'corpus'")
-    value = f'{json.loads((project / "data" / "metrics" / "corpus.json").read_text())["vocab_size"]:g}'
+    value = f"{json.loads((project / 'data' / 'metrics' / 'corpus.json').read_text())['vocab_size']:g}"
     shot = tmp_path / "mlflow-ui-run.png"
     wait = WebDriverWait(browser, WAIT_S)
 

@@ -44,27 +44,52 @@ def wait_for_deployment(api: str, serving: subprocess.Popen, log: Path, timeout_
     raise AssertionError(f"no deployment {FLOW}/{DEPLOYMENT} after {timeout_s:g} s:\n{log.read_text()[-4000:]}")
 
 
-def test_kiln_serve_schedules_the_end_to_end_run_and_a_run_completes(prefect_api, tmp_path: Path,
-                                                                     repo_root: Path) -> None:
+def test_kiln_serve_schedules_the_end_to_end_run_and_a_run_completes(
+    prefect_api, tmp_path: Path, repo_root: Path
+) -> None:
     api, _ = prefect_api
     project = smoke_project(repo_root, tmp_path / "repo")
-    env = {**ENV, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect-client"),
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **ENV,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        serving = subprocess.Popen(["kiln", "serve", "--cron", CRON, "--target", "corpus"], cwd=project, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        serving = subprocess.Popen(
+            ["kiln", "serve", "--cron", CRON, "--target", "corpus"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deployment = wait_for_deployment(api, serving, log)
         (schedule,) = deployment["schedules"]
         assert schedule["schedule"]["cron"] == CRON and schedule["active"]
         assert deployment["parameters"] == {"targets": ["corpus"], "root": str(project)}
 
-        done = sh(project, "prefect", "deployment", "run", f"{FLOW}/{DEPLOYMENT}", "--watch",
-                  "--watch-interval", "1", "--watch-timeout", "120", check=False, env=env)
-        assert done.returncode == 0 and "Completed" in done.stdout, \
+        done = sh(
+            project,
+            "prefect",
+            "deployment",
+            "run",
+            f"{FLOW}/{DEPLOYMENT}",
+            "--watch",
+            "--watch-interval",
+            "1",
+            "--watch-timeout",
+            "120",
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0 and "Completed" in done.stdout, (
             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nkiln serve:\n{log.read_text()[-6000:]}"
+        )
     finally:
         os.killpg(serving.pid, signal.SIGTERM)
         try:
@@ -84,8 +109,9 @@ def test_kiln_serve_schedules_the_end_to_end_run_and_a_run_completes(prefect_api
     assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def test_prefect_yaml_deploys_a_cron_deployment_to_a_process_work_pool(prefect_api, tmp_path: Path,
-                                                                        repo_root: Path) -> None:
+def test_prefect_yaml_deploys_a_cron_deployment_to_a_process_work_pool(
+    prefect_api, tmp_path: Path, repo_root: Path
+) -> None:
     api, _ = prefect_api
     # A copy of what `prefect deploy` reads, so the deploy cannot touch the working tree.
     folder = tmp_path / "deploy"
@@ -102,5 +128,6 @@ def test_prefect_yaml_deploys_a_cron_deployment_to_a_process_work_pool(prefect_a
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["entrypoint"] == "flows/schedule.py:scheduled_run"
     # Without pull steps in prefect.yaml, the worker runs the flow in the folder it was deployed from.
-    assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                         {"directory": str(folder)}}], deployment["pull_steps"]
+    assert deployment["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(folder)}}
+    ], deployment["pull_steps"]

@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 
-def sh(cwd: Path, *args: str, check: bool = True, stdin: str | None = None,
-       env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def sh(
+    cwd: Path, *args: str, check: bool = True, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment."""
-    done = subprocess.run(list(args), cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=600, input=stdin)
+    done = subprocess.run(
+        list(args), cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600, input=stdin
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -40,8 +48,9 @@ def copy_project(source: Path, dest: Path) -> Path:
     return dest
 
 
-def kiln_run(project: Path, *targets: str, check: bool = True,
-             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def kiln_run(
+    project: Path, *targets: str, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return sh(project, "kiln", "run", *(a for t in targets for a in ("--target", t)), check=check, env=env)
 
 

@@ -49,7 +49,7 @@ def test_controlnet_metrics_outputs_and_mlflow(project, first_run):
     assert saved["model"] == "controlnet" and saved["config"]["hint_channels"] == [4]
     grid = np.asarray(Image.open(out / "samples.png"))  # 4 rows of condition | controlled | base, upscaled 2x
     assert grid.shape == (2 * (4 * 17 + 1), 2 * (3 * 17 + 1))
-    run = runs_of(project, "images", "controlnet")[0]
+    run = runs_of(project, "generative", "controlnet")[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["edge_f1_control"] == pytest.approx(report["edge_f1_control"])
     assert run.data.metrics["fid_floor"] == pytest.approx(report["fid_floor"])

@@ -22,7 +22,7 @@ from tests.pipeline.helpers import ENV, kiln_run, runs_of, set_params, sh, smoke
 
 pytestmark = pytest.mark.pipeline
 
-FLAKY = '''\
+FLAKY = """\
 import sys
 from pathlib import Path
 
@@ -35,9 +35,9 @@ if left:
     sys.exit(f"flaky: transient failure ({left} left)")
 Path("data/flaky").mkdir(parents=True, exist_ok=True)
 Path("data/flaky/ok.txt").write_text("ok\\n")
-'''
+"""
 
-HOLD = '''\
+HOLD = """\
 import sys
 import time
 from pathlib import Path
@@ -50,7 +50,7 @@ while not Path("faults/release").exists():
     time.sleep(0.05)
 Path("data/hold").mkdir(parents=True, exist_ok=True)
 Path("data/hold/done.txt").write_text("done\\n")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,11 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     document = yaml.load(dvc_yaml.read_text())
     for name in ("flaky", "hold"):
         # A dependency, so that DVC does not treat the stage as always changed.
-        document["stages"][name] = {"cmd": f"python faults/{name}.py", "deps": [f"faults/{name}.py"],
-                                    "outs": [f"data/{name}"]}
+        document["stages"][name] = {
+            "cmd": f"python faults/{name}.py",
+            "deps": [f"faults/{name}.py"],
+            "outs": [f"data/{name}"],
+        }
     with open(dvc_yaml, "w") as out:
         yaml.dump(document, out)
     sh(project, "git", "add", "dvc.yaml", "faults")
@@ -94,8 +97,14 @@ def start_kiln_run(project: Path, target: str, log: Path) -> subprocess.Popen:
     """`kiln run --target TARGET` in the background, in its own process group (it starts a Prefect API
     server and maybe `dvc repro` children), with its output in `log`."""
     with open(log, "w") as out:
-        return subprocess.Popen(["kiln", "run", "--target", target], cwd=project, env=ENV, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            ["kiln", "run", "--target", target],
+            cwd=project,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -104,7 +113,9 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resumes(project: Path, tmp_path: Path) -> None:
+def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resumes(
+    project: Path, tmp_path: Path
+) -> None:
     import torch
 
     lm_yaml = project / "params" / "lm.yaml"
@@ -132,8 +143,9 @@ def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resume
         # The kernel dropped the killed run's lock, DVC's checkpoint out is persistent: the rerun resumes.
         resumed = kiln_run(project, "lm@lstm")
         assert summary(resumed.stdout) == {"corpus": "up to date", "lm@lstm": "ran"}
-        assert re.search(rf"lm@lstm: resuming from \S+/checkpoint\.pt at step {interrupted_at}\b",
-                         resumed.stdout + resumed.stderr)  # print() goes through Prefect's logger
+        assert re.search(
+            rf"lm@lstm: resuming from \S+/checkpoint\.pt at step {interrupted_at}\b", resumed.stdout + resumed.stderr
+        )  # print() goes through Prefect's logger
         run = runs_of(project, "text", "lm@lstm")[0]
         assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_step"] == interrupted_at
         assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == steps
@@ -154,8 +166,10 @@ def test_a_transient_failure_is_retried_as_many_times_as_stage_retries_says(proj
         assert failed.returncode == 1
         assert summary(failed.stderr) == {"flaky": "failed"}
         assert "flaky: transient failure (1 left)" in failed.stdout + failed.stderr
-        assert re.search(r"\| flaky \| failed \| [\d.]+ \| RuntimeError: dvc repro --single-item flaky exited with \d+ \|",
-                         failed.stderr)
+        assert re.search(
+            r"\| flaky \| failed \| [\d.]+ \| RuntimeError: dvc repro --single-item flaky exited with \d+ \|",
+            failed.stderr,
+        )
         assert attempts.read_text().count("attempt") == 1
 
         set_params(project, "runtime.yaml", "runtime", stage_retries=1)
@@ -177,8 +191,11 @@ def test_a_second_kiln_run_refuses_while_the_first_holds_the_repo(project: Path,
         wait_for(project / "faults" / "holding", first, timeout_s=300, log=log)
         second = kiln_run(project, "corpus", check=False)
         assert second.returncode == 3
-        assert re.fullmatch(rf"kiln run: another kiln run \(pid {first.pid}\) is running in \S+ and holds "
-                            r"\S+kiln-run\.lock; wait for it to finish, or stop it", second.stderr.strip())
+        assert re.fullmatch(
+            rf"kiln run: another kiln run \(pid {first.pid}\) is running in \S+ and holds "
+            r"\S+kiln-run\.lock; wait for it to finish, or stop it",
+            second.stderr.strip(),
+        )
         assert summary(second.stdout) == {}
         (project / "faults" / "release").touch()
         assert first.wait(timeout=300) == 0, log.read_text()[-6000:]

@@ -14,8 +14,17 @@ from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, smoke_proje
 
 pytestmark = pytest.mark.pipeline
 
-STAGES = ["images", "fid_net", "vae", "latents", "diffusion@ddpm", "diffusion@ldm", "diffusion@dit_rf", "dit_ablation",
-          "guidance"]
+STAGES = [
+    "images",
+    "fid_net",
+    "vae",
+    "latents",
+    "diffusion@ddpm",
+    "diffusion@ldm",
+    "diffusion@dit_rf",
+    "dit_ablation",
+    "guidance",
+]
 TARGETS = ("guidance", "diffusion@dit_rf", "dit_ablation")
 
 
@@ -41,11 +50,13 @@ def test_image_stages_run_and_dvc_is_clean(project, first_run):
 
 
 def test_ddpm_logs_fid_with_floor_ceiling_and_samples_to_mlflow(project, first_run):
-    run = runs_of(project, "images", "diffusion@ddpm")[0]
+    run = runs_of(project, "generative", "diffusion@ddpm")[0]
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     reference = metrics(project, "fid_net")
-    assert m["fid_floor"] == pytest.approx(reference["fid_floor"]) and m["fid_ceiling"] == pytest.approx(reference["fid_ceiling"])
+    assert m["fid_floor"] == pytest.approx(reference["fid_floor"]) and m["fid_ceiling"] == pytest.approx(
+        reference["fid_ceiling"]
+    )
     assert np.isfinite(m["fid"]) and m["fid"] >= 0 and m["fid_samples"] == 40 and m["fid_feature_dim"] == 8
     assert 0 <= m["class_accuracy"] <= 1
     # FID versus sampling steps: one point per step count of the smoke sweep, for both samplers
@@ -74,7 +85,7 @@ def test_latent_cache_records_its_scale_and_matches_the_index(project, first_run
     index = pd.read_parquet(cache / "train.parquet")
     images = pd.read_parquet(project / "data/prepared/images/train.parquet")
     assert index["label"].tolist() == images["label"].tolist()
-    ldm = runs_of(project, "images", "diffusion@ldm")[0]
+    ldm = runs_of(project, "generative", "diffusion@ldm")[0]
     assert ldm.data.params["ldm_unet.in_channels"] == str(meta["shape"][0])  # from the cache
     assert np.isfinite(ldm.data.metrics["fid"])
 
@@ -82,12 +93,16 @@ def test_latent_cache_records_its_scale_and_matches_the_index(project, first_run
 def test_guidance_sweeps_both_kinds_and_writes_the_tradeoff(project, first_run):
     report = metrics(project, "guidance")
     assert {(r["guidance"], r["scale"]) for r in report["sweep"]} == {
-        ("classifier_free", 0.0), ("classifier_free", 2.0), ("classifier", 0.0), ("classifier", 4.0)}
+        ("classifier_free", 0.0),
+        ("classifier_free", 2.0),
+        ("classifier", 0.0),
+        ("classifier", 4.0),
+    }
     # classifier-free guidance runs the network twice per step
     nfe = {(r["guidance"], r["scale"]): r["nfe"] for r in report["sweep"]}
     assert nfe[("classifier_free", 2.0)] == 2 * nfe[("classifier", 4.0)] == 8
     client = mlflow_client(project)
-    run = runs_of(project, "images", "guidance")[0]
+    run = runs_of(project, "generative", "guidance")[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/guidance_tradeoff.png"}
     assert (project / "data/plots/guidance.csv").read_text().startswith("guidance,scale,fid,class_accuracy")
 
@@ -98,7 +113,7 @@ def test_second_run_executes_nothing(project, first_run):
 
 
 def test_dit_rf_sweeps_euler_steps_beside_the_ldm_unet(project, first_run):
-    run = runs_of(project, "images", "diffusion@dit_rf")[0]
+    run = runs_of(project, "generative", "diffusion@dit_rf")[0]
     assert run.info.status == "FINISHED" and np.isfinite(run.data.metrics["fid"])
     assert run.data.params["dit.in_channels"] == "4" and run.data.params["dit_rf.timestep_sampling"] == "logit_normal"
     client = mlflow_client(project)
@@ -115,5 +130,5 @@ def test_dit_ablation_compares_each_sd3_choice_by_fid(project, first_run):
     assert list(variants) == ["baseline", "pos1d", "latent8"]  # the smoke profile's list, in order
     assert variants["latent8"]["latent_channels"] == 8 and variants["baseline"]["latent_channels"] == 4
     assert all(np.isfinite(r["fid"]) for r in variants.values())
-    run = runs_of(project, "images", "dit_ablation")[0]
+    run = runs_of(project, "generative", "dit_ablation")[0]
     assert run.data.metrics["fid_pos1d"] == pytest.approx(variants["pos1d"]["fid"])

@@ -43,7 +43,7 @@ def test_ldm_text_metrics_outputs_and_mlflow(project, first_run):
     assert grid.shape[0] == 2 * (10 * 17 + 1)  # one row per digit, upscaled 2x
     saved = torch.load(project / "data/models/diffusion/ldm_text/model.pt", weights_only=True)
     assert saved["config"]["unet"]["context_dim"] == saved["config"]["text_encoder"]["dim"] == 16
-    run = runs_of(project, "images", "ldm_text")[0]
+    run = runs_of(project, "generative", "ldm_text")[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["heldout_class_accuracy"] == pytest.approx(report["heldout_class_accuracy"])
     assert run.data.params["ldm_text_unet.context_dim"] == "16" and run.data.params["ldm_text_unet.num_classes"] == "0"

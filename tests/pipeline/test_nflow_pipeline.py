@@ -29,8 +29,7 @@ def first_run(project):
 
 
 def test_flow_stages_run_and_dvc_is_clean(project, first_run):
-    assert summary(first_run.stdout) == {"images": "ran", "fid_net": "ran", "nflow@realnvp": "ran",
-                                         "nflow@cnf": "ran"}
+    assert summary(first_run.stdout) == {"images": "ran", "fid_net": "ran", "nflow@realnvp": "ran", "nflow@cnf": "ran"}
     assert stale(project, *(f"nflow@{name}" for name in FLOWS)) == {}
 
 
@@ -42,7 +41,7 @@ def test_flow_logs_bpd_and_fid_with_floor_and_ceiling(project, first_run, name):
     assert report["fid_ceiling"] == pytest.approx(reference["fid_ceiling"])
     assert report["test_bpd_images"] == 40 and report["fid_samples"] == 40
     assert 0 < report["test_bpd"] < 12 and np.isfinite(report["fid"]) and report["fid"] >= 0
-    run = runs_of(project, "images", f"nflow@{name}")[0]
+    run = runs_of(project, "generative", f"nflow@{name}")[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_bpd"] == pytest.approx(report["test_bpd"])
     assert run.data.metrics["fid"] == pytest.approx(report["fid"])

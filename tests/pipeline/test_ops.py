@@ -51,7 +51,8 @@ def test_unreachable_tracking_server_stops_kiln_before_any_stage(project: Path, 
     # One line, no traceback and no Prefect server start-up before it.
     assert done.stderr.splitlines() == [
         f"kiln {command[0]}: error: MLflow tracking server {url} is unreachable: Connection refused; start it, "
-        "or point runtime.mlflow_tracking_uri (params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere"]
+        "or point runtime.mlflow_tracking_uri (params/runtime.yaml) or $MLFLOW_TRACKING_URI elsewhere"
+    ]
     assert summary(done.stdout) == {}
     assert files_under(project / "data") == data_before, "a stage wrote output"
     assert files_under(project / ".dvc" / "tmp") == lock_before, "kiln took the run lock before checking"

@@ -29,6 +29,7 @@ def statuses(**overrides: str) -> dict[str, str]:
     default = overrides.pop("default")
     return {stage: overrides.get(stage.replace("@", "_"), default) for stage in STAGES}
 
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root) -> Path:
     return smoke_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
@@ -42,8 +43,13 @@ def first_run(project) -> subprocess.CompletedProcess:
 def test_first_run_reproduces_every_text_stage_and_leaves_dvc_clean(project, first_run):
     assert summary(first_run.stdout) == statuses(default="ran")
     assert stale(project, TARGET) == {}
-    for path in ("data/prepared/corpus/train.parquet", "data/models/ngram/model.arpa",
-                 "data/models/ngram/counts_3.parquet", "data/metrics/ngram.json", "data/plots/ngram_perplexity.csv"):
+    for path in (
+        "data/prepared/corpus/train.parquet",
+        "data/models/ngram/model.arpa",
+        "data/models/ngram/counts_3.parquet",
+        "data/metrics/ngram.json",
+        "data/plots/ngram_perplexity.csv",
+    ):
         assert (project / path).is_file(), path
     metrics = json.loads((project / "data/metrics/ngram.json").read_text())
     ppl = metrics["test_perplexity_by_order"]
@@ -83,7 +89,8 @@ def test_mlflow_holds_nested_stage_runs_with_params_metrics_inputs_and_artifacts
     history = client.get_metric_history(ngram.info.run_id, "test_perplexity_by_order")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert ngram.data.metrics["test_perplexity"] == pytest.approx(
-        json.loads((project / "data/metrics/ngram.json").read_text())["test_perplexity"])
+        json.loads((project / "data/metrics/ngram.json").read_text())["test_perplexity"]
+    )
     artifacts = {a.path for a in client.list_artifacts(ngram.info.run_id)}
     assert {"model", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(ngram.info.run_id, "plots")}
@@ -97,17 +104,25 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and np.isfinite(metrics["test_perplexity"])
     assert metrics["test_perplexity"] == pytest.approx(
-        json.loads((project / "data/metrics/lm/mamba.json").read_text())["test_perplexity"])
+        json.loads((project / "data/metrics/lm/mamba.json").read_text())["test_perplexity"]
+    )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_perplexity")] == [15, 30]
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     assert run.data.params["mamba.d_model"] == "32" and run.data.params["lm_train.steps"] == "30"
     sample = client.download_artifacts(run.info.run_id, "sample.txt")
     assert Path(sample).read_text().startswith("<s>")
     compare = json.loads((project / "data/metrics/lm_compare.json").read_text())
-    assert set(compare) == {"unigram_test_perplexity", "kn2_test_perplexity", "kn3_test_perplexity",
-                            *(f"{m.split('@')[1]}_test_perplexity" for m in LMS)}
-    scored = json.loads(sh(project, "kiln", "score", "--json", "--model", "mamba", "--model", "ngram",
-                           "the object is returned .").stdout)
+    assert set(compare) == {
+        "unigram_test_perplexity",
+        "kn2_test_perplexity",
+        "kn3_test_perplexity",
+        *(f"{m.split('@')[1]}_test_perplexity" for m in LMS),
+    }
+    scored = json.loads(
+        sh(
+            project, "kiln", "score", "--json", "--model", "mamba", "--model", "ngram", "the object is returned ."
+        ).stdout
+    )
     assert [s["model"] for s in scored] == ["mamba", "ngram"]
     assert all(np.isfinite(s["perplexity"]) for s in scored)
 
@@ -131,8 +146,13 @@ def test_kenlm_scores_the_pipeline_arpa_like_our_scorer(project, first_run):
 
 
 def test_score_ranks_sentences_and_flags_unknown_words(project, first_run):
-    out = sh(project, "kiln", "score", "--json", stdin="returned the is object .\nthe object is returned .\n"
-                                                          "the frobnicator zyzzyva .\n").stdout
+    out = sh(
+        project,
+        "kiln",
+        "score",
+        "--json",
+        stdin="returned the is object .\nthe object is returned .\nthe frobnicator zyzzyva .\n",
+    ).stdout
     scores = json.loads(out)
     ranked = [s["sentence"] for s in scores]
     assert ranked.index("the object is returned .") < ranked.index("returned the is object .")

@@ -18,8 +18,18 @@ pytestmark = pytest.mark.pipeline
 def test_kiln_stage_under_torchrun_trains_on_two_ranks_and_logs_once(tmp_path, repo_root):
     project = smoke_project(repo_root, tmp_path / "repo")
     kiln_run(project, "corpus")
-    done = sh(project, str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-              "-m", "flows.cli", "stage", "lm@lstm", env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    done = sh(
+        project,
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "flows.cli",
+        "stage",
+        "lm@lstm",
+        env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
+    )
     assert "test perplexity" in done.stdout + done.stderr
     metrics = json.loads((project / "data/metrics/lm/lstm.json").read_text())
     assert metrics["test_perplexity"] > 1

@@ -1,0 +1,83 @@
+"""`kiln summary`: the headline figures, read from the stages' metrics files."""
+
+import json
+
+
+def test_summary_reads_the_metrics_files(tmp_path):
+    from tasks.report.summary import headline
+
+    assert headline(tmp_path) == "no metrics yet: run `kiln run`"
+    (tmp_path / "data/plots").mkdir(parents=True)
+    (tmp_path / "data/plots/lm_compare.csv").write_text(
+        "model,family,test_perplexity\nunigram,ngram,104.4\nlstm,neural,16.8\n"
+    )
+    (tmp_path / "data/metrics").mkdir(parents=True)
+    (tmp_path / "data/metrics/map.json").write_text(
+        '{"thundernet": {"AP": 0.5, "AP50": 0.6, "AP75": 0.55, "AR100": 0.7}}'
+    )
+    text = headline(tmp_path)
+    assert "unigram        104.40" in text and text.index("unigram") < text.index("lstm")
+    assert "thundernet    0.500  0.600  0.550  0.700          nan" in text
+
+
+def _write(root, relative, text):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
+    from tasks.report.report import build_report
+    from tasks.report.summary import headline
+
+    _write(tmp_path, "data/plots/lm_compare.csv", "model,family,test_perplexity\nunigram,ngram,104.4\nkn5,ngram,10.9\n")
+    fid = {
+        "fid_floor": 0.25,
+        "fid_ceiling": 219.0,
+        "class_accuracy": 0.97,
+        "headline_sampler": "ancestral",
+        "headline_steps": 50,
+    }
+    _write(tmp_path, "data/metrics/diffusion/ddpm.json", json.dumps({**fid, "fid": 0.64}))
+    _write(
+        tmp_path,
+        "data/metrics/nflow/realnvp.json",
+        json.dumps({"fid": 3.5, "fid_floor": 0.25, "fid_ceiling": 219.0, "test_bpd": 1.234}),
+    )
+    _write(
+        tmp_path,
+        "data/plots/guidance.csv",
+        "guidance,scale,fid,class_accuracy,nfe,sample_seconds\n"
+        "classifier_free,0.0,21.6,0.09,50,1\nclassifier_free,2.0,2.45,1.0,50,1\n",
+    )
+    _write(
+        tmp_path,
+        "data/metrics/diffusion/dit_rf.json",
+        json.dumps(
+            {
+                **fid,
+                "fid": 1.3,
+                "headline_sampler": "euler",
+                "headline_steps": 2,
+                "sweep": [
+                    {"sampler": "euler", "steps": 1, "fid": 4.3},
+                    {"sampler": "euler", "steps": 2, "fid": 2.4},
+                    {"sampler": "ldm_ddim", "steps": 1, "fid": 72.2},
+                    {"sampler": "ldm_ddim", "steps": 2, "fid": 59.5},
+                ],
+            }
+        ),
+    )
+    report = build_report(tmp_path)
+    text = report.markdown()
+    assert "| kn5 | 10.90 |" in text and "| unigram | 104.40 |" in text
+    assert "| diffusion@ddpm | 0.640 | 0.970 |  | ancestral 50 steps |" in text
+    assert "| nflow@realnvp | 3.500 |  | 1.234 |  |" in text
+    assert "floor (train split vs test split) 0.250, noise ceiling (uniform noise vs test split) 219.0" in text
+    assert "| classifier_free | 2 | 2.450 | 1.000 |" in text
+    assert "| sampler | 1 steps | 2 steps |" in text and "| ldm_ddim | 72.200 | 59.500 |" in text
+    assert "_Not in this report (no metrics yet): detection._" in text
+    assert set(report.figures) == {"lm_perplexity.png", "fid.png", "guidance.png"}
+    assert report.headline[1] == "image generators: best FID 0.640 (diffusion@ddpm); floor 0.250, noise ceiling 219.0"
+    summary = headline(tmp_path)
+    assert "diffusion@ddpm        0.640" in summary and "floor 0.250, noise ceiling 219.0" in summary

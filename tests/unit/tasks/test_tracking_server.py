@@ -1,0 +1,120 @@
+"""The MLflow server check `kiln run` and `kiln stage` make first: a server that answers passes, one
+that is down fails within the timeout, naming the URI; local stores are never probed."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tasks.tracking import TrackingServerUnreachable, check_tracking_server
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # requests sends even loopback traffic through a configured proxy unless NO_PROXY says otherwise.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@contextmanager
+def http_server(status: int) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on a free loopback port answering every GET with `status`; yields its base
+    URL and the paths it was asked for."""
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            body = b"OK"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # keep pytest's output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: one the kernel just handed out and that was closed again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_server_that_answers_passes_and_is_asked_for_health_under_its_path() -> None:
+    with http_server(200) as (url, paths):
+        check_tracking_server(url)
+        check_tracking_server(url + "/mlflow/")  # a server behind a path prefix, given with a trailing slash
+    assert paths == ["/health", "/mlflow/health"]
+
+
+def test_a_server_that_answers_with_a_client_error_is_reachable() -> None:
+    # A 401 or 404 (a login wall, a proxy without /health) still means something answers there.
+    with http_server(404) as (url, paths):
+        check_tracking_server(url)
+    assert paths == ["/health"]
+
+
+def test_a_gateway_reporting_the_server_down_fails() -> None:
+    with http_server(503) as (url, _):
+        with pytest.raises(TrackingServerUnreachable, match=rf"{url} answered GET /health with 503"):
+            check_tracking_server(url)
+
+
+def test_a_closed_port_fails_at_once_naming_the_uri() -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(
+        TrackingServerUnreachable,
+        match=rf"^MLflow tracking server {url} is unreachable: "
+        "Connection refused$",
+    ):
+        check_tracking_server(url)
+    assert time.perf_counter() - start < 2.0, "a refused connection must not be retried"
+
+
+def test_a_server_that_accepts_but_never_answers_times_out() -> None:
+    # The kernel completes the TCP handshake from the listen backlog; nothing ever reads or replies.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.perf_counter()
+        with pytest.raises(TrackingServerUnreachable, match=rf"{url} did not answer within 0.5 s"):
+            check_tracking_server(url, timeout_s=0.5)
+        assert time.perf_counter() - start < 3.0
+
+
+def test_a_password_in_the_uri_stays_out_of_the_message() -> None:
+    port = closed_port()
+    with pytest.raises(TrackingServerUnreachable) as raised:
+        check_tracking_server(f"https://alice:s3cret@127.0.0.1:{port}")
+    assert f"https://***@127.0.0.1:{port}" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns", "databricks"])
+def test_local_and_non_http_stores_are_not_probed(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import requests
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{uri} was probed over HTTP")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    check_tracking_server(uri)
