@@ -57,7 +57,14 @@ class LSTMLM(nn.Module):
         return self.lm_head(out)  # (..., V)
 
     def forward(self, idx: Tensor) -> Tensor:
-        out, _ = self.lstm(self.drop(self.tok_emb(idx)))  # (B, T, d_hidden)
+        x = self.drop(self.tok_emb(idx))  # (B, T, d_embed)
+        if torch.is_autocast_enabled("cpu"):
+            # oneDNN has no bf16 LSTM kernel on CPUs without AVX512-BF16 ("could not create a primitive
+            # descriptor"), so under CPU autocast the recurrence runs in float32; the head stays in bf16.
+            with torch.autocast("cpu", enabled=False):
+                out, _ = self.lstm(x.float())  # (B, T, d_hidden)
+        else:
+            out, _ = self.lstm(x)  # (B, T, d_hidden)
         return self._head(out)  # (B, T, V)
 
     def init_state(self, batch_size: int, device=None) -> tuple[Tensor, Tensor]:

@@ -271,8 +271,9 @@ def test_batched_inference_equals_image_by_image(trained_gray):
     want = Detections(*(torch.cat(parts) for parts in zip(*alone)))
     want = want._replace(image_index=torch.cat([torch.full_like(d.labels, b) for b, d in enumerate(alone)]))
     # Convolutions round differently for another batch size (features ~1e-7 apart, relatively), and
-    # FCOS's exp(distance) carries that to a few float32 ulps of a coordinate (pixels, up to SIZE).
-    assert_same_detections(batched, want, atol=1e-5, box_rtol=1e-6)
+    # FCOS's exp(distance) carries that to a few float32 ulps of a coordinate (pixels, up to SIZE): 4 ulps
+    # (1.5e-5 at x = 50) on one machine of this kind, so the bound is 4e-6 relative.
+    assert_same_detections(batched, want, atol=1e-5, box_rtol=4e-6)
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export
