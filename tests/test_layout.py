@@ -8,7 +8,7 @@ from flows.registry import runnable_names
 from tasks import layout
 from tasks.detection.detectors import DETECTOR_NAMES
 from tasks.generative.diffusion import GENERATOR_NAMES
-from tasks.generative.normalizing_flows import FLOW_NAMES
+from tasks.generative.normalizing_flows import NORMALIZING_FLOW_NAMES
 from tasks.text.lm import LM_NAMES
 
 
@@ -65,7 +65,7 @@ def test_stage_outputs_are_the_layout_paths(stages):
     assert stages["ldm_text"][1] == {
         f"{layout.DIFFUSION_DIR}/ldm_text/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
     } | {f"{layout.METRICS_DIR}/ldm_text.json"}
-    for name in FLOW_NAMES:
+    for name in NORMALIZING_FLOW_NAMES:
         assert stages[f"nflow@{name}"][1] == {
             f"{layout.NFLOW_DIR}/{name}/{f}" for f in ("model.pt", "checkpoint.pt", "samples.png")
         } | {f"{layout.METRICS_DIR}/nflow/{name}.json"}

@@ -1,9 +1,9 @@
 """The generative family's Prefect flows, one per stage, built by flows/factory.py from the specs in tasks/generative/.
 
-`FLOWS["<stage>"]` is the flow `kiln stage` runs (a foreach stage's flow takes its item), for deploying or
+`STAGE_FLOWS["<stage>"]` is the flow `kiln stage` runs (a foreach stage's flow takes its item), for deploying or
 calling a family's flows from Python; nothing here is written by hand.
 """
 
 from flows.factory import family_flows
 
-FLOWS = family_flows("generative")
+STAGE_FLOWS = family_flows("generative")

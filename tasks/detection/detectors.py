@@ -40,6 +40,17 @@ from tasks.training import (
 DETECTOR_NAMES = tuple(DETECTORS)
 
 
+@dataclass(frozen=True)
+class DetectionEvalConfig:
+    """`params/detection.yaml: detection_eval`: how detectors are evaluated during and after training."""
+
+    batch_size: int  # images per inference batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
 @dataclass
 class Split:
     images: np.ndarray  # (N, H, W) uint8
@@ -212,17 +223,6 @@ def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class DetectionEvalConfig:
-    """`params/detection.yaml: detection_eval`: how detectors are evaluated during and after training."""
-
-    batch_size: int  # images per inference batch
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)

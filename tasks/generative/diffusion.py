@@ -73,24 +73,6 @@ class DiffusionEvalConfig:
 
 
 @dataclass(frozen=True)
-class GuidanceConfig:
-    """`params/images.yaml: guidance`: the guidance-scale sweeps on the DDPM."""
-
-    cfg_scales: list[float]  # classifier-free: 0 unconditional, 1 conditional, > 1 guided
-    classifier_scales: list[float]  # classifier guidance on the unconditional model: 0 is unguided
-    sampler: Literal["ancestral", "ddim"]
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not self.cfg_scales or not self.classifier_scales:
-            raise ValueError("cfg_scales and classifier_scales must be non-empty")
-        if any(s < 0 for s in [*self.cfg_scales, *self.classifier_scales]):
-            raise ValueError("guidance scales must be >= 0")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-
-
-@dataclass(frozen=True)
 class GeneratorSpec:
     process_section: str  # params section of the process config
     network_section: str  # params section of the network config

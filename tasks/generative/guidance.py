@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -27,7 +27,6 @@ from models.generative.unet import EncoderClassifier, UNetConfig
 from tasks.generative.diffusion import (
     DataSpace,
     DiffusionEvalConfig,
-    GuidanceConfig,
     build_network,
     class_grid_of,
     pixel_space,
@@ -42,6 +41,24 @@ from tasks.tracking import StageRun
 from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
 
 # ------------------------------------------------------------------------------------ guidance
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """`params/images.yaml: guidance`: the guidance-scale sweeps on the DDPM."""
+
+    cfg_scales: list[float]  # classifier-free: 0 unconditional, 1 conditional, > 1 guided
+    classifier_scales: list[float]  # classifier guidance on the unconditional model: 0 is unguided
+    sampler: Literal["ancestral", "ddim"]
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not self.cfg_scales or not self.classifier_scales:
+            raise ValueError("cfg_scales and classifier_scales must be non-empty")
+        if any(s < 0 for s in [*self.cfg_scales, *self.classifier_scales]):
+            raise ValueError("guidance scales must be >= 0")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
 def noisy_classification_loss(process: GaussianDiffusion):

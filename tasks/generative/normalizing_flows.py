@@ -59,22 +59,22 @@ class NFlowEvalConfig:
 
 
 @dataclass(frozen=True)
-class FlowSpec:
+class NormalizingFlowSpec:
     model_section: str  # RealNVPConfig, or the CNF process's CNFConfig
     net_section: str | None  # the CNF's vector-field network (a UNetConfig); RealNVP is its own network
     train_section: str
 
 
-FLOWS: dict[str, FlowSpec] = {
-    "realnvp": FlowSpec("realnvp", None, "realnvp_train"),
-    "cnf": FlowSpec("cnf", "cnf_unet", "cnf_train"),
+NORMALIZING_FLOWS: dict[str, NormalizingFlowSpec] = {
+    "realnvp": NormalizingFlowSpec("realnvp", None, "realnvp_train"),
+    "cnf": NormalizingFlowSpec("cnf", "cnf_unet", "cnf_train"),
 }
-FLOW_NAMES = tuple(FLOWS)
+NORMALIZING_FLOW_NAMES = tuple(NORMALIZING_FLOWS)
 
 
 def derived_flow_fields(name: str):
     """Channels and size of the flow's network from the images (the flows are unconditional)."""
-    spec = FLOWS[name]
+    spec = NORMALIZING_FLOWS[name]
     return derived_image_fields(spec.net_section or spec.model_section, ("in_channels", "image_size"))
 
 
@@ -82,7 +82,7 @@ def derived_flow_fields(name: str):
 
 
 @dataclass
-class Flow:
+class NormalizingFlow:
     """A trainable flow behind one interface: its network, loss, bits/dim and sampler."""
 
     name: str
@@ -95,7 +95,7 @@ class Flow:
     process_module: Any
 
 
-def realnvp_flow(cfg: RealNVPConfig) -> Flow:
+def realnvp_model(cfg: RealNVPConfig) -> NormalizingFlow:
     def loss(model: nn.Module, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return realnvp_loss(model, y)  # deterministic given y
 
@@ -106,10 +106,10 @@ def realnvp_flow(cfg: RealNVPConfig) -> Flow:
     def sample(model: nn.Module, n: int, generator: torch.Generator) -> tuple[Tensor, int]:
         return model.sample(n, generator), 1
 
-    return Flow("realnvp", RealNVP(cfg), loss, bpd, sample, cfg, "realnvp", sys.modules[RealNVP.__module__])
+    return NormalizingFlow("realnvp", RealNVP(cfg), loss, bpd, sample, cfg, "realnvp", sys.modules[RealNVP.__module__])
 
 
-def cnf_flow(cfg: CNFConfig, unet_cfg: UNetConfig) -> Flow:
+def cnf_model(cfg: CNFConfig, unet_cfg: UNetConfig) -> NormalizingFlow:
     process = FlowMatching(cfg)
     shape = (unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size)
 
@@ -124,17 +124,21 @@ def cnf_flow(cfg: CNFConfig, unet_cfg: UNetConfig) -> Flow:
         x, nfe = process.sample(model, (n, *shape), generator, device=device)
         return ((x + 1) / 2).clamp(0, 1), nfe
 
-    return Flow("cnf", UNet(unet_cfg), loss, bpd, sample, unet_cfg, "unet", sys.modules[FlowMatching.__module__])
+    return NormalizingFlow(
+        "cnf", UNet(unet_cfg), loss, bpd, sample, unet_cfg, "unet", sys.modules[FlowMatching.__module__]
+    )
 
 
-def build_flow(name: str, model_cfg: RealNVPConfig | CNFConfig, net_cfg: UNetConfig | None) -> Flow:
+def build_normalizing_flow(
+    name: str, model_cfg: RealNVPConfig | CNFConfig, net_cfg: UNetConfig | None
+) -> NormalizingFlow:
     if name == "realnvp":
         assert isinstance(model_cfg, RealNVPConfig)
-        return realnvp_flow(model_cfg)
+        return realnvp_model(model_cfg)
     assert isinstance(model_cfg, CNFConfig) and net_cfg is not None
     if net_cfg.num_classes:
         raise ValueError("params/nflow.yaml: cnf_unet.num_classes must be 0: the flows model p(x), unconditional")
-    return cnf_flow(model_cfg, net_cfg)
+    return cnf_model(model_cfg, net_cfg)
 
 
 # ------------------------------------------------------------------------------------------ compute
@@ -144,8 +148,8 @@ def pixels_of(root: Path, split: str) -> Tensor:
     return torch.from_numpy(read_images(root, split).pixels).float()  # (N, C, H, W) in 0..255
 
 
-def fit_flow(
-    flow: Flow,
+def fit_normalizing_flow(
+    flow: NormalizingFlow,
     train_cfg: TrainConfig,
     train_pixels: Tensor,
     val_pixels: Tensor,
@@ -197,7 +201,7 @@ def fit_flow(
 
 
 def split_bits_per_dim(
-    flow: Flow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *, seed: int, device: torch.device
+    flow: NormalizingFlow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *, seed: int, device: torch.device
 ) -> dict[str, float]:
     """Mean bits/dim of the test images (one seeded dequantisation) and how long the likelihood took."""
     if eval_cfg.bpd_images:
@@ -219,7 +223,7 @@ def split_bits_per_dim(
     }
 
 
-def sample_images(flow: Flow, n: int, batch_size: int, *, seed: int) -> tuple[Tensor, dict[str, float]]:
+def sample_images(flow: NormalizingFlow, n: int, batch_size: int, *, seed: int) -> tuple[Tensor, dict[str, float]]:
     """n samples as images in [-1, 1], quantised to pixels as the data are, and the sampling speed."""
     generator = torch.Generator().manual_seed(seed)
     start, parts, nfe = time.perf_counter(), [], 0
@@ -247,12 +251,12 @@ class NFlowInputs:
 def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
     root, name, run, seed, device_name = ctx.root, ctx.item, ctx.run, ctx.seed, ctx.device
     model_cfg, train_cfg, eval_cfg, fid_cfg = inputs.model, inputs.train, inputs.nflow_eval, inputs.fid
-    net_cfg = inputs.network if FLOWS[name].net_section else None
+    net_cfg = inputs.network if NORMALIZING_FLOWS[name].net_section else None
     device = resolve_device(device_name)
-    flow = build_flow(name, model_cfg, net_cfg)
+    flow = build_normalizing_flow(name, model_cfg, net_cfg)
     out = root / NFLOW_DIR / name
     train_pixels, val_pixels = pixels_of(root, "train"), pixels_of(root, "val")[: eval_cfg.val_images]
-    result = fit_flow(
+    result = fit_normalizing_flow(
         flow,
         train_cfg,
         train_pixels,
@@ -297,7 +301,7 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
 
 
 def flow_sections(item: str) -> dict[str, tuple[str, type]]:
-    spec = FLOWS[item]
+    spec = NORMALIZING_FLOWS[item]
     model_cls = {"realnvp": RealNVPConfig, "cnf": CNFConfig}[item]
     net = (spec.net_section, UNetConfig) if spec.net_section else (spec.model_section, model_cls)
     return {"model": (spec.model_section, model_cls), "network": net, "train": (spec.train_section, TrainConfig)}
@@ -308,7 +312,7 @@ SPEC = StageSpec(
     family="generative",
     task=nflow_task,
     inputs=NFlowInputs,
-    items=FLOW_NAMES,
+    items=NORMALIZING_FLOW_NAMES,
     sections=flow_sections,
     derive=lambda root, item: derived_flow_fields(item)(root),
     placeholders={"realnvp": {"in_channels": 1, "image_size": 16}, "cnf_unet": {"in_channels": 1, "image_size": 16}},
