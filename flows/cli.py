@@ -1,7 +1,8 @@
 """`kiln`: the command line of the pipeline.
 
 kiln stage NAME          run one dvc.yaml stage as a Prefect flow run (what every dvc.yaml cmd calls)
-kiln run [--target S]    the end-to-end flow: reproduce the stale stages in DVC's order
+kiln run [--target S] [--family F] [--dry-run] [--force]
+                         the end-to-end flow: reproduce the stale stages in DVC's order
 kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
 kiln status              which stages are stale, and why
 kiln profile NAME        switch params/ to the smoke, default or gpu profile
@@ -29,19 +30,44 @@ def _enter_root() -> Path:
     return root
 
 
+def _targets(args: argparse.Namespace) -> list[str] | None:
+    """`--target` and `--family` as stage names, each checked against the specs before anything starts
+    (an unknown name is one error line with the runnable names and the closest one)."""
+    if not (args.target or getattr(args, "family", None)):
+        return None
+    from flows.registry import all_specs, get_spec, runnable_names, unknown_stage
+
+    targets = list(args.target or [])
+    for name in targets:
+        if "@" in name or name not in {s.name for s in all_specs() if s.items}:
+            get_spec(name)  # raises UnknownStage naming the closest runnable name
+    if getattr(args, "family", None):
+        families = sorted({s.family for s in all_specs()})
+        if args.family not in families:
+            raise unknown_stage(args.family, families, kind="family", kinds="families")
+        targets += [n for s in all_specs() if s.family == args.family for n in s.stage_names()]
+    known = set(runnable_names())
+    # a foreach base (`lm`) stands for all its items, as in `dvc repro lm`
+    expanded = [n for t in targets for n in ([t] if t in known else [k for k in known if k.startswith(t + "@")])]
+    return list(dict.fromkeys(expanded))
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     root = _enter_root()
+    from flows.factory import stage_flow
     from flows.pipeline import require_tracking_server
 
+    run = stage_flow(args.name)  # an unknown name fails here, before any server or tracking check
     require_tracking_server(root)
-    from flows.factory import stage_flow
-
-    stage_flow(args.name)()
+    run()
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
+    targets = _targets(args)
+    if args.dry_run:
+        return _dry_run(root, targets, args.force)
     from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
 
     require_tracking_server(root)
@@ -55,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with exclusive_run(root), local_prefect_api():
             try:
-                outcomes = pipeline_flow(targets=args.target or None)
+                outcomes = pipeline_flow(targets=targets, force=args.force)
             except PipelineFailed as failed:
                 # Caught inside, so the local API outlives the delivery of the failed run's logs: with
                 # the server gone first, Prefect's log worker retries for a minute at exit.
@@ -70,11 +96,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
+    """What `kiln run` would do, in order, without running anything: a stage runs when it is stale, when
+    a stage it depends on runs, or with --force."""
+    from flows.pipeline import stage_order, stale_reasons
+
+    order, upstream = stage_order(root, targets)
+    runs: set[str] = set()
+    for name in order:
+        reasons = ["--force"] if force else stale_reasons(root, name)
+        ran_upstream = [u for u in upstream[name] if u in runs]
+        if reasons or ran_upstream:
+            runs.add(name)
+            why = "; ".join(reasons[:3]) if reasons else f"upstream {ran_upstream[0]} runs"
+            print(f"would run  {name}  ({why})")
+        else:
+            print(f"up to date {name}")
+    print(f"\nkiln run --dry-run: {len(runs)} of {len(order)} stages would run; nothing was run.")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     root = _enter_root()
     from flows.pipeline import stage_order, stale_reasons
 
-    order, _ = stage_order(root, args.target or None)
+    order, _ = stage_order(root, _targets(args))
     stale = 0
     for name in order:
         reasons = stale_reasons(root, name)
@@ -168,18 +214,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _stages_epilog() -> str:
+    """The runnable stage names by family, and the profiles (imports the task modules: --help only)."""
+    from flows.registry import all_specs
+
+    lines = ["stages (kiln stage NAME, kiln run --target NAME):"]
+    for family in dict.fromkeys(s.family for s in all_specs()):
+        names = [n for s in all_specs() if s.family == family for n in s.stage_names()]
+        lines.append(f"  {family}: {', '.join(names)}")
+    from tasks.runtime import repo_root
+
+    try:
+        profiles = sorted(p.stem for p in (repo_root() / "params" / "profiles").glob("*.yaml"))
+        lines.append(f"profiles (kiln profile NAME): {', '.join(profiles)}")
+    except FileNotFoundError:
+        pass
+    return "\n".join(lines)
+
+
+def build_parser(with_stages: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stage", help="run one dvc.yaml stage as a Prefect flow run")
+    listing = _stages_epilog() if with_stages else "kiln stage --help lists the stages."
+    p = sub.add_parser(
+        "stage",
+        help="run one dvc.yaml stage as a Prefect flow run",
+        epilog=listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", help="stage name as in dvc.yaml (e.g. ngram, lm@mamba)")
     p.set_defaults(func=cmd_stage)
 
-    p = sub.add_parser("run", help="reproduce the stale stages of the DAG, in order")
-    p.add_argument("--target", action="append", help="a stage to bring up to date with its upstream (repeatable)")
+    p = sub.add_parser(
+        "run",
+        help="reproduce the stale stages of the DAG, in order",
+        epilog=listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        help="a stage to bring up to date with its upstream (repeatable); a foreach name (lm) means all its items",
+    )
+    p.add_argument("--family", help="every stage of one family (text, generative, detection, report)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, and why; run nothing")
+    p.add_argument("--force", action="store_true", help="rerun the targeted stages even when up to date")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("score", help="score sentences under the trained language models")
@@ -192,9 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="which stages are stale, and why")
     p.add_argument("--target", action="append", help="only this stage and its upstream")
+    p.add_argument("--family", help="only this family's stages and their upstream")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("profile", help="switch params/ to a profile (smoke, default, gpu)")
+    p = sub.add_parser(
+        "profile",
+        help="switch params/ to a profile (smoke, default, gpu)",
+        epilog=listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name")
     p.set_defaults(func=cmd_profile)
 
@@ -228,7 +316,8 @@ QUIET_ENV = {
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_stages="-h" in argv or "--help" in argv).parse_args(argv)
     from flows.registry import UnknownStage
     from tasks.errors import InputError
     from tasks.tracking import TrackingServerUnreachable

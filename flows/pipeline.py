@@ -201,11 +201,13 @@ def _commit(root: Path, name: str) -> None:
 
 
 @task(name="reproduce-stage", cache_policy=NO_CACHE)
-def reproduce_stage(root: Path, name: str, isolated: bool = False, child_env: dict[str, str] | None = None) -> Status:
+def reproduce_stage(
+    root: Path, name: str, isolated: bool = False, child_env: dict[str, str] | None = None, force: bool = False
+) -> Status:
     """Bring stage `name` up to date. `isolated`: run a kiln flow as a `kiln stage` subprocess (parallel
     runs), not in this process; `child_env`: variables the subprocesses get on top of this environment
     (a Dask worker's environment is the one its cluster started with)."""
-    reasons = stale_reasons(root, name)
+    reasons = ["--force"] if force else stale_reasons(root, name)
     if not reasons:
         return "up to date"
     print(f"{name} is stale: {'; '.join(reasons[:5])}")
@@ -246,12 +248,13 @@ def summary_markdown(outcomes: list[StageOutcome]) -> str:
 
 
 @flow(name="kiln-pipeline", log_prints=True)
-def pipeline_flow(targets: list[str] | None = None) -> list[StageOutcome]:
-    """Reproduce the stale stages of the DVC DAG (restricted to `targets` and their upstream)."""
+def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+    """Reproduce the stale stages of the DVC DAG (restricted to `targets` and their upstream); `force`:
+    every one of them, stale or not."""
     env = stage_env()
     order, upstream = stage_order(env.root, targets)
     with pipeline_run(env.root, env.runtime.tracking_uri(), env.runtime.profile, targets or []) as parent:
-        result = _reproduce_in_order(env, order, upstream)
+        result = _reproduce_in_order(env, order, upstream, force)
         summary = summary_markdown(result)
         parent.log_text(summary + "\n", "summary.md")
         parent.log_metrics(
@@ -306,12 +309,14 @@ def _outcome(name: str, state, seconds: float, result: Callable[[], object]) -> 
     return StageOutcome(name, "failed", seconds, detail)
 
 
-def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, list[str]]) -> list[StageOutcome]:
+def _reproduce_in_order(
+    env: StageEnv, order: list[str], upstream: dict[str, list[str]], force: bool = False
+) -> list[StageOutcome]:
     retrying = reproduce_stage.with_options(
         retries=env.runtime.stage_retries, retry_delay_seconds=env.runtime.retry_delay_s
     )
     if env.runtime.max_parallel > 1 or env.runtime.task_runner == "dask":
-        return _reproduce_in_parallel(env, order, upstream, retrying)
+        return _reproduce_in_parallel(env, order, upstream, retrying, force)
     outcomes: dict[str, StageOutcome] = {}
     for name in order:
         blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
@@ -319,13 +324,13 @@ def _reproduce_in_order(env: StageEnv, order: list[str], upstream: dict[str, lis
             outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
             continue
         start = time.perf_counter()
-        state = retrying.with_options(task_run_name=f"stage:{name}")(env.root, name, return_state=True)
+        state = retrying.with_options(task_run_name=f"stage:{name}")(env.root, name, force=force, return_state=True)
         outcomes[name] = _outcome(name, state, time.perf_counter() - start, state.result)
     return [outcomes[name] for name in order]
 
 
 def _reproduce_in_parallel(
-    env: StageEnv, order: list[str], upstream: dict[str, list[str]], retrying
+    env: StageEnv, order: list[str], upstream: dict[str, list[str]], retrying, force: bool = False
 ) -> list[StageOutcome]:
     """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once; a
     stage whose upstream failed or was skipped is skipped. Stage flows run as subprocesses."""
@@ -352,7 +357,7 @@ def _reproduce_in_parallel(
                 outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
                 continue
             future = retrying.with_options(task_run_name=f"stage:{name}").submit(
-                env.root, name, isolated=True, child_env=child_env
+                env.root, name, isolated=True, child_env=child_env, force=force
             )
             running[future] = (name, time.perf_counter())
         if not running:

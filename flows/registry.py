@@ -72,12 +72,12 @@ def runnable_names() -> list[str]:
     return [name for spec in all_specs() for name in spec.stage_names()]
 
 
-def unknown_stage(name: str, known: list[str]) -> UnknownStage:
+def unknown_stage(name: str, known: list[str], kind: str = "stage", kinds: str = "stages") -> UnknownStage:
     import difflib
 
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UnknownStage(f"no stage {name!r}{hint} (stages: {', '.join(known)})")
+    return UnknownStage(f"no {kind} {name!r}{hint} ({kinds}: {', '.join(known)})")
 
 
 def get_spec(name: str) -> tuple[StageSpec, str]:

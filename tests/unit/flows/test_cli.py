@@ -1,0 +1,47 @@
+"""The `kiln` CLI's own behaviour: unknown names rejected at once with a "did you mean", --help listing
+the stages and profiles, `kiln run --dry-run` running nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+
+
+@pytest.fixture
+def at_root(monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--target", "ngarm"], "kiln run: error: no stage 'ngarm'; did you mean 'ngram'?"),
+        (["stage", "lm@lsmt"], "kiln stage: error: no stage 'lm@lsmt'; did you mean 'lm@lstm'?"),
+        (["run", "--family", "txt"], "kiln run: error: no family 'txt'; did you mean 'text'? (families: "),
+        (["status", "--target", "diffusion@ddmp"], "did you mean 'diffusion@ddpm'?"),
+    ],
+)
+def test_unknown_names_are_one_line_with_a_suggestion(at_root, capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1  # once, one line, no traceback
+
+
+def test_help_lists_runnable_stages_and_profiles(at_root, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "lm@mamba" in out and "diffusion@dit_rf" in out and "detector@one_stage" in out
+    assert "profiles (kiln profile NAME): default, gpu, smoke" in out
+
+
+def test_dry_run_runs_nothing_and_says_why(at_root, capsys, repo_root):
+    before = sorted(p.name for p in (repo_root / "data").glob("*")) if (repo_root / "data").exists() else []
+    assert main(["run", "--target", "ngram", "--dry-run", "--force"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["would run  corpus  (--force)", "would run  ngram  (--force)"]
+    assert out[-1] == "kiln run --dry-run: 2 of 2 stages would run; nothing was run."
+    after = sorted(p.name for p in (repo_root / "data").glob("*")) if (repo_root / "data").exists() else []
+    assert after == before
