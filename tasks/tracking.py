@@ -30,11 +30,27 @@ PIPELINE_EXPERIMENT = "pipeline"
 _MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
+def project_root(root: Path) -> Path:
+    """The user's project: `root`, except under `dvc exp run --temp` or a queued experiment, where the
+    stage runs in a copy under `.dvc/tmp/exps/` that DVC deletes afterwards; DVC then names the parent
+    repo in $DVC_ROOT (dvc/repo/experiments/queue/base.py)."""
+    parent = os.environ.get("DVC_ROOT")
+    return Path(parent) if parent and Path(parent).resolve() != root.resolve() else root
+
+
 def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """The relative default `sqlite:///mlflow.db` means the repo root, whatever the working directory."""
+    """The relative default `sqlite:///mlflow.db` means the project's root, whatever the working directory
+    and even inside a DVC experiment's temporary copy (its runs land in the project's store, not in a
+    database DVC deletes)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(root / uri.removeprefix('sqlite:///')).resolve()}"
+        return f"sqlite:///{(project_root(root) / uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment a stage runs in (`dvc exp run` sets these for queued and temp experiments)."""
+    names = {"DVC_EXP_NAME": "dvc.exp.name", "DVC_EXP_BASELINE_REV": "dvc.exp.baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 class TrackingServerUnreachable(RuntimeError):
@@ -199,6 +215,7 @@ def stage_run(
         "kiln.profile": profile,
         "mlflow.source.git.commit": git_commit(root),
         "prefect.flow_run_id": prefect_flow_run_id(),
+        **dvc_experiment_tags(),
     }
     if is_dvc_stage:
         tags["dvc.stage"] = stage

@@ -118,3 +118,18 @@ def test_local_and_non_http_stores_are_not_probed(uri: str, monkeypatch: pytest.
 
     monkeypatch.setattr(requests, "get", no_network)
     check_tracking_server(uri)
+
+
+def test_a_dvc_experiment_copy_tracks_into_the_projects_store(monkeypatch, tmp_path):
+    from tasks.tracking import dvc_experiment_tags, resolve_tracking_uri
+
+    project, copy = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert resolve_tracking_uri("sqlite:///mlflow.db", copy) == f"sqlite:///{copy.resolve()}/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.setenv("DVC_EXP_NAME", "urban-dace")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert resolve_tracking_uri("sqlite:///mlflow.db", copy) == f"sqlite:///{project.resolve()}/mlflow.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5001", copy) == "http://127.0.0.1:5001"
+    assert dvc_experiment_tags() == {"dvc.exp.name": "urban-dace", "dvc.exp.baseline_rev": "a" * 40}
