@@ -206,8 +206,7 @@ def stage_run(
     uri = resolve_tracking_uri(tracking_uri, root)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(family)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(family)
+    experiment_id = ensure_experiment(client, family)
     tags = {
         "mlflow.runName": stage,
         "kiln.stage": stage,
@@ -232,6 +231,33 @@ def stage_run(
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment with a description (MLflow 3's
+    UI otherwise opens it in the GenAI view); MLflow's own empty `Default` experiment is removed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        what = (
+            "one run per `kiln run`; its stage runs are its children"
+            if name == PIPELINE_EXPERIMENT
+            else "one run per stage run (the dvc.yaml stage is the run name and the `dvc.stage` tag)"
+        )
+        experiment_id = client.create_experiment(
+            name,
+            tags={
+                "mlflow.experimentKind": "custom_model_development",
+                "mlflow.note.content": f"Kiln, {name}: {what}. Params, per-step metrics, datasets and artifacts; "
+                "tags give the git commit, profile and Prefect flow run.",
+            },
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    default = client.get_experiment_by_name("Default")
+    if default is not None and default.lifecycle_stage == "active":
+        if not client.search_runs([default.experiment_id], max_results=1, run_view_type=3):
+            client.delete_experiment(default.experiment_id)
+    return experiment_id
 
 
 @contextmanager

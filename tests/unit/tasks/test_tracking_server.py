@@ -133,3 +133,17 @@ def test_a_dvc_experiment_copy_tracks_into_the_projects_store(monkeypatch, tmp_p
     assert resolve_tracking_uri("sqlite:///mlflow.db", copy) == f"sqlite:///{project.resolve()}/mlflow.db"
     assert resolve_tracking_uri("http://127.0.0.1:5001", copy) == "http://127.0.0.1:5001"
     assert dvc_experiment_tags() == {"dvc.exp.name": "urban-dace", "dvc.exp.baseline_rev": "a" * 40}
+
+
+def test_experiments_are_model_training_with_a_description_and_default_is_gone(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_experiment_by_name("Default") is not None  # MLflow creates it with the store
+    experiment = client.get_experiment(ensure_experiment(client, "text"))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"].startswith("Kiln, text:")
+    assert [e.name for e in client.search_experiments()] == ["text"]
+    assert ensure_experiment(client, "text") == experiment.experiment_id  # found again, not re-created
