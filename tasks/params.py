@@ -5,7 +5,9 @@ section they read (`tasks/spec.py`); which file holds a section is read from the
 new section is one YAML edit and no registry. Section names are unique across the files. Loading
 is strict: an unknown key, a missing key or a value of the wrong type raises `ParamsError` naming the
 file and the dotted key. The only conversion is the lossless int -> float widening (`lr: 1` for a
-float field); bools are never numbers and strings are never parsed.
+float field); bools are never numbers and strings are never parsed. Every float must be finite (YAML's
+`.nan`, `.inf`, `-.inf` are errors). Files are read with plain YAML tags only, at most `MAX_PARAMS_BYTES`
+long and with at most `MAX_ALIAS_EXPANSIONS` nodes reached through aliases (no "billion laughs").
 
 Profiles (`params/profiles/NAME.yaml`) are overlays `file -> section -> key -> value`. Every profile
 names the same keys, so switching from any profile to any other rewrites exactly those values and DVC
@@ -16,6 +18,7 @@ comments survive.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
+from ruamel.yaml.nodes import MappingNode, SequenceNode
 
 from tasks.errors import InputError
 from tasks.io import atomic_path
@@ -38,13 +42,76 @@ class ParamsError(InputError):
         super().__init__(f"{path}: {key}: {problem}")
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KiB; anything near this is a mistake or an attack
+MAX_ALIAS_EXPANSIONS = 100_000  # nodes reached again through aliases (a "billion laughs" reaches 10**9)
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line for a parser error: ruamel's message is several lines (context, snippet, caret)."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_alias_expansions(path: Path, root: Any) -> None:
+    """Walk the composed node graph the way construction and our checks see it (aliases followed) and
+    refuse it once nodes reached a second time exceed `MAX_ALIAS_EXPANSIONS`: a YAML bomb (or a
+    recursive alias) stops here after ~10**5 steps instead of expanding to 10**9 values."""
+    seen: set[int] = set()
+    expansions = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            expansions += 1
+            if expansions > MAX_ALIAS_EXPANSIONS:
+                raise ParamsError(path, "<file>", "too many YAML alias expansions (a YAML bomb?)")
+        else:
+            seen.add(id(node))
+        value = node.value
+        if isinstance(node, SequenceNode):
+            stack.extend(value)
+        elif isinstance(node, MappingNode):
+            for key, item in value:
+                stack.append(key)
+                stack.append(item)
+
+
 def read_yaml(path: Path) -> Any:
+    """The one document of the YAML file `path`, loaded safely: plain tags only, a bounded size and a
+    bounded number of alias expansions. Every problem is one `ParamsError` naming the file."""
     if not path.is_file():
         raise ParamsError(path, "<file>", "no such params file")
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(path, "<file>", f"params file too large ({size} bytes, limit {MAX_PARAMS_BYTES})")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_PARAMS_BYTES + 1)  # the file may have grown since stat
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ParamsError(path, "<file>", f"params file too large (over {MAX_PARAMS_BYTES} bytes)")
     try:
-        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(path, "<file>", f"not valid YAML: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        node = yaml.compose(text)
     except Exception as err:  # ruamel raises many parser error types; all mean the same here
-        raise ParamsError(path, "<file>", f"not valid YAML: {err}") from err
+        raise ParamsError(path, "<file>", f"not valid YAML: {_yaml_problem(err)}") from err
+    if node is None:
+        return None
+    _check_alias_expansions(path, node)
+    try:
+        return yaml.constructor.construct_document(node)
+    except Exception as err:  # unknown tags (`!!python/object:...`), duplicate keys, bad timestamps ...
+        raise ParamsError(path, "<file>", f"not valid YAML: {_yaml_problem(err)}") from err
+
+
+class _NonFinite(ParamsError):
+    """A NaN or infinite float: YAML spells them `.nan`, `.inf`, `-.inf`; no params value may be one."""
 
 
 def _type_name(tp: Any) -> str:
@@ -63,6 +130,8 @@ def _check_value(value: Any, tp: Any, path: Path, key: str) -> Any:
         for option in get_args(tp):
             try:
                 return _check_value(value, option, path, key)
+            except _NonFinite:
+                raise  # a float where a float is allowed: "not finite" says more than "expected float | None"
             except ParamsError:
                 continue
         raise ParamsError(path, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -83,9 +152,14 @@ def _check_value(value: Any, tp: Any, path: Path, key: str) -> Any:
             raise ParamsError(path, key, f"expected null, got {value!r}")
         return None
     if tp is float and type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise _NonFinite(path, key, f"must be a finite number, got an int of {len(str(value))} digits") from None
     if type(value) is not tp:
         raise ParamsError(path, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise _NonFinite(path, key, f"must be a finite number, got {value!r}")
     return value
 
 

@@ -1,3 +1,4 @@
+import importlib
 import os
 from pathlib import Path
 
@@ -27,3 +28,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reference(module: str):
+    """Import the reference implementation `module` that a test compares against (kenlm, pycocotools,
+    torchmetrics ...). Missing, it fails the test under CI (`CI=true`): a reference test that skips there
+    checks nothing. Elsewhere it skips, saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"reference package {module} is missing; CI must install it (pip install -e '.[dev]')")
+        pytest.skip(f"reference package {module} is missing ({err}); pip install -e '.[dev]' to run this test")

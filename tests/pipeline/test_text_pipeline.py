@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import reference
 from tests.pipeline.helpers import copy_project, kiln_run, mlflow_client, runs_of, sh, smoke_project, stale, summary
 
 pytestmark = pytest.mark.pipeline
@@ -128,7 +129,7 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
 
 
 def test_kenlm_scores_the_pipeline_arpa_like_our_scorer(project, first_run):
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = reference("kenlm")
     from models.text import ngram as kn
     from tasks.text.scoring import load_ngram
 

@@ -1,6 +1,7 @@
 """The strict params loader, the committed params files and the profiles."""
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,12 +11,14 @@ from ruamel.yaml import YAML
 
 from flows.registry import load_all, section_config, section_types
 from tasks.params import (
+    MAX_PARAMS_BYTES,
     ParamsError,
     apply_profile,
     load_params_file,
     overlay_keys,
     params_files,
     profile_overlay,
+    read_yaml,
     section_index,
 )
 
@@ -156,3 +159,103 @@ def test_unknown_profile_is_a_clear_error(tmp_path, repo_root):
     shutil.copytree(repo_root / "params", params)
     with pytest.raises(ParamsError, match="no profile 'huge'"):
         apply_profile(params, "huge")
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+@pytest.mark.parametrize("spelling, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("1e400", "inf")])
+def test_non_finite_float_is_an_error_naming_file_and_key(tmp_path, spelling, shown):
+    with pytest.raises(ParamsError) as err:
+        load(tmp_path, GOOD.replace("lr: 0.1", f"lr: {spelling}"))
+    assert err.value.key == "ex.lr"
+    assert str(tmp_path / "example.yaml") in str(err.value)
+    assert f"must be a finite number, got {shown}" in str(err.value)
+
+
+def test_non_finite_float_inside_optional_and_mapping_fields(tmp_path):
+    @dataclass(frozen=True)
+    class Nested:
+        scale: float | None
+        weights: dict[str, float]
+
+    path = tmp_path / "nested.yaml"
+    path.write_text("n:\n  scale: .inf\n  weights: {a: 1.0}\n")
+    with pytest.raises(ParamsError, match=r"n\.scale: must be a finite number, got inf"):
+        load_params_file(path, {"n": Nested})
+    path.write_text("n:\n  scale: null\n  weights: {a: 1.0, b: .nan}\n")
+    with pytest.raises(ParamsError, match=r"n\.weights\.b: must be a finite number, got nan"):
+        load_params_file(path, {"n": Nested})
+
+
+@pytest.mark.parametrize("bad, shown", [(".nan", "nan"), (".inf", "inf")])
+def test_non_finite_float_in_a_real_list_section(tmp_path, repo_root, bad, shown):
+    params = tmp_path / "params"
+    shutil.copytree(repo_root / "params", params)
+    images = params / "images.yaml"
+    text = images.read_text()
+    assert "cfg_scales: [0.0, 1.0, 2.0, 4.0]" in text
+    images.write_text(text.replace("cfg_scales: [0.0, 1.0, 2.0, 4.0]", f"cfg_scales: [0.0, {bad}, 2.0, 4.0]"))
+    with pytest.raises(ParamsError) as err:
+        section_config(params, "guidance")
+    assert err.value.key == "guidance.cfg_scales[1]"
+    assert err.value.path == str(images)
+    assert f"must be a finite number, got {shown}" in str(err.value)
+
+
+def test_a_file_over_the_size_bound_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "example.yaml"
+    # valid YAML, so only the bound can refuse it
+    path.write_text(GOOD + "# " + "x" * (MAX_PARAMS_BYTES + 10) + "\n")
+    size = path.stat().st_size
+    with pytest.raises(ParamsError) as err:
+        read_yaml(path)
+    assert err.value.key == "<file>"
+    assert f"params file too large ({size} bytes, limit {MAX_PARAMS_BYTES})" in str(err.value)
+    path.write_text(GOOD + "# " + "x" * (MAX_PARAMS_BYTES - len(GOOD) - 100) + "\n")  # just under: loads
+    assert read_yaml(path)["ex"]["steps"] == 3
+
+
+def billion_laughs(levels: int = 9) -> str:
+    names = "abcdefghijklmnop"[:levels]
+    lines = [f'{names[0]}: &{names[0]} ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip(names, names[1:]):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [billion_laughs(), "a: &x [*x, *x]\n"], ids=["billion-laughs", "recursive"])
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path, text):
+    path = tmp_path / "example.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ParamsError) as err:
+        read_yaml(path)
+    assert time.perf_counter() - start < 2.0
+    assert err.value.key == "<file>"
+    assert "too many YAML alias expansions (a YAML bomb?)" in str(err.value)
+
+
+def test_a_few_aliases_are_fine(tmp_path):
+    path = tmp_path / "example.yaml"
+    path.write_text("base: &b [1, 2]\nex:\n  widths: *b\n  more: *b\n")
+    assert read_yaml(path) == {"base": [1, 2], "ex": {"widths": [1, 2], "more": [1, 2]}}
+
+
+def test_python_tag_is_one_clean_error(tmp_path):
+    path = tmp_path / "example.yaml"
+    path.write_text("ex: !!python/object:os.system\n  name: x\n")
+    with pytest.raises(ParamsError) as err:
+        read_yaml(path)
+    message = str(err.value)
+    assert err.value.key == "<file>"
+    assert message.startswith(f"{path}: <file>: not valid YAML: ")
+    assert "python/object:os.system" in message and "(line 1, column 5)" in message
+    assert "\n" not in message
+
+
+def test_syntax_error_is_one_line_with_its_position(tmp_path):
+    with pytest.raises(ParamsError) as err:
+        load(tmp_path, "ex: [unclosed\n")
+    assert "\n" not in str(err.value)
+    assert "(line 2, column 1)" in str(err.value)

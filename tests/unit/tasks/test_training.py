@@ -124,3 +124,12 @@ def test_config_validation_names_the_field():
         replace(CFG, warmup_steps=20)
     with pytest.raises(ValueError, match="lr must be > 0"):
         replace(CFG, lr=0.0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("grad_clip", math.inf), ("weight_decay", math.nan), ("lr", math.inf), ("min_lr_ratio", math.nan)],
+)
+def test_non_finite_float_fields_are_rejected(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be a finite number, got {value!r}"):
+        replace(CFG, **{field: value})

@@ -18,6 +18,7 @@ from models.generative.fid import (
     frechet_distance,
     frechet_distance_from_stats,
 )
+from tests.conftest import reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,7 +120,7 @@ class _FixedFeatures(nn.Module):
 
 
 def test_matches_torchmetrics_with_custom_extractor():
-    tm_fid = pytest.importorskip("torchmetrics.image.fid", reason="torchmetrics is a test-only dependency")
+    tm_fid = reference("torchmetrics.image.fid")  # a test-only dependency
     g = torch.Generator().manual_seed(1)
     real = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
     fake = (real.float() * 0.7 + 40).clamp(0, 255).to(torch.uint8)

@@ -21,6 +21,7 @@ from models.text.ngram import (
     score_stream,
 )
 from models.text.tokenizer import BOS_ID, EOS_ID, UNK_ID, build_vocab, encode, tokenize_document
+from tests.conftest import reference
 
 # ----------------------------------------------------------------------------------- the hand corpus
 # Seven sentences over a, b, c; the vocabulary also holds <unk>, never seen, so V = 6 and the uniform
@@ -160,7 +161,7 @@ def test_sums_to_one(pydoc, order):
 
 @pytest.mark.parametrize("order", [2, 3, 5])
 def test_matches_kenlm(pydoc, order, tmp_path):
-    kenlm = pytest.importorskip("kenlm")
+    kenlm = reference("kenlm")
     vocab, counts, _, test = pydoc
     model = estimate_kneser_ney(counts, NgramConfig(order=order)).model
     path = tmp_path / "model.arpa"

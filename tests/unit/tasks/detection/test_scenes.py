@@ -24,6 +24,7 @@ from tasks.detection.scenes import (
     validate_coco,
     write_scenes,
 )
+from tests.conftest import reference
 
 SMALL = ScenesConfig(
     canvas=64,
@@ -59,7 +60,7 @@ def written(tmp_path_factory):
 
 
 def test_resize_matches_torch_interpolate():
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     F = torch.nn.functional
     image = np.random.default_rng(0).random((8, 8)).astype(np.float32)
     for h, w in [(16, 16), (13, 29), (48, 40), (8, 8), (5, 3)]:
@@ -188,7 +189,7 @@ def test_written_layout_validates_and_round_trips(written, digits):
 
 
 def test_written_annotations_load_in_pycocotools(written):
-    coco_module = pytest.importorskip("pycocotools.coco")
+    coco_module = reference("pycocotools.coco")
     out, stats = written
     gt = coco_module.COCO(str(out / "test" / "annotations.json"))
     assert len(gt.getImgIds()) == SMALL.test_images and len(gt.getAnnIds()) == stats["test"]["boxes"]
