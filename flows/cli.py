@@ -63,8 +63,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_params(root: Path, typed: bool) -> None:
+    """Every params file through the strict loader before DVC reads any (DVC's own YAML parsing has no
+    bound on alias expansion); `typed`: also every section against its config class."""
+    from tasks.params import params_files, read_yaml
+
+    for path in params_files(root / "params"):
+        read_yaml(path)
+    if typed:
+        from flows.registry import load_all
+
+        load_all(root / "params")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
+    _validate_params(root, typed=True)
     targets = _targets(args)
     if args.dry_run:
         return _dry_run(root, targets, args.force)
@@ -118,6 +132,7 @@ def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     root = _enter_root()
+    _validate_params(root, typed=False)
     from flows.pipeline import stage_order, stale_reasons
 
     order, _ = stage_order(root, _targets(args))

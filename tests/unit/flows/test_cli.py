@@ -45,3 +45,20 @@ def test_dry_run_runs_nothing_and_says_why(at_root, capsys, repo_root):
     assert out[-1] == "kiln run --dry-run: 2 of 2 stages would run; nothing was run."
     after = sorted(p.name for p in (repo_root / "data").glob("*")) if (repo_root / "data").exists() else []
     assert after == before
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "--dry-run"]])
+def test_a_yaml_bomb_in_params_is_one_error_line_before_dvc_reads_it(tmp_path, monkeypatch, capsys, command):
+    import shutil
+
+    project = tmp_path / "repo"
+    shutil.copytree(pytest.importorskip("tests.conftest").REPO / "params", project / "params")
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    (project / "params" / "lm.yaml").write_text(bomb)
+    monkeypatch.chdir(project)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "params/lm.yaml: <file>: too many YAML alias expansions" in err and err.count("\n") == 1
