@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `target` (a file, or a folder if `directory`)."""
@@ -25,6 +31,7 @@ def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     prefix = f".{target.name}.tmp-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs are ordinary folders
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)
@@ -41,7 +48,7 @@ def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
             else:
                 os.replace(tmp, target)
         else:
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are ordinary files
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

@@ -128,6 +128,12 @@ def score_sentences(root: Path, sentences: list[str], models: list[str] | None =
     return sorted(scores, key=lambda s: (models.index(s.model), s.perplexity))
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\x1b`), so that input cannot drive the terminal (a
+    title-setting escape in a scored sentence); `--json` output is escaped by the JSON encoder already."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def format_scores(scores: list[SentenceScore]) -> str:
     """A ranked table per model, with every token's log10 probability; `<unk>`-scored words marked."""
     lines = []
@@ -136,9 +142,10 @@ def format_scores(scores: list[SentenceScore]) -> str:
         lines.append(f"{'rank':>4}  {'log10 P':>9}  {'ppl':>9}  sentence")
         ranked = [s for s in scores if s.model == model]
         for rank, s in enumerate(ranked, start=1):
-            lines.append(f"{rank:>4}  {s.log10_prob:>9.3f}  {s.perplexity:>9.2f}  {s.sentence}")
+            lines.append(f"{rank:>4}  {s.log10_prob:>9.3f}  {s.perplexity:>9.2f}  {printable(s.sentence)}")
             tokens = " ".join(
-                f"{t}{'[<unk>]' if u else ''}:{lp:.2f}" for t, u, lp in zip(s.tokens, s.unknown, s.token_log10)
+                f"{printable(t)}{'[<unk>]' if u else ''}:{lp:.2f}"
+                for t, u, lp in zip(s.tokens, s.unknown, s.token_log10)
             )
             lines.append(f"{'':>26}{tokens}")
         if any(any(s.unknown) for s in ranked):

@@ -31,3 +31,20 @@ def test_directory_is_swapped_whole(tmp_path):
             raise ValueError("bad record")
     assert (target / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_outputs_get_the_umask_modes_not_mkstemp_ones(tmp_path):
+    import os
+    import stat
+
+    from tasks.io import atomic_path, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "folder", directory=True) as tmp:
+            (tmp / "b.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
