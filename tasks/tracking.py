@@ -204,6 +204,9 @@ def stage_run(
     The run ends FINISHED when the body returns and FAILED (with the error as a tag) when it raises.
     """
     uri = resolve_tracking_uri(tracking_uri, root)
+    # MLflow prints "View run ... at: URI" with the URI as given, password included: its line is off and
+    # ours below carries the redacted URI.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, family)
@@ -231,6 +234,8 @@ def stage_run(
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow run {stage}: {redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

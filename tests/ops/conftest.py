@@ -54,12 +54,16 @@ def _loopback_without_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
+PLANTED_PASSWORD = "planted-Secret-4711"
+
+
 @dataclass(frozen=True)
 class LoggedRun:
     url: str  # the MLflow server
     project: Path  # the smoke copy whose `kiln stage corpus` logged to it
     services: Path  # its pid, log and data folder
     pg_port: int
+    output: str  # everything the stage printed (stdout and stderr), with a password planted in its URI
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +82,11 @@ def mlflow_server_run(tmp_path_factory: pytest.TempPathFactory, repo_root: Path)
     try:
         url = start_mlflow(folder, free_port(), pg_port=pg_port)
         project = smoke_project(repo_root, tmp_path_factory.mktemp("mlflow-server") / "repo")
-        sh(project, "kiln", "stage", "corpus", env={"MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", **LOOPBACK})
-        yield LoggedRun(url, project, folder, pg_port)
+        # The server asks for no credentials; the URI carries some anyway, as a user's might: none may be printed.
+        with_password = url.replace("http://", f"http://kiln:{PLANTED_PASSWORD}@")
+        env = {"MLFLOW_TRACKING_URI": with_password, "OMP_NUM_THREADS": "1", **LOOPBACK}
+        done = sh(project, "kiln", "stage", "corpus", env=env)
+        yield LoggedRun(url, project, folder, pg_port, done.stdout + done.stderr)
     finally:
         stop_all(folder)
         for log in ("mlflow.log", "pg/postgres.log"):

@@ -70,3 +70,11 @@ def test_a_stage_logs_to_an_mlflow_server_on_postgresql_and_reads_back_over_rest
             assert cursor.fetchone() == ("corpus",)
     finally:
         db.close()
+
+
+def test_the_uris_password_is_never_printed(mlflow_server_run: LoggedRun) -> None:
+    from tests.ops.conftest import PLANTED_PASSWORD
+
+    assert PLANTED_PASSWORD not in mlflow_server_run.output
+    assert "View run" not in mlflow_server_run.output  # MLflow's own line prints the URI as given
+    assert "MLflow run corpus: http://***@127.0.0.1:" in mlflow_server_run.output
