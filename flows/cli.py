@@ -204,14 +204,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     root = _enter_root()
     from tasks.runtime import load_runtime
-    from tasks.tracking import resolve_tracking_uri
+    from tasks.tracking import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root)
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    print(f"MLflow UI for {redact_uri(uri)} on http://127.0.0.1:{args.port}")
     mlflow = Path(sys.executable).parent / "mlflow"
-    os.execv(
-        str(mlflow), [str(mlflow), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    )
+    # The store URI (a PostgreSQL one carries its password) goes through the environment, which other
+    # local users cannot read, not the command line, which `ps` shows them.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
+    os.execv(str(mlflow), [str(mlflow), "ui", "--host", "127.0.0.1", "--port", str(args.port)])
     return 0  # not reached
 
 

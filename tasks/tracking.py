@@ -11,6 +11,7 @@ stack, which is thread-local: Prefect may run a task in another thread than its 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 import warnings
@@ -210,6 +211,7 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, family)
+    mark_orphans_killed(client, experiment_id, stage)
     tags = {
         "mlflow.runName": stage,
         "kiln.stage": stage,
@@ -217,6 +219,8 @@ def stage_run(
         "kiln.profile": profile,
         "mlflow.source.git.commit": git_commit(root),
         "prefect.flow_run_id": prefect_flow_run_id(),
+        "kiln.pid": str(os.getpid()),
+        "kiln.host": socket.gethostname(),
         **dvc_experiment_tags(),
     }
     if is_dvc_stage:
@@ -236,6 +240,33 @@ def stage_run(
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
     if uri.startswith(("http://", "https://")):
         print(f"MLflow run {stage}: {redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def mark_orphans_killed(client: MlflowClient, experiment_id: str, stage: str) -> list[str]:
+    """Runs of `stage` left RUNNING by a process of this host that no longer exists (killed with -9, a
+    lost machine's runs stay as they are) are ended KILLED; returns their ids."""
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`kiln.stage` = '{stage}'", max_results=200
+    )
+    ended = []
+    for run in runs:
+        pid, run_host = run.data.tags.get("kiln.pid", ""), run.data.tags.get("kiln.host")
+        if run_host == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "kiln.error", f"process {pid} ended without closing this run")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            ended.append(run.info.run_id)
+    return ended
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

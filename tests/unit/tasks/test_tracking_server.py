@@ -147,3 +147,29 @@ def test_experiments_are_model_training_with_a_description_and_default_is_gone(t
     assert experiment.tags["mlflow.note.content"].startswith("Kiln, text:")
     assert [e.name for e in client.search_experiments()] == ["text"]
     assert ensure_experiment(client, "text") == experiment.experiment_id  # found again, not re-created
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_killed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import ensure_experiment, mark_orphans_killed
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = ensure_experiment(client, "text")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+
+    def running(pid: int, stage: str = "ngram", on: str = host) -> str:
+        tags = {"kiln.stage": stage, "kiln.pid": str(pid), "kiln.host": on}
+        return client.create_run(experiment, run_name=stage, tags=tags).info.run_id
+
+    orphan, alive = running(int(dead.stdout)), running(os.getpid())
+    elsewhere, other_stage = running(int(dead.stdout), on="another-host"), running(int(dead.stdout), stage="corpus")
+    assert mark_orphans_killed(client, experiment, "ngram") == [orphan]
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert {client.get_run(r).info.status for r in (alive, elsewhere, other_stage)} == {"RUNNING"}
