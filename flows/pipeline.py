@@ -263,11 +263,11 @@ def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> list
                 "stages_failed": sum(o.status == "failed" for o in result),
             }
         )
-    create_markdown_artifact(
-        markdown=f"# kiln run\n\n{summary}\n", key="kiln-run-summary", description="Stages of the end-to-end run"
-    )
-    if any(o.status == "failed" for o in result):
-        raise PipelineFailed(result, summary)
+        create_markdown_artifact(
+            markdown=f"# kiln run\n\n{summary}\n", key="kiln-run-summary", description="Stages of the end-to-end run"
+        )
+        if any(o.status == "failed" for o in result):
+            raise PipelineFailed(result, summary)  # inside the parent run, which therefore ends FAILED
     return result
 
 

@@ -204,6 +204,8 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
         assert not (project / "data/prepared/corpus").exists()  # removed before the run, as dvc repro does
         failed_run = runs_of(project, "text", "corpus")[0]
         assert failed_run.info.status == "FAILED" and "missing.txt" in failed_run.data.tags["kiln.error"]
+        parent = runs_of(project, "pipeline", "kiln run")[0]
+        assert parent.info.status == "FAILED" and "corpus" in parent.data.tags["kiln.error"]
     finally:
         data.write_text(good)
     # The corpus comes back identical, so nothing downstream of it is stale.
