@@ -23,6 +23,7 @@ from torch import nn
 from models.detection.boxes import Detections
 from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
 from models.detection.detectors import DETECTORS, build_detector, to_model_input
+from models.detection.fcos import FCOSConfig, balanced_level_boundary
 from tasks.detection.scenes import load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
@@ -75,7 +76,8 @@ def read_split(root: Path, split: str) -> Split:
 
 
 def derived_detector_fields(name: str):
-    """What `open_stage` fills into a detector's config from the data: classes and input size."""
+    """What `open_stage` fills into a detector's config from the data: classes and input size, and for
+    FCOS the P4/P5 level boundary that splits the training boxes' positive locations evenly."""
 
     def derive(root: Path) -> dict[str, dict[str, Any]]:
         coco = json.loads((root / SCENES_DIR / "train" / "annotations.json").read_text())
@@ -84,7 +86,13 @@ def derived_detector_fields(name: str):
             raise ValueError(
                 f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}"
             )
-        return {name: {"num_classes": len(coco["categories"]), "input_size": next(iter(sizes))[0]}}
+        size = next(iter(sizes))[0]
+        fields: dict[str, Any] = {"num_classes": len(coco["categories"]), "input_size": size}
+        if DETECTORS[name][0] is FCOSConfig:
+            xywh = np.array([a["bbox"] for a in coco["annotations"]], dtype=np.float64).reshape(-1, 4)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            fields["level_boundary"] = balanced_level_boundary(boxes, size)
+        return {name: fields}
 
     return derive
 
@@ -320,7 +328,10 @@ SPECS = [
         items=DETECTOR_NAMES,
         sections=lambda item: {"model": (item, DETECTORS[item][0])},
         derive=lambda root, item: derived_detector_fields(item)(root),
-        placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTOR_NAMES},
+        placeholders={
+            name: {"num_classes": 1, "input_size": 32, **({"level_boundary": 16.0} if cfg is FCOSConfig else {})}
+            for name, (cfg, _) in DETECTORS.items()
+        },
     ),
     StageSpec(name="map", family="detection", task=map_task, seeded=False),
 ]

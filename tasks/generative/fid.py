@@ -156,23 +156,41 @@ def features_of(extractor: nn.Module, x: Tensor, batch_size: int) -> np.ndarray:
 
 @dataclass
 class FIDEvaluator:
-    """FID of images (model range, [-1, 1]) against the test split, and the class accuracy of samples."""
+    """FID of images (model range, [-1, 1]) against one split's reference statistics (test unless told:
+    the guidance stage selects its scale against val), and the class accuracy of samples."""
 
     extractor: nn.Module
     classifier: FIDNet
-    reference: FeatureStats  # the test split's features
+    reference: FeatureStats  # the reference split's features
     batch_size: int
-    floor: float  # FID(train split, test split): what a perfect generator would score
-    ceiling: float  # FID(uniform noise, test split)
+    floor: float  # FID(train split, reference split): what a perfect generator would score
+    ceiling: float  # FID(uniform noise, reference split)
+    split: str = "test"  # the reference split
 
     @classmethod
-    def load(cls, root: Path, fid_cfg: FIDConfig, device: torch.device) -> FIDEvaluator:
+    def load(cls, root: Path, fid_cfg: FIDConfig, device: torch.device, split: str = "test") -> FIDEvaluator:
+        """The evaluator against `split` ("test" or "val"). The test floor and ceiling are the fid_net stage's;
+        for another split they are computed here the same way (train split, and uniform noise of
+        `fid_cfg.samples` images with seed 0, against that split)."""
+        if split not in ("test", "val"):
+            raise ValueError(f"FID reference split must be 'test' or 'val', got {split!r}")
         extractor = fid_extractor(root, fid_cfg, device)
         _, classifier = load_model(root / FID_NET_DIR / "model.pt", build_fid_net, device)
-        test = to_model_range(read_images(root, "test").pixels)
-        reference = feature_statistics(features_of(extractor, test, fid_cfg.batch_size))
-        bounds = json.loads((root / METRICS_DIR / "fid_net.json").read_text())
-        return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds["fid_floor"], bounds["fid_ceiling"])
+        images = read_images(root, split).pixels
+        reference = feature_statistics(features_of(extractor, to_model_range(images), fid_cfg.batch_size))
+        if split == "test":
+            bounds = json.loads((root / METRICS_DIR / "fid_net.json").read_text())
+            floor, ceiling = bounds["fid_floor"], bounds["fid_ceiling"]
+        else:
+            train = to_model_range(read_images(root, "train").pixels)
+            floor = frechet_distance_from_stats(
+                feature_statistics(features_of(extractor, train, fid_cfg.batch_size)), reference
+            ).fid
+            noise = torch.rand((fid_cfg.samples, *images.shape[1:]), generator=torch.Generator().manual_seed(0)) * 2 - 1
+            ceiling = frechet_distance_from_stats(
+                feature_statistics(features_of(extractor, noise, fid_cfg.batch_size)), reference
+            ).fid
+        return cls(extractor, classifier, reference, fid_cfg.batch_size, floor, ceiling, split)
 
     def fid(self, x: Tensor) -> FIDResult:
         return frechet_distance_from_stats(

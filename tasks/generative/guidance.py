@@ -1,5 +1,11 @@
 """`guidance`: classifier-free guidance of the ddpm UNet and classifier guidance with a noisy classifier, traded off
-by scale."""
+by scale.
+
+The scale is a hyperparameter, so it is chosen on validation: every sweep point is scored against the val
+split (`val_fid`, `val_class_accuracy`), `select_on_validation` picks the scale of lowest val FID, and only
+that scale is scored on test, once, with fresh samples (`<kind>_selected_test_fid`). No test number enters
+the choice.
+"""
 
 from __future__ import annotations
 
@@ -129,7 +135,15 @@ def fit_noisy_classifier(
     return model, {f"classifier_{k}": v for k, v in result.history[-1].items() if k != "step"}
 
 
-def tradeoff_figure(rows: list[dict], floor: float):
+def select_on_validation(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep row of lowest val FID (the smaller scale on a tie). It reads `val_fid` and `scale` only, so
+    test numbers riding along in a row cannot sway the choice."""
+    if not rows:
+        raise ValueError("no sweep rows to select from")
+    return min(rows, key=lambda r: (float(r["val_fid"]), float(r["scale"])))
+
+
+def tradeoff_figure(rows: list[dict], floor: float, selected: dict[str, float]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,21 +152,25 @@ def tradeoff_figure(rows: list[dict], floor: float):
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     frame = pd.DataFrame(rows)
     for kind, part in frame.groupby("guidance", sort=False):
-        ax.plot(part["class_accuracy"], part["fid"], marker="o", label=kind)
+        (line,) = ax.plot(part["val_class_accuracy"], part["val_fid"], marker="o", label=kind)
         for _, r in part.iterrows():
             ax.annotate(
                 f"{r['scale']:g}",
-                (r["class_accuracy"], r["fid"]),
+                (r["val_class_accuracy"], r["val_fid"]),
                 fontsize=7,
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-    ax.axhline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
+        chosen = part[part["scale"] == selected[kind]].iloc[0]
+        ax.scatter(
+            [chosen["val_class_accuracy"]], [chosen["val_fid"]], s=90, facecolors="none", edgecolors=line.get_color()
+        )
+    ax.axhline(floor, color="gray", linestyle="--", label=f"val FID floor {floor:.2f}")
     ax.set(
         xlabel="class accuracy of samples (fid_net)",
-        ylabel="FID vs test",
+        ylabel="FID vs val",
         yscale="log",
-        title="Guidance scale: fidelity vs class accuracy",
+        title="Guidance scale on val (circled: selected)",
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
@@ -187,69 +205,91 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
     for p in classifier.parameters():
         p.requires_grad_(False)
 
-    evaluator = FIDEvaluator.load(root, fid_cfg, device)
-    labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
+    val_evaluator = FIDEvaluator.load(root, fid_cfg, device, split="val")
+    test_evaluator = FIDEvaluator.load(root, fid_cfg, device, split="test")
+    num_classes = test_evaluator.classifier.cfg.num_classes
+    labels = balanced_labels(fid_cfg.samples, num_classes)
     guidances: dict[str, tuple[list[float], Callable[[float], Callable[[Tensor], Guidance]]]] = {
         "classifier_free": (cfg.cfg_scales, lambda s: lambda y: ClassifierFreeGuidance(y=y, scale=s)),
         "classifier": (cfg.classifier_scales, lambda s: lambda y: ClassifierGuidance(classifier, y=y, scale=s)),
     }
+
+    def sample(make_guidance: Callable[[Tensor], Guidance], sample_seed: int) -> tuple[Tensor, int]:
+        return sample_images(
+            process,
+            model,
+            space,
+            labels,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            guidance=make_guidance,
+            seed=sample_seed,
+            batch_size=fid_cfg.batch_size,
+        )
+
     rows, grids = [], {}
     for kind, (scales, make) in guidances.items():
         for scale in scales:
             start = time.perf_counter()
-            images, nfe = sample_images(
-                process,
-                model,
-                space,
-                labels,
-                sampler=cfg.sampler,
-                steps=cfg.steps,
-                guidance=make(scale),
-                seed=seed + 1,
-                batch_size=fid_cfg.batch_size,
-            )
-            report = evaluator.report(images, labels)
+            images, nfe = sample(make(scale), seed + 1)
+            report = val_evaluator.report(images, labels)
             rows.append(
                 {
                     "guidance": kind,
                     "scale": scale,
-                    "fid": report["fid"],
-                    "class_accuracy": report["class_accuracy"],
+                    "val_fid": report["fid"],
+                    "val_class_accuracy": report["class_accuracy"],
                     "nfe": nfe,
                     "sample_seconds": time.perf_counter() - start,
                 }
             )
             print(
-                f"guidance: {kind} scale {scale:g}: FID {report['fid']:.3f}, class accuracy "
+                f"guidance: {kind} scale {scale:g}: val FID {report['fid']:.3f}, class accuracy "
                 f"{report['class_accuracy']:.3f}"
             )
             grids[(kind, scale)] = images
-    with atomic_path(root / PLOTS_DIR / "guidance.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
     metrics: dict[str, Any] = {
         **classifier_metrics,
-        "fid_floor": evaluator.floor,
-        "fid_ceiling": evaluator.ceiling,
-        "sweep": rows,
+        "val_fid_floor": val_evaluator.floor,
+        "val_fid_ceiling": val_evaluator.ceiling,
+        "val_fid_reference_images": float(val_evaluator.reference.n),
+        "test_fid_floor": test_evaluator.floor,
+        "test_fid_ceiling": test_evaluator.ceiling,
+        "test_fid_reference_images": float(test_evaluator.reference.n),
+        "fid_samples": float(len(labels)),
     }
-    for kind in guidances:
+    selected: dict[str, float] = {}
+    for kind, (_, make) in guidances.items():
         part = [r for r in rows if r["guidance"] == kind]
-        best = max(part, key=lambda r: r["class_accuracy"])
-        metrics[f"{kind}_best_accuracy"] = best["class_accuracy"]
-        metrics[f"{kind}_best_accuracy_scale"] = best["scale"]
-        metrics[f"{kind}_best_fid"] = min(r["fid"] for r in part)
-        strongest = max(part, key=lambda r: r["scale"])
-        grid = class_grid_of(
-            grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes
+        chosen = select_on_validation(part)
+        selected[kind] = chosen["scale"]
+        # Test, once, for the chosen scale only, with fresh samples (seed + 2): the samples that won on val
+        # would carry their luck over to test.
+        images, _ = sample(make(chosen["scale"]), seed + 2)
+        test = test_evaluator.report(images, labels)
+        metrics[f"{kind}_selected_scale"] = chosen["scale"]
+        metrics[f"{kind}_selected_val_fid"] = chosen["val_fid"]
+        metrics[f"{kind}_selected_val_class_accuracy"] = chosen["val_class_accuracy"]
+        metrics[f"{kind}_selected_test_fid"] = test["fid"]
+        metrics[f"{kind}_selected_test_class_accuracy"] = test["class_accuracy"]
+        print(
+            f"guidance: {kind} selected on val: scale {chosen['scale']:g}; test FID {test['fid']:.3f}, "
+            f"class accuracy {test['class_accuracy']:.3f}"
         )
+        strongest = max(part, key=lambda r: r["scale"])
+        grid = class_grid_of(grids[(kind, strongest["scale"])], labels, eval_cfg.grid_per_class, num_classes)
         run.log_artifact(write_png(grid, out / f"{kind}_samples.png", upscale=2), "samples")
         # Scales are floats; MLflow steps are ints, so the series is indexed by position in the sweep.
-        run.log_metric_series(f"{kind}_fid", {i: r["fid"] for i, r in enumerate(part)})
-        run.log_metric_series(f"{kind}_class_accuracy", {i: r["class_accuracy"] for i, r in enumerate(part)})
+        run.log_metric_series(f"{kind}_val_fid", {i: r["val_fid"] for i, r in enumerate(part)})
+        run.log_metric_series(f"{kind}_val_class_accuracy", {i: r["val_class_accuracy"] for i, r in enumerate(part)})
+    rows = [{**r, "selected": r["scale"] == selected[r["guidance"]]} for r in rows]
+    with atomic_path(root / PLOTS_DIR / "guidance.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics["sweep"] = rows
     write_json(root / METRICS_DIR / "guidance.json", metrics)
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     run.log_metrics(flat)
-    run.log_figure(tradeoff_figure(rows, evaluator.floor), "plots/guidance_tradeoff.png")
+    run.log_figure(tradeoff_figure(rows, val_evaluator.floor, selected), "plots/guidance_tradeoff.png")
     return flat
 
 

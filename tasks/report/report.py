@@ -125,17 +125,52 @@ def image_generation(root: Path, report: Report) -> None:
     if guidance.is_file():
         with open(guidance, newline="") as f:
             sweep = list(csv.DictReader(f))
-        lines = ["| guidance | scale | FID | class accuracy |", "|---|---:|---:|---:|"]
+        if sweep and "val_fid" not in sweep[0]:
+            raise ValueError(
+                f"{guidance}: no val_fid column (written before scales were chosen on val); rerun guidance"
+            )
+        chosen = _read(root / METRICS_DIR / "guidance.json") or {}
+        lines = [
+            "| guidance | scale | val FID | val class accuracy | selected |",
+            "|---|---:|---:|---:|:---:|",
+        ]
         lines += [
-            f"| {r['guidance']} | {float(r['scale']):g} | {float(r['fid']):.3f} | {float(r['class_accuracy']):.3f} |"
+            f"| {r['guidance']} | {float(r['scale']):g} | {float(r['val_fid']):.3f} | "
+            f"{float(r['val_class_accuracy']):.3f} | {'yes' if r.get('selected') == 'True' else ''} |"
             for r in sweep
         ]
-        text += "\n\n### Guidance scale (DDPM)\n\n" + "\n".join(lines) + "\n\n![](guidance.png)"
+        kinds = list(dict.fromkeys(r["guidance"] for r in sweep))
+        tested = [k for k in kinds if f"{k}_selected_test_fid" in chosen]
+        if tested:
+            lines += [
+                "",
+                "| guidance | selected scale (on val) | test FID | test class accuracy |",
+                "|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {k} | {chosen[f'{k}_selected_scale']:g} | {chosen[f'{k}_selected_test_fid']:.3f} | "
+                f"{chosen[f'{k}_selected_test_class_accuracy']:.3f} |"
+                for k in tested
+            ]
+        val_images = chosen.get("val_fid_reference_images")
+        note = f" ({val_images:.0f} val images)" if val_images else ""
+        text += (
+            "\n\n### Guidance scale (DDPM)\n\nThe sweep is scored against the val split"
+            + note
+            + "; each kind's scale is selected by val FID and only that scale is scored on test.\n\n"
+            + "\n".join(lines)
+            + "\n\n![](guidance.png)"
+        )
         fig, ax = _figure()
-        for kind in dict.fromkeys(r["guidance"] for r in sweep):
+        for kind in kinds:
             part = [r for r in sweep if r["guidance"] == kind]
-            ax.plot([float(r["class_accuracy"]) for r in part], [float(r["fid"]) for r in part], marker="o", label=kind)
-        ax.set(yscale="log", xlabel="class accuracy of samples", ylabel="FID", title="Guidance trade-off")
+            ax.plot(
+                [float(r["val_class_accuracy"]) for r in part],
+                [float(r["val_fid"]) for r in part],
+                marker="o",
+                label=kind,
+            )
+        ax.set(yscale="log", xlabel="class accuracy of samples", ylabel="FID vs val", title="Guidance trade-off (val)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         report.figures["guidance.png"] = fig

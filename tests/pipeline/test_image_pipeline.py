@@ -104,7 +104,7 @@ def test_guidance_sweeps_both_kinds_and_writes_the_tradeoff(project, first_run):
     client = mlflow_client(project)
     run = runs_of(project, "generative", "guidance")[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/guidance_tradeoff.png"}
-    assert (project / "data/plots/guidance.csv").read_text().startswith("guidance,scale,fid,class_accuracy")
+    assert (project / "data/plots/guidance.csv").read_text().startswith("guidance,scale,val_fid,val_class_accuracy")
 
 
 def test_second_run_executes_nothing(project, first_run):

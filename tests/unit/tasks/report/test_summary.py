@@ -47,8 +47,8 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     _write(
         tmp_path,
         "data/plots/guidance.csv",
-        "guidance,scale,fid,class_accuracy,nfe,sample_seconds\n"
-        "classifier_free,0.0,21.6,0.09,50,1\nclassifier_free,2.0,2.45,1.0,50,1\n",
+        "guidance,scale,val_fid,val_class_accuracy,nfe,sample_seconds,selected\n"
+        "classifier_free,0.0,21.6,0.09,50,1,False\nclassifier_free,2.0,2.45,1.0,50,1,True\n",
     )
     _write(
         tmp_path,
@@ -74,7 +74,7 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     assert "| diffusion@ddpm | 0.640 | 0.970 |  | ancestral 50 steps |" in text
     assert "| nflow@realnvp | 3.500 |  | 1.234 |  |" in text
     assert "floor (train split vs test split) 0.250, noise ceiling (uniform noise vs test split) 219.0" in text
-    assert "| classifier_free | 2 | 2.450 | 1.000 |" in text
+    assert "| classifier_free | 2 | 2.450 | 1.000 | yes |" in text
     assert "| sampler | 1 steps | 2 steps |" in text and "| ldm_ddim | 72.200 | 59.500 |" in text
     assert "_Not in this report (no metrics yet): detection._" in text
     assert set(report.figures) == {"lm_perplexity.png", "fid.png", "guidance.png"}
