@@ -30,36 +30,40 @@ def _enter_root() -> Path:
     return root
 
 
-def _targets(args: argparse.Namespace) -> list[str] | None:
-    """`--target` and `--family` as stage names, each checked against the specs before anything starts
-    (an unknown name is one error line with the runnable names and the closest one)."""
+def _targets(root: Path, args: argparse.Namespace) -> list[str] | None:
+    """`--target` and `--family` as dvc.yaml stage names, checked before anything starts: an unknown name
+    is one error line with the stage names and the closest one. A foreach name (`lm`) stands for all its
+    items, as in `dvc repro lm`."""
     if not (args.target or getattr(args, "family", None)):
         return None
-    from flows.registry import all_specs, get_spec, runnable_names, unknown_stage
+    from flows.pipeline import dvc_stage_names
+    from flows.registry import all_specs, unknown_stage
 
-    targets = list(args.target or [])
-    for name in targets:
-        if "@" in name or name not in {s.name for s in all_specs() if s.items}:
-            get_spec(name)  # raises UnknownStage naming the closest runnable name
+    known = dvc_stage_names(root)  # kiln stages and any other command dvc.yaml runs
+    targets = []
+    for name in args.target or []:
+        items = [k for k in known if k.startswith(name + "@")]
+        if name not in known and not items:
+            raise unknown_stage(name, known)
+        targets += [name] if name in known else items
     if getattr(args, "family", None):
         families = sorted({s.family for s in all_specs()})
         if args.family not in families:
             raise unknown_stage(args.family, families, kind="family", kinds="families")
-        targets += [n for s in all_specs() if s.family == args.family for n in s.stage_names()]
-    known = set(runnable_names())
-    # a foreach base (`lm`) stands for all its items, as in `dvc repro lm`
-    expanded = [n for t in targets for n in ([t] if t in known else [k for k in known if k.startswith(t + "@")])]
-    return list(dict.fromkeys(expanded))
+        targets += [n for s in all_specs() if s.family == args.family for n in s.stage_names() if n in known]
+    return list(dict.fromkeys(targets))
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     root = _enter_root()
     from flows.factory import stage_flow
     from flows.pipeline import require_tracking_server
+    from flows.prefect_api import local_prefect_api
 
     run = stage_flow(args.name)  # an unknown name fails here, before any server or tracking check
     require_tracking_server(root)
-    run()
+    with local_prefect_api():  # inside `kiln run` its API is reused; alone, a server that dies with us
+        run()
     return 0
 
 
@@ -79,7 +83,7 @@ def _validate_params(root: Path, typed: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=True)
-    targets = _targets(args)
+    targets = _targets(root, args)
     if args.dry_run:
         return _dry_run(root, targets, args.force)
     from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
@@ -135,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     _validate_params(root, typed=False)
     from flows.pipeline import stage_order, stale_reasons
 
-    order, _ = stage_order(root, _targets(args))
+    order, _ = stage_order(root, _targets(root, args))
     stale = 0
     for name in order:
         reasons = stale_reasons(root, name)
@@ -329,9 +333,25 @@ QUIET_ENV = {
 }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: end the open MLflow runs FAILED now, unwind like Ctrl-C (run lock and Prefect API released),
+    and exit within 8 s even if a library thread holds the process (its children die with it)."""
+    import threading
+
+    from tasks.tracking import fail_open_runs
+
+    fail_open_runs(f"terminated by signal {signum}")
+    threading.Timer(8.0, os._exit, args=(128 + signum,)).start()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # SIGTERM (a scheduler's or systemd's stop): see _terminate.
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(with_stages="-h" in argv or "--help" in argv).parse_args(argv)
     from flows.registry import UnknownStage

@@ -94,6 +94,16 @@ def _dvc(call: Callable[[], T], attempts: int = 8, delay_s: float = 0.5) -> T:
     raise AssertionError("unreachable")
 
 
+def dvc_stage_names(root: Path) -> list[str]:
+    """Every stage of dvc.yaml, foreach items expanded (`lm@lstm`), in file order."""
+
+    def names() -> list[str]:
+        with _open_repo(root) as repo:
+            return [stage.addressing for stage in repo.index.stages]
+
+    return _dvc(names)
+
+
 def stage_order(root: Path, targets: list[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
     """Stages in dependency order (restricted to `targets` and what they depend on) and each stage's
     direct upstream stages, as DVC's graph has them."""

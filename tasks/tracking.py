@@ -27,6 +27,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 PARENT_RUN_ENV = "KILN_MLFLOW_PARENT_RUN_ID"
+_OPEN_RUNS: dict[str, MlflowClient] = {}  # run id -> its client: the runs this process has open
 PIPELINE_EXPERIMENT = "pipeline"
 _MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
@@ -230,13 +231,17 @@ def stage_run(
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     tracked = StageRun(client, run.info.run_id, root)
+    _OPEN_RUNS[run.info.run_id] = client
     try:
         tracked.log_params(params)
         yield tracked
     except BaseException as err:
-        client.set_tag(run.info.run_id, "kiln.error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        if _OPEN_RUNS.pop(run.info.run_id, None):
+            client.set_tag(run.info.run_id, "kiln.error", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
+    if _OPEN_RUNS.pop(run.info.run_id, None) is None:
+        return  # ended by fail_open_runs (a signal) while the body finished
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
     if uri.startswith(("http://", "https://")):
         print(f"MLflow run {stage}: {redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
@@ -267,6 +272,17 @@ def mark_orphans_killed(client: MlflowClient, experiment_id: str, stage: str) ->
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             ended.append(run.info.run_id)
     return ended
+
+
+def fail_open_runs(reason: str) -> None:
+    """End every run this process has open FAILED with `reason` (a signal handler's last act)."""
+    while _OPEN_RUNS:
+        run_id, client = _OPEN_RUNS.popitem()
+        try:
+            client.set_tag(run_id, "kiln.error", reason)
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        except Exception:  # the store may be the thing that is going away; the next start marks it KILLED
+            pass
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

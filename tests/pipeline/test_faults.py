@@ -107,6 +107,39 @@ def start_kiln_run(project: Path, target: str, log: Path) -> subprocess.Popen:
         )
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc), e.g. the Prefect API server `kiln run` started."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        found += [int(c) for c in text.split()]
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child whose new parent has not reaped it yet is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_until_dead(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if running(p)]
+
+
+def open_runs(project: Path) -> list[str]:
+    """Names of the runs the project's MLflow store still has RUNNING, in any experiment."""
+    from tests.pipeline.helpers import mlflow_client
+
+    client = mlflow_client(project)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_name for r in client.search_runs(ids, "attributes.status = 'RUNNING'")]
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
@@ -130,9 +163,16 @@ def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resume
         killed = start_kiln_run(project, "lm@lstm", log)
         try:
             wait_for(out_dir / "checkpoint.pt", killed, timeout_s=300, log=log)
+            server = children(killed.pid)  # the Prefect API the run started
+            assert server, "kiln run started no child process"
+            os.kill(killed.pid, signal.SIGKILL)  # the run alone, as the OOM killer would: not its group
+            killed.wait()
+            # Its server got the parent-death signal: no orphan keeps the port.
+            assert wait_until_dead(server, timeout_s=10) == []
         finally:
             stop(killed)
         assert killed.returncode == -signal.SIGKILL
+        assert sorted(open_runs(project)) == ["kiln run", "lm@lstm"]  # what a kill -9 leaves behind
         assert not (out_dir / "model.pt").exists()
         assert not (project / "data" / "metrics" / "lm" / "lstm.json").exists()
         assert temp_leftovers(project) == []
@@ -148,6 +188,9 @@ def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resume
         )  # print() goes through Prefect's logger
         run = runs_of(project, "text", "lm@lstm")[0]
         assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_step"] == interrupted_at
+        # The rerun ended the dead process's runs KILLED (their PID is gone): nothing is left RUNNING.
+        assert runs_of(project, "text", "lm@lstm")[1].info.status == "KILLED"
+        assert open_runs(project) == []
         assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == steps
         assert (out_dir / "model.pt").is_file() and temp_leftovers(project) == []
         assert stale(project, "lm@lstm") == {}
@@ -202,3 +245,30 @@ def test_a_second_kiln_run_refuses_while_the_first_holds_the_repo(project: Path,
     finally:
         stop(first)
     assert summary(log.read_text()) == {"hold": "ran"}
+
+
+def test_sigterm_ends_a_run_within_10_s_with_its_runs_failed(project: Path, tmp_path: Path) -> None:
+    lm_yaml = project / "params" / "lm.yaml"
+    smoke = lm_yaml.read_text()
+    set_params(project, "lm.yaml", "lm_train", steps=100000, checkpoint_every=500, eval_every=100000, log_every=500)
+    out_dir = project / "data" / "models" / "lm" / "lstm"
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # so the wait below sees this run's first checkpoint
+    try:
+        log = tmp_path / "terminated.log"
+        process = start_kiln_run(project, "lm@lstm", log)
+        try:
+            wait_for(out_dir / "checkpoint.pt", process, timeout_s=300, log=log)
+            server = children(process.pid)
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=10)
+            assert time.monotonic() - start < 10
+        finally:
+            stop(process)
+        assert process.returncode != 0
+        assert wait_until_dead(server, timeout_s=5) == []
+        assert runs_of(project, "text", "lm@lstm")[0].info.status == "FAILED"
+        assert runs_of(project, "pipeline", "kiln run")[0].info.status == "FAILED"
+        assert open_runs(project) == []
+    finally:
+        lm_yaml.write_text(smoke)
