@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,11 @@ DIGIT_CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for 
 
 
 class ScenesError(InputError):
-    """Unusable detection data: the message names the file (or config field) and the record at fault."""
+    """Unusable detection data: the message names the file (or config field) and the record at fault.
+    Always one line: a line break (from a file name, say) is written as its escape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
@@ -314,14 +319,54 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _open_image(path: Path):
+    """The PIL image at `path`, fully decoded (so a truncated file fails here, not later); a decompression
+    bomb (more pixels than PIL's MAX_IMAGE_PIXELS, the warning level included) raises too."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(path)
+        try:
+            image.load()
+        except BaseException:
+            image.close()
+            raise
+    return image
+
+
+def _image_problem(err: BaseException) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow knows"
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too many pixels: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symbolic link followed, lies inside the resolved folder `root`. Decided
+    from the path alone, the same whether or not a file is there."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a link loop or an unusable name: not provably inside
+        return False
 
 
 def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
     """Raise ScenesError (a ValueError) naming `where` and the record at the first problem: missing keys,
     wrong types, duplicate ids, annotations on unknown images or categories, boxes with non-positive size
-    or outside their image, and (with `images_dir`) image files that are missing, unreadable or not of the
-    declared size."""
+    or outside their image, a dataset without annotations, and (with `images_dir`) file names that lead
+    outside `images_dir` (`..`, absolute, or a symbolic link out; refused before the file is looked at, so
+    the message is the same whether something is there or not) and image files that are missing,
+    unreadable (truncated, not an image, a decompression bomb) or not of the declared size."""
 
     def fail(record: str, problem: str) -> None:
         raise ScenesError(f"{where}: {record}: {problem}")
@@ -358,6 +403,7 @@ def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
     if not categories:
         fail("categories", "no categories")
 
+    root = None if images_dir is None else Path(images_dir).resolve()
     sizes: dict[int, tuple[int, int]] = {}
     for name, img in records("images", ("id", "file_name", "width", "height")):
         if not isinstance(img["file_name"], str) or not img["file_name"]:
@@ -367,15 +413,15 @@ def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
                 fail(name, f"{field} must be a positive integer, got {img[field]!r}")
         if images_dir is not None:
             path = images_dir / img["file_name"]
+            if not _inside(path, root):
+                fail(name, f"file_name {img['file_name']!r} leads outside the images folder {images_dir}")
             if not path.is_file():
                 fail(name, f"image file {path} is missing")
-            from PIL import Image
-
             try:
-                with Image.open(path) as im:
+                with _open_image(path) as im:
                     actual = im.size
             except Exception as err:  # Pillow raises several types for unreadable files
-                fail(name, f"image file {path} is not a readable image: {err}")
+                fail(name, f"image file {path} is not a readable image ({_image_problem(err)})")
             if actual != (img["width"], img["height"]):
                 fail(
                     name,
@@ -386,6 +432,9 @@ def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
         fail("images", "no images")
 
     for name, ann in records("annotations", ("id", "image_id", "category_id", "bbox")):
+        for field in ("image_id", "category_id"):
+            if not _is_int(ann[field]):
+                fail(name, f"{field} must be an integer, got {ann[field]!r}")
         if ann["image_id"] not in sizes:
             fail(name, f"image_id {ann['image_id']!r} is not an image id")
         if ann["category_id"] not in categories:
@@ -404,6 +453,8 @@ def validate_coco(data: dict, images_dir: Path | None, where: str) -> None:
             fail(name, f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
         if "area" in ann and (not _is_number(ann["area"]) or ann["area"] < 0):
             fail(name, f"area must be a number >= 0, got {ann['area']!r}")
+    if not data["annotations"]:
+        fail("annotations", "no annotations; the detectors need boxes to train on and to score")
 
 
 def read_coco(path: Path, images_dir: Path | None = None) -> dict:
@@ -412,7 +463,7 @@ def read_coco(path: Path, images_dir: Path | None = None) -> dict:
         raise ScenesError(f"{path}: no such COCO annotations file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ScenesError(f"{path}: not valid JSON: {err}") from err
     validate_coco(data, images_dir, str(path))
     return data
@@ -424,11 +475,19 @@ def split_coco_images(data: dict, cfg: ScenesConfig, where: str) -> dict[str, li
     order = np.random.default_rng([cfg.seed, 0xC0C0]).permutation(len(images))
     n_test, n_val = round(len(images) * cfg.test_fraction), round(len(images) * cfg.val_fraction)
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    boxed = {ann["image_id"] for ann in data["annotations"] if not ann.get("iscrowd", 0)}
     for split in SPLITS:
         if not len(parts[split]):
             raise ScenesError(
                 f"{where}: the {split} split is empty ({len(images)} images with val_fraction="
                 f"{cfg.val_fraction}, test_fraction={cfg.test_fraction}); give more images"
+            )
+        if not any(images[i]["id"] in boxed for i in parts[split]):
+            # The detectors train on train, select on val and score on test: each needs ground-truth boxes.
+            raise ScenesError(
+                f"{where}: the {split} split's {len(parts[split])} image(s) have no annotations (with iscrowd 0); "
+                f"train, val and test each need boxes: annotate more images or change seed, val_fraction or "
+                f"test_fraction"
             )
     return {split: [images[i] for i in sorted(parts[split])] for split in SPLITS}
 
@@ -438,8 +497,11 @@ def _letterbox(path: Path, canvas: int) -> tuple[np.ndarray, float, float]:
     and the x, y scale factors its boxes take."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        gray = im.convert("L")
+    try:
+        with _open_image(path) as im:
+            gray = im.convert("L")
+    except Exception as err:  # validated before, so only a file changed since lands here
+        raise ScenesError(f"{path}: not a readable image ({_image_problem(err)})") from err
     w, h = gray.size
     scale = canvas / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class ImageDataError(InputError):
-    """Unusable input images; the message names the file (and the record)."""
+    """Unusable input images; the message names the file (and the record). Always one line: a line break
+    (from a file name, say) is written as its escape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,22 @@ def builtin_digits(size: int) -> ImageSet:
 
 
 def _decode(data: bytes | Path, channels: int, where: str) -> np.ndarray:
+    """One image as (C, H, W) uint8, fully decoded inside the guard: a truncated file, a file that is no
+    image and a decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) are ImageDataErrors."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            array = np.array(image.convert("L" if channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ImageDataError(f"{where}: not a readable image ({err})") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+                image.load()  # decode it all here, so a truncated file fails inside the guard
+                array = np.array(image.convert("L" if channels == 1 else "RGB"))
+    except UnidentifiedImageError as err:
+        raise ImageDataError(f"{where}: not a readable image (not an image format Pillow knows)") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDataError(f"{where}: not a readable image (too many pixels: {err})") from err
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for a bad file
+        raise ImageDataError(f"{where}: not a readable image ({type(err).__name__}: {err})") from err
     return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
 
 
@@ -125,12 +139,31 @@ def _stack(arrays: list[np.ndarray], where: list[str], size: int) -> np.ndarray:
     return np.stack(arrays)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symbolic link followed, lies inside the (resolved) folder `root`."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a link loop or an unusable name: not provably inside
+        return False
+
+
+def _refuse_outside(link: Path, folder: Path) -> ImageDataError:
+    # Names the link only: where it points (and whether that exists) stays out of the message.
+    return ImageDataError(
+        f"{link}: a symbolic link that leads outside {folder}; images must lie inside the folder (copy them in)"
+    )
+
+
 def read_image_folder(path: Path, channels: int, size: int) -> ImageSet:
     if not path.is_dir():
         raise ImageDataError(f"{path}: no such folder (images.path, with source: folder)")
+    root = path.resolve()
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ImageDataError(f"{path}: expected one subfolder of images per class, found none")
+    for name in classes:
+        if not _inside(path / name, root):
+            raise _refuse_outside(path / name, path)
     files = [
         (f, k)
         for k, name in enumerate(classes)
@@ -139,22 +172,53 @@ def read_image_folder(path: Path, channels: int, size: int) -> ImageSet:
     ]
     if not files:
         raise ImageDataError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    for f, _ in files:
+        if not _inside(f, root):
+            raise _refuse_outside(f, path)
     arrays = [_decode(f, channels, str(f)) for f, _ in files]
     names = [str(f) for f, _ in files]
     return ImageSet(_stack(arrays, names, size), np.array([k for _, k in files], dtype=np.int64), classes, names)
 
 
+def _is_image_column(kind: pa.DataType) -> bool:
+    """Encoded bytes, or the Hugging Face struct {bytes, path} (only `bytes` is read); all-null columns pass
+    here and are refused row by row, with the row named."""
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0 and _is_image_column(kind.field("bytes").type)
+    return any(
+        check(kind)
+        for check in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary, pa.types.is_null)
+    )
+
+
 def read_image_parquet(path: Path, channels: int, size: int) -> ImageSet:
     if not path.is_file():
         raise ImageDataError(f"{path}: no such file (images.path, with source: parquet)")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as err:  # not Parquet, or a damaged file
+        problem = " ".join(str(err).split())  # Arrow's messages span lines
+        raise ImageDataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {problem})") from err
     for column in ("image", "label"):
         if column not in table.column_names:
             raise ImageDataError(f"{path}: missing column {column!r} (has {', '.join(table.column_names)})")
+    kind = table.schema.field("image").type
+    if not _is_image_column(kind):
+        raise ImageDataError(
+            f"{path}: column 'image' holds {kind}; it must hold encoded image bytes (binary) "
+            "or {bytes, path} structs with the bytes filled in"
+        )
+    if table.num_rows == 0:
+        raise ImageDataError(f"{path}: no rows; columns 'image' and 'label' need at least one image")
     arrays, names = [], []
     for row, value in enumerate(table.column("image").to_pylist()):
         where = f"{path}: row {row}"
-        if isinstance(value, dict):  # the Hugging Face layout: {"bytes": ..., "path": ...}
+        if isinstance(value, dict):  # the Hugging Face layout: {"bytes": ..., "path": ...}; `path` is never read
+            if value.get("bytes") is None and value.get("path") is not None:
+                raise ImageDataError(
+                    f"{where}: column 'image' gives a path but no bytes; paths in the file are not read; "
+                    "embed the image bytes in the file"
+                )
             value = value.get("bytes")
         if not isinstance(value, bytes):
             raise ImageDataError(f"{where}: column 'image' must hold encoded image bytes, got {type(value).__name__}")

@@ -378,3 +378,135 @@ def test_config_validation_names_the_field(field, value):
 def test_coco_source_needs_both_paths():
     with pytest.raises(ValueError, match="coco_annotations"):
         replace(SMALL, source="coco", coco_images="imgs")
+
+
+# ------------------------------------------------------------------ bad user data: one line, named
+
+
+def bomb_png(side: int) -> bytes:
+    """A 1-bit grayscale PNG of side x side black pixels: a few kB on disk (zlib), huge once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def coco_source(tmp_path: Path, edit=None) -> ScenesConfig:
+    data = make_dataset(tmp_path / "user" / "images")
+    if edit is not None:
+        edit(data)
+    (tmp_path / "user" / "ann.json").write_text(json.dumps(data))
+    return replace(SMALL, source="coco", coco_images="user/images", coco_annotations="user/ann.json")
+
+
+def scenes_error(tmp_path: Path, cfg: ScenesConfig, match: str) -> str:
+    with pytest.raises(ScenesError, match=match) as caught:
+        write_scenes(cfg, tmp_path / "data" / "scenes", tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message, message
+    assert not (tmp_path / "data").exists()  # refused before anything is written
+    return message
+
+
+OUTSIDE = {  # file_name for images[1] (id 101), given the outside file's name
+    "dot-dot": lambda tmp, name: f"../../secret/{name}",
+    "absolute": lambda tmp, name: str(tmp / "secret" / name),
+    "symlink": lambda tmp, name: f"link-{name}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTSIDE))
+def test_file_name_outside_the_images_folder_is_refused_alike_whether_there_or_not(tmp_path, case):
+    (tmp_path / "secret").mkdir()
+    Image.fromarray(np.zeros((30, 44), np.uint8)).save(tmp_path / "secret" / "real.png")  # img1's declared size
+    messages = []
+    for name in ("real.png", "ghost.png"):  # ghost.png is never made
+        file_name = OUTSIDE[case](tmp_path, name)
+        if case == "symlink":
+            (tmp_path / "user" / "images").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "user" / "images" / file_name).symlink_to(tmp_path / "secret" / name)
+        cfg = coco_source(tmp_path, _set(("images", 1, "file_name"), file_name))
+        message = scenes_error(
+            tmp_path, cfg, r"^.*user/ann\.json: images\[1\] \(id 101\): file_name .* leads outside the images folder"
+        )
+        if case == "symlink":
+            assert "secret" not in message  # names the link, never where it leads
+        messages.append(message.replace(name, "NAME"))
+    assert messages[0] == messages[1]
+
+
+def test_symlink_that_stays_inside_the_images_folder_is_fine(tmp_path):
+    folder = tmp_path / "user" / "images"
+    make_dataset(folder)
+    (folder / "same.png").symlink_to(folder / "img1.png")
+    cfg = coco_source(tmp_path, _set(("images", 1, "file_name"), "same.png"))
+    assert write_scenes(cfg, tmp_path / "out", tmp_path)["train"]["images"] > 0
+
+
+def test_dataset_without_annotations_is_refused_at_validation(tmp_path):
+    cfg = coco_source(tmp_path, _set(("annotations",), []))
+    scenes_error(tmp_path, cfg, r"user/ann\.json: annotations: no annotations; the detectors need boxes")
+
+
+def test_split_without_boxes_is_refused_before_writing(tmp_path):
+    from tasks.detection.scenes import split_coco_images
+
+    cfg = coco_source(tmp_path)
+    data = json.loads((tmp_path / "user" / "ann.json").read_text())
+    parts = split_coco_images(data, cfg, "ann.json")
+    elsewhere = {im["id"] for split in ("val", "test") for im in parts[split]}
+    for split, keep in (("train", elsewhere), ("test", {im["id"] for im in parts["train"] + parts["val"]})):
+        edited = dict(data, annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+        assert edited["annotations"]  # the dataset has boxes, just none in this split
+        (tmp_path / "user" / "ann.json").write_text(json.dumps(edited))
+        scenes_error(tmp_path, cfg, rf"user/ann\.json: the {split} split's \d+ image\(s\) have no annotations")
+
+
+def test_non_integer_ids_in_annotations_are_named_not_a_type_error(tmp_path):
+    data = make_dataset(tmp_path / "images")
+    data["annotations"][0]["image_id"] = [101]
+    with pytest.raises(ScenesError, match=r"^ann\.json: annotations\[0\] \(id 1000\): image_id must be an integer"):
+        validate_coco(data, tmp_path / "images", "ann.json")
+
+
+def truncated_png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(30, 44), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]  # a whole header (44x30), cut-short pixels
+
+
+BAD_COCO_IMAGES = {
+    "truncated png": (truncated_png, (44, 30), r"not a readable image \(OSError: image file is truncated"),
+    "decompression bomb": (lambda: bomb_png(20000), (20000, 20000), r"not a readable image \(too many pixels: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COCO_IMAGES))
+def test_bad_coco_image_is_one_line_naming_the_file(tmp_path, case):
+    make, (width, height), pattern = BAD_COCO_IMAGES[case]
+
+    def edit(data):
+        data["images"][1].update(file_name="bad.png", width=width, height=height)
+
+    cfg = coco_source(tmp_path, edit)
+    data = make()
+    assert len(data) < 100_000  # small on disk
+    (tmp_path / "user" / "images" / "bad.png").write_bytes(data)
+    scenes_error(tmp_path, cfg, r"user/ann\.json: images\[1\] \(id 101\): image file .*/bad\.png is " + pattern)
+
+
+def test_letterbox_refuses_a_bad_image_naming_it(tmp_path):
+    from tasks.detection.scenes import _letterbox
+
+    (tmp_path / "cut.png").write_bytes(truncated_png())
+    with pytest.raises(ScenesError, match=r"cut\.png: not a readable image \(OSError: image file is truncated"):
+        _letterbox(tmp_path / "cut.png", 64)

@@ -170,3 +170,176 @@ def test_fid_extractor_loads_user_inception_weights(tmp_path):
         torch.testing.assert_close(extractor(x), reference(x))
     with pytest.raises(FileNotFoundError, match="fid.inception_weights"):
         fid_extractor(tmp_path, FIDConfig(samples=10, batch_size=4, inception_weights="nope.pth"), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ bad user data: one line, named
+
+
+def bomb_png(side: int) -> bytes:
+    """A 1-bit grayscale PNG of side x side black pixels: a few kB on disk (zlib), huge once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def truncated_png() -> bytes:
+    data = png_bytes(np.random.default_rng(0).integers(0, 255, size=(32, 32), dtype=np.uint8))
+    return data[: len(data) * 2 // 3]  # the header is whole, the pixel data cut short
+
+
+def one_line_error(call, match: str) -> str:
+    with pytest.raises(ImageDataError, match=match) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message, message
+    return message
+
+
+def class_folder(root, n: int = 3, side: int = 12):
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((side, side), 10 * i, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+BAD_IMAGES = {
+    "truncated png": (truncated_png, r"not a readable image \(OSError: image file is truncated"),
+    "not an image": (lambda: b"hello, not an image\n" * 10, r"not a readable image \(not an image format"),
+    "decompression bomb": (lambda: bomb_png(20000), r"not a readable image \(too many pixels: .*decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_folder_bad_image_is_one_line_naming_the_file(tmp_path, case):
+    make, pattern = BAD_IMAGES[case]
+    folder = class_folder(tmp_path / "data")
+    data = make()
+    assert case != "decompression bomb" or len(data) < 100_000  # small on disk, 400M pixels decoded
+    (folder / "dog" / "bad.png").write_bytes(data)
+    one_line_error(lambda: read_image_folder(folder, channels=1, size=8), r"dog/bad\.png: " + pattern)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_parquet_bad_image_is_one_line_naming_the_row(tmp_path, case):
+    make, pattern = BAD_IMAGES[case]
+    good = png_bytes(np.zeros((6, 6), np.uint8))
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [good, good, make()], "label": [0, 1, 0]}), path)
+    one_line_error(lambda: read_image_parquet(path, channels=1, size=0), r"images\.parquet: row 2: " + pattern)
+    hf = tmp_path / "hf.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in (good, make())], "label": [0, 1]}), hf)
+    one_line_error(lambda: read_image_parquet(hf, channels=3, size=4), r"hf\.parquet: row 1: " + pattern)
+
+
+def test_decompression_bomb_warning_level_is_refused_too(tmp_path, monkeypatch):
+    # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns; the reader refuses it all the same.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    folder = class_folder(tmp_path / "data", side=30)  # 900 pixels: under the limit
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "cat" / "big.png")  # 1600: the warning range
+    one_line_error(lambda: read_image_folder(folder, channels=1, size=8), r"cat/big\.png: .*too many pixels")
+
+
+def test_mixed_sizes_name_one_file_of_each_size(tmp_path):
+    folder = class_folder(tmp_path / "data")
+    Image.fromarray(np.zeros((9, 15), np.uint8)).save(folder / "dog" / "odd.png")
+    message = one_line_error(
+        lambda: read_image_folder(folder, channels=1, size=0), r"dog/odd\.png: image is 15x9 but .*cat/0\.png is 12x12"
+    )
+    assert "images.size" in message
+
+
+def test_file_name_with_a_line_break_stays_one_line(tmp_path):
+    folder = class_folder(tmp_path / "data")
+    (folder / "dog" / "two\nlines.png").write_bytes(b"junk")
+    one_line_error(lambda: read_image_folder(folder, channels=1, size=8), r"two\\nlines\.png: not a readable image")
+
+
+BAD_PARQUET = {
+    "not parquet": (lambda p: p.write_bytes(b"PAR1 but not really " * 20), r"not a readable Parquet file"),
+    "no image column": (
+        lambda p: pq.write_table(pa.table({"picture": [b"x"], "label": [0]}), p),
+        r"missing column 'image' \(has picture, label\)",
+    ),
+    "image column of ints": (
+        lambda p: pq.write_table(pa.table({"image": [1, 2, 3], "label": [0, 1, 0]}), p),
+        r"column 'image' holds int64; it must hold encoded image bytes",
+    ),
+    "zero rows": (
+        lambda p: pq.write_table(pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}), p),
+        r"no rows; columns 'image' and 'label' need at least one image",
+    ),
+    "duplicate image column": (
+        lambda p: pq.write_table(
+            pa.Table.from_arrays(
+                [pa.array([b"x"]), pa.array([b"y"]), pa.array([0])], names=["image", "image", "label"]
+            ),
+            p,
+        ),
+        r"not a readable Parquet file \(ArrowInvalid: Multiple matches for FieldRef.Name\(image\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARQUET))
+def test_bad_parquet_is_one_line_naming_file_and_column(tmp_path, case):
+    write, pattern = BAD_PARQUET[case]
+    path = tmp_path / "user.parquet"
+    write(path)
+    one_line_error(lambda: read_image_parquet(path, channels=1, size=8), r"^.*user\.parquet: " + pattern)
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_folder_refuses_a_symlink_out_without_naming_its_target(tmp_path, exists):
+    folder = class_folder(tmp_path / "data")
+    secret = tmp_path / "secret_place"
+    secret.mkdir()
+    if exists:
+        Image.fromarray(np.zeros((12, 12), np.uint8)).save(secret / "target.png")
+    (folder / "dog" / "link.png").symlink_to(secret / "target.png")
+    message = one_line_error(
+        lambda: read_image_folder(folder, channels=1, size=0), r"dog/link\.png: a symbolic link that leads outside"
+    )
+    assert "secret_place" not in message and "target" not in message
+    (folder / "dog" / "link.png").unlink()
+
+    (folder / "bird").symlink_to(secret, target_is_directory=True)  # a whole class folder linked out
+    message = one_line_error(
+        lambda: read_image_folder(folder, channels=1, size=0), r"data/bird: a symbolic link that leads outside"
+    )
+    assert "secret_place" not in message
+
+
+def test_folder_follows_a_symlink_that_stays_inside(tmp_path):
+    folder = class_folder(tmp_path / "data")
+    (folder / "dog" / "again.png").symlink_to(folder / "cat" / "1.png")
+    images = read_image_folder(folder, channels=1, size=0)
+    assert len(images) == 7 and images.pixels[-1, 0, 0, 0] == 10
+
+
+def test_parquet_path_field_is_never_read(tmp_path, monkeypatch):
+    # Only the struct's `bytes` is decoded; a `path` (here to a real image outside) is refused unopened.
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(outside)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    good = png_bytes(np.zeros((6, 6), np.uint8))
+    path = tmp_path / "hf.parquet"
+    rows = [{"bytes": good, "path": "ok.png"}, {"bytes": None, "path": str(outside)}]
+    pq.write_table(pa.table({"image": rows, "label": [0, 1]}), path)
+    one_line_error(
+        lambda: read_image_parquet(path, channels=1, size=0), r"hf\.parquet: row 1: column 'image' gives a path but no"
+    )
+    only_paths = tmp_path / "paths.parquet"  # a struct with no `bytes` field at all
+    pq.write_table(pa.table({"image": [{"path": str(outside)}], "label": [0]}), only_paths)
+    one_line_error(lambda: read_image_parquet(only_paths, channels=1, size=0), r"paths\.parquet: column 'image' holds")
+    assert not any(str(fp) == str(outside) for fp in opened)
