@@ -448,21 +448,33 @@ def train(
     return result
 
 
-def save_model(path: Path, name: str, config: Any, model: nn.Module) -> None:
-    """A trained model as an artifact that carries its config: registry name, config fields, weights."""
+def save_model(path: Path, name: str, config: Any, model: nn.Module, meta: dict[str, str] | None = None) -> None:
+    """A trained model as an artifact that carries its config: registry name, config fields, weights, and
+    `meta`, strings about what it was trained on (the LMs' `vocab_digest`), returned by `load_model_with_meta`."""
     import dataclasses
 
+    saved = {"model": name, "config": dataclasses.asdict(config), "state_dict": model.state_dict()}
+    if meta is not None:
+        saved["meta"] = {str(k): str(v) for k, v in meta.items()}
     with atomic_path(path) as tmp:
-        torch.save({"model": name, "config": dataclasses.asdict(config), "state_dict": model.state_dict()}, tmp)
+        torch.save(saved, tmp)
 
 
 def load_model(
     path: Path, build: Callable[[str, dict[str, Any]], nn.Module], device: torch.device | str = "cpu"
 ) -> tuple[str, nn.Module]:
     """Rebuild a `save_model` artifact with `build(name, config)` and load its weights (eval mode)."""
+    name, model, _ = load_model_with_meta(path, build, device)
+    return name, model
+
+
+def load_model_with_meta(
+    path: Path, build: Callable[[str, dict[str, Any]], nn.Module], device: torch.device | str = "cpu"
+) -> tuple[str, nn.Module, dict[str, str]]:
+    """`load_model`, and the artifact's `meta` ({} for one saved without it, or before it existed)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model here; run the stage that trains it first")
     saved = torch.load(path, map_location=device, weights_only=True)
     model = build(saved["model"], saved["config"])
     model.load_state_dict(saved["state_dict"])
-    return saved["model"], model.to(device).eval()
+    return saved["model"], model.to(device).eval(), dict(saved.get("meta") or {})

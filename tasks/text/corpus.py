@@ -285,6 +285,16 @@ def read_vocab(corpus_dir: Path) -> list[str]:
     return table.column("token").to_pylist()
 
 
+def vocab_digest(tokens: list[str]) -> str:
+    """A short fingerprint of a vocabulary: sha256 of its tokens in id order, one per line (first 16 hex digits).
+
+    A trained model records it, and `kiln score` refuses a model whose digest is not the corpus's, since
+    its token ids would mean other words. Tokens never hold a newline (the tokenizer splits on whitespace)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CorpusInputs:
     corpus: CorpusConfig

@@ -32,12 +32,13 @@ from models.text.tokenizer import BOS_ID, EOS_ID
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
-from tasks.text.corpus import read_stream, read_vocab
+from tasks.text.corpus import read_stream, read_vocab, vocab_digest
 from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
     TrainResult,
     load_model,
+    load_model_with_meta,
     resolve_device,
     save_model,
     train,
@@ -227,6 +228,13 @@ def load_language_model(path: Path, device: torch.device | str = "cpu") -> tuple
     return load_model(path, build_language_model, device)
 
 
+def load_language_model_with_meta(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[str, nn.Module, dict[str, str]]:
+    """The model and what it recorded at training: `vocab_digest`, the corpus vocabulary it was trained on."""
+    return load_model_with_meta(path, build_language_model, device)
+
+
 # -------------------------------------------------------------------------------------- tasks
 
 
@@ -269,7 +277,7 @@ def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
         checkpoint=out_dir / "checkpoint.pt",
         run=run,
     )
-    save_model(out_dir / "model.pt", name, model_cfg, fit.model)
+    save_model(out_dir / "model.pt", name, model_cfg, fit.model, meta={"vocab_digest": vocab_digest(vocab)})
 
     metrics = fit.metrics()
     write_json(root / METRICS_DIR / "lm" / f"{name}.json", fit.results())

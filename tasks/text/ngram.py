@@ -14,7 +14,9 @@ from models.text.tokenizer import BOS_ID
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, METRICS_DIR, NGRAM_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
-from tasks.text.corpus import read_stream, read_vocab
+from tasks.text.corpus import read_stream, read_vocab, vocab_digest
+
+VOCAB_DIGEST_FILE = "vocab_digest.txt"  # beside model.arpa: the corpus vocabulary it was estimated on
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def ngram_task(ctx: StageContext, inputs: NgramInputs) -> dict[str, float]:
         with open(tmp / "model.arpa", "wb") as arpa:
             for chunk in kn.arpa_chunks(fit.model.model, vocab):
                 arpa.write(chunk)
+        (tmp / VOCAB_DIGEST_FILE).write_text(vocab_digest(vocab) + "\n", encoding="utf-8")
 
     metrics = fit.metrics()
     write_json(

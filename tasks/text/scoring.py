@@ -3,6 +3,10 @@
 Each sentence is tokenised with the corpus rules (models/text/tokenizer.py), wrapped as `<s> ... </s>` and
 scored with the perplexity accounting of the whole project: every token but `<s>` is predicted.
 Words outside the model's vocabulary are scored as `<unk>` and flagged.
+
+A model is scored only against the corpus vocabulary it was trained on: each records the vocabulary's digest
+(`vocab_digest` in tasks/text/corpus.py), and a model whose digest is not the current corpus's, or that records
+none, is refused with the stage to rerun, rather than scored with token ids that now mean other words.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from models.text.tokenizer import (
     split_sentences,
     tokenize_sentence,
 )
+from tasks.errors import InputError
 from tasks.layout import CORPUS_DIR, LM_DIR, NGRAM_DIR
 
 
@@ -47,6 +52,29 @@ def sentence_tokens(sentence: str) -> list[str]:
     return [t for part in split_sentences(sentence) for t in tokenize_sentence(part)]
 
 
+class StaleModel(InputError):
+    """A trained model whose vocabulary is not the corpus's (or unknown): the message names the stage to rerun."""
+
+
+def _shown(root: Path, path: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def check_vocab_digest(root: Path, model_path: Path, recorded: str | None, stage: str) -> None:
+    """Refuse `model_path` unless the vocabulary digest it recorded is the current corpus vocabulary's."""
+    from tasks.text.corpus import read_vocab, vocab_digest
+
+    rerun = f"rerun `dvc repro {stage}` (or `kiln run --target {stage}`)"
+    if not recorded:
+        raise StaleModel(f"{_shown(root, model_path)} records no vocabulary digest: {rerun}")
+    current = vocab_digest(read_vocab(root / CORPUS_DIR))
+    if recorded != current:
+        raise StaleModel(
+            f"{_shown(root, model_path)} was trained on another vocabulary (digest {recorded} vs the corpus's "
+            f"{current}): {rerun}"
+        )
+
+
 def load_ngram(root: Path) -> tuple[kn.BackoffModel, list[str]]:
     path = root / NGRAM_DIR / "model.arpa"
     if not path.is_file():
@@ -59,7 +87,12 @@ def load_ngram(root: Path) -> tuple[kn.BackoffModel, list[str]]:
 
 
 def score_with_ngram(root: Path, sentences: list[str]) -> list[SentenceScore]:
+    from tasks.text.ngram import VOCAB_DIGEST_FILE
+
     model, vocab = load_ngram(root)
+    digest_file = root / NGRAM_DIR / VOCAB_DIGEST_FILE
+    recorded = digest_file.read_text(encoding="utf-8").strip() if digest_file.is_file() else None
+    check_vocab_digest(root, root / NGRAM_DIR / "model.arpa", recorded, "ngram")
     index = {w: i for i, w in enumerate(vocab)}
     tokenized = [sentence_tokens(s) for s in sentences]
     ids = [[index.get(t, UNK_ID) for t in tokens] for tokens in tokenized]
@@ -89,9 +122,11 @@ def neural_scorer(name: str) -> Callable[[Path, list[str]], list[SentenceScore]]
 
     def score(root: Path, sentences: list[str]) -> list[SentenceScore]:
         from tasks.text.corpus import read_vocab
-        from tasks.text.lm import load_language_model, token_log_probs
+        from tasks.text.lm import load_language_model_with_meta, token_log_probs
 
-        _, model = load_language_model(root / LM_DIR / name / "model.pt")
+        path = root / LM_DIR / name / "model.pt"
+        _, model, meta = load_language_model_with_meta(path)
+        check_vocab_digest(root, path, meta.get("vocab_digest"), f"lm@{name}")
         index = {w: i for i, w in enumerate(read_vocab(root / CORPUS_DIR))}
         out = []
         for sentence in sentences:
