@@ -256,6 +256,7 @@ def build_parser(with_stages: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     listing = _stages_epilog() if with_stages else "kiln stage --help lists the stages."
@@ -361,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError) as err:
-        # Input errors: one clear line naming the file, key or record, not a traceback.
+        # Input errors: one clear line naming the file, key or record, not a traceback (unless --debug).
+        if args.debug:
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kiln {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -35,6 +35,15 @@ class ServiceError(RuntimeError):
     """A server could not be started; the message says why and where its log is."""
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Create `path` readable by its owner only from the first byte (a write-then-chmod leaves a window in
+    which another local user can read a password); an existing file is replaced, not reused."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
     import requests
 
@@ -150,8 +159,7 @@ def start_postgres(folder: Path, port: int = 5433, timeout_s: float = 60) -> str
     data, password_file = pg / "data", pg / "password"
     pg.mkdir(parents=True, exist_ok=True)
     if not password_file.exists():
-        password_file.write_text(secrets.token_urlsafe(18) + "\n")
-        password_file.chmod(0o600)
+        _write_private(password_file, secrets.token_urlsafe(18) + "\n")
     password = password_file.read_text().strip()
     if not (data / "PG_VERSION").exists():
         if os.geteuid() == 0 and subprocess.run(_as_pg_owner(["test", "-x", str(pg)])).returncode != 0:
@@ -164,8 +172,7 @@ def start_postgres(folder: Path, port: int = 5433, timeout_s: float = 60) -> str
         _give_to_pg_owner(data)
         # The password reaches initdb through a file its user can read, removed right after.
         pwfile = data.parent / ".initdb-pw"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        _write_private(pwfile, password + "\n")
         _give_to_pg_owner(pwfile)
         try:
             done = subprocess.run(

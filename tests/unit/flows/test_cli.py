@@ -62,3 +62,10 @@ def test_a_yaml_bomb_in_params_is_one_error_line_before_dvc_reads_it(tmp_path, m
     assert main(command) == 2
     err = capsys.readouterr().err
     assert "params/lm.yaml: <file>: too many YAML alias expansions" in err and err.count("\n") == 1
+
+
+def test_debug_shows_the_traceback_of_an_input_error(at_root):
+    from flows.registry import UnknownStage
+
+    with pytest.raises(UnknownStage, match="did you mean 'ngram'"):
+        main(["--debug", "stage", "ngarm"])
