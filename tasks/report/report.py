@@ -51,24 +51,39 @@ class Report:
         return text + "\n"
 
 
+# The LM table's columns (markdown: `<s>` in code, or it would open a strikethrough).
+LM_SENTENCE_COLUMN = "test perplexity (context from each sentence's `<s>`, as the n-gram)"
+LM_STREAM_COLUMN = "stream context"
+
+
 def language_models(root: Path, report: Report) -> None:
     compare = root / PLOTS_DIR / "lm_compare.csv"
     if not compare.is_file():
         report.missing.append("language models")
         return
     with open(compare, newline="") as f:
-        rows = [(r["model"], float(r["test_perplexity"])) for r in csv.DictReader(f)]
-    table = ["| model | test perplexity |", "|---|---:|", *(f"| {m} | {p:.2f} |" for m, p in rows)]
+        rows = [
+            (r["model"], float(r["test_perplexity"]), r.get("test_perplexity_stream") or "") for r in csv.DictReader(f)
+        ]
+    table = [
+        f"| model | {LM_SENTENCE_COLUMN} | {LM_STREAM_COLUMN} |",
+        "|---|---:|---:|",
+        *(f"| {m} | {p:.2f} | {f'{float(q):.2f}' if q else ''} |" for m, p, q in rows),
+    ]
     report.sections.append(
-        "## Language models\n\nPerplexity on the shared test token stream (lower is "
-        "better).\n\n" + "\n".join(table) + "\n\n![](lm_perplexity.png)"
+        "## Language models\n\nPerplexity on the shared test sentences (lower is better). The first column is "
+        "like for like: every model scores each sentence with the context from its `<s>` only, as the "
+        "Kneser-Ney model does. The stream-context column (neural LMs only) scores the continuous test stream "
+        "with sliding windows whose context crosses sentence boundaries.\n\n"
+        + "\n".join(table)
+        + "\n\n![](lm_perplexity.png)"
     )
     fig, ax = _figure()
-    ax.barh([m for m, _ in rows][::-1], [p for _, p in rows][::-1])
-    ax.set(xscale="log", xlabel="test perplexity", title="Language models")
+    ax.barh([m for m, _, _ in rows][::-1], [p for _, p, _ in rows][::-1])
+    ax.set(xscale="log", xlabel="test perplexity (context from each sentence's <s>)", title="Language models")
     fig.tight_layout()
     report.figures["lm_perplexity.png"] = fig
-    best = min(rows, key=lambda r: r[1])
+    best = min(rows, key=lambda r: r[1])  # like for like: context from each sentence's <s>
     report.headline.append(f"language models: best test perplexity {best[1]:.2f} ({best[0]})")
 
 

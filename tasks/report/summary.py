@@ -19,9 +19,16 @@ def headline(root: Path) -> str:
     lines: list[str] = []
     compare = root / PLOTS_DIR / "lm_compare.csv"  # the comparison in its table order
     if compare.is_file():
+        sentence, stream = "test perplexity (context from each sentence's <s>, as the n-gram)", "stream context"
         lines.append("Language models, test perplexity (lower is better):")
+        lines.append(f"  {'model':<12} {sentence}  {stream}")
         with open(compare, newline="") as rows:
-            lines += [f"  {row['model']:<12} {float(row['test_perplexity']):8.2f}" for row in csv.DictReader(rows)]
+            for row in csv.DictReader(rows):
+                other = row.get("test_perplexity_stream") or ""
+                other = f"{float(other):{len(stream)}.2f}" if other else ""
+                lines.append(
+                    f"  {row['model']:<12} {float(row['test_perplexity']):{len(sentence)}.2f}  {other}".rstrip()
+                )
     detection, onnx = _read(metrics / "map.json"), _read(metrics / "onnx.json") or {}
     if detection:
         lines.append("Detectors, test split:")

@@ -2,7 +2,12 @@
 `lm_compare` (every model's test perplexity beside the Kneser-Ney orders).
 
 Perplexity follows the project's one accounting (README): the test stream of the `corpus` stage, every
-token but `<s>` predicted and counted.
+token but `<s>` predicted and counted. It is scored two ways:
+
+- `test_perplexity`, the headline: every sentence on its own, its context starting at its `<s>`
+  (`sentence_nll`), the information the Kneser-Ney model has, so the two are compared like for like;
+- `test_perplexity_stream`: sliding windows over the continuous stream (`stream_nll`), whose context crosses
+  sentence boundaries. `val_perplexity` (during training) and `val_perplexity_final` are scored this way too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from models.text.language_models import (
     sample,
     sequence_nll,
 )
-from models.text.tokenizer import BOS_ID, EOS_ID
+from models.text.tokenizer import BOS_ID, EOS_ID, sentence_bounds
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
@@ -113,6 +118,84 @@ def perplexity(model: nn.Module, stream: np.ndarray, context: int, batch_size: i
     return math.exp(nll / count)
 
 
+def _sentences(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start (`<s>`) and end (one past `</s>`) of every sentence of a stream that is nothing but sentences."""
+    starts, ends = sentence_bounds(np.asarray(stream))
+    if len(starts) == 0 or starts[0] != 0 or ends[-1] != len(stream) or np.any(starts[1:] != ends[:-1]):
+        raise ValueError("token stream is not a sequence of <s> ... </s> sentences")
+    return starts, ends
+
+
+def _windows(n: int, context: int) -> list[tuple[int, int, int]]:
+    """(start, length, first kept position) of the sliding windows that score the `n` next-token positions of
+    a sequence, as `token_log_probs` places them: stride `context // 2`, each position scored once."""
+    stride = max(1, context // 2)
+    out = []
+    for s in range(0, max(1, n - context + stride), stride):
+        length, first = min(context, n - s), 0 if s == 0 else context - stride
+        if first < length:
+            out.append((s, length, first))
+    return out
+
+
+def sentence_nll(
+    model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device
+) -> tuple[float, int]:
+    """Summed natural-log NLL of a stream of `<s> ... </s>` sentences with every sentence scored on its own,
+    its context starting at its `<s>` (as the Kneser-Ney model scores it), and the number of tokens counted:
+    every token after a `<s>`, `</s>` included (the same tokens as `stream_nll`).
+
+    A sentence longer than `context` is scored with the sliding windows of `token_log_probs` inside it. The
+    windows of all sentences are sorted by length and batched with right padding and a mask, each forward
+    holding about as many tokens as `batch_size` full windows. `sentence_nll_ref` is the slow twin.
+    """
+    ids = torch.as_tensor(np.asarray(stream), dtype=torch.long)
+    starts, ends = _sentences(stream)
+    windows = [
+        (int(a) + s, length, first)  # (offset in the stream, inputs, first counted position)
+        for a, b in zip(starts, ends)
+        for s, length, first in _windows(int(b - a) - 1, context)
+    ]
+    windows.sort(key=lambda w: -w[1])  # similar lengths together; the widest of a batch comes first
+    budget = batch_size * context
+    total, count, i = 0.0, 0, 0
+    with torch.no_grad():
+        while i < len(windows):
+            width = windows[i][1]
+            rows = windows[i : i + max(1, budget // width)]
+            x = torch.full((len(rows), width), EOS_ID, dtype=torch.long)  # right padding, masked out
+            y = torch.full((len(rows), width), EOS_ID, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.bool)
+            for r, (offset, length, first) in enumerate(rows):
+                x[r, :length] = ids[offset : offset + length]
+                y[r, :length] = ids[offset + 1 : offset + 1 + length]
+                mask[r, first:length] = True
+            nll, n = sequence_nll(model(x.to(device)), y.to(device), mask.to(device))
+            total += float(nll)
+            count += n
+            i += len(rows)
+    return total, count
+
+
+def sentence_nll_ref(model: nn.Module, stream: np.ndarray, context: int, device: torch.device) -> tuple[float, int]:
+    """`sentence_nll` one sentence at a time, no padding: `token_log_probs` of each `<s> ... </s>` alone."""
+    starts, ends = _sentences(stream)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a, b in zip(starts, ends):
+            logp = token_log_probs(model, np.asarray(stream[a:b]), context, 1, device)
+            total -= float(logp.sum())
+            count += len(logp)
+    return total, count
+
+
+def sentence_perplexity(
+    model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device
+) -> float:
+    nll, count = sentence_nll(model, stream, context, batch_size, device)
+    return math.exp(nll / count)
+
+
 def random_windows(stream: Tensor, context: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A batch of random (input, target) windows of the train stream."""
     starts = torch.randint(0, len(stream) - context - 1, (batch_size,), generator=generator)
@@ -131,8 +214,9 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 class LMFit:
     model: nn.Module
     train: TrainResult
-    test_perplexity: float
-    val_perplexity: float
+    test_perplexity: float  # every test sentence on its own, context from its <s> (like for like with the n-gram)
+    test_perplexity_stream: float  # sliding windows over the continuous test stream, across sentences
+    val_perplexity: float  # stream context, as during training
     parameters: int
     sample: str
 
@@ -140,6 +224,7 @@ class LMFit:
         """What the model reached: deterministic for a seed, so DVC sees no change when nothing changed."""
         return {
             "test_perplexity": self.test_perplexity,
+            "test_perplexity_stream": self.test_perplexity_stream,
             "val_perplexity_final": self.val_perplexity,
             "parameters": float(self.parameters),
         }
@@ -208,11 +293,12 @@ def fit_language_model(
     )
     model.eval()
     with torch.no_grad():
-        test_ppl = perplexity(model, streams["test"], context, eval_cfg.batch_size, device)
+        test_ppl = sentence_perplexity(model, streams["test"], context, eval_cfg.batch_size, device)
+        test_stream_ppl = perplexity(model, streams["test"], context, eval_cfg.batch_size, device)
         val_ppl = perplexity(model, streams["val"], context, eval_cfg.batch_size, device)
     text = sample_text(model, vocab, eval_cfg, seed, device)
     parameters = sum(p.numel() for p in model.parameters())
-    return LMFit(model, result, test_ppl, val_ppl, parameters, text)
+    return LMFit(model, result, test_ppl, test_stream_ppl, val_ppl, parameters, text)
 
 
 def sample_text(model: nn.Module, vocab: list[str], cfg: LMEvalConfig, seed: int, device: torch.device) -> str:
@@ -289,7 +375,8 @@ def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
     run.log_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n", "model_config.json")
     run.log_artifact(root / PLOTS_DIR / "lm" / f"{name}.csv", "plots")
     print(
-        f"lm@{name}: test perplexity {fit.test_perplexity:.2f} ({fit.parameters:,} parameters, "
+        f"lm@{name}: test perplexity {fit.test_perplexity:.2f} (context from each sentence's <s>), "
+        f"{fit.test_perplexity_stream:.2f} (stream context) ({fit.parameters:,} parameters, "
         f"{fit.train.items_per_second:,.0f} tokens/s)\nsample: {fit.sample[:300]}"
     )
     return metrics

@@ -1,4 +1,9 @@
-"""`lm_compare`: every language model's test perplexity in one table (read from the stages' metrics)."""
+"""`lm_compare`: every language model's test perplexity in one table (read from the stages' metrics).
+
+`test_perplexity`, the headline, is like for like: every model scores each test sentence with the context
+from its `<s>` only, as the Kneser-Ney model does. `test_perplexity_stream` (neural LMs only; empty for the
+n-gram rows) is the neural score with sliding windows over the continuous stream, across sentence boundaries.
+"""
 
 from __future__ import annotations
 
@@ -20,16 +25,24 @@ LM_NAMES = tuple(LANGUAGE_MODELS)
 
 
 def compare_table(ngram_metrics: dict, lm_metrics: dict[str, dict]) -> pd.DataFrame:
-    """One row per model: unigram and every KN order, then the neural LMs; test perplexity."""
+    """One row per model: unigram and every KN order, then the neural LMs; test perplexity with the context
+    from each sentence's `<s>` (all models) and with stream context (neural LMs; NaN for the n-gram rows)."""
     rows = [
         {"model": "unigram" if n == "1" else f"kn{n}", "family": "ngram", "test_perplexity": ppl}
         for n, ppl in sorted(ngram_metrics["test_perplexity_by_order"].items(), key=lambda kv: int(kv[0]))
     ]
     rows += [
-        {"model": name, "family": "neural", "test_perplexity": m["test_perplexity"], "parameters": m["parameters"]}
+        {
+            "model": name,
+            "family": "neural",
+            "test_perplexity": m["test_perplexity"],
+            "test_perplexity_stream": m["test_perplexity_stream"],
+            "parameters": m["parameters"],
+        }
         for name, m in lm_metrics.items()
     ]
-    return pd.DataFrame(rows)
+    columns = ["model", "family", "test_perplexity", "test_perplexity_stream", "parameters"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def compare_figure(table: pd.DataFrame):
@@ -43,7 +56,7 @@ def compare_figure(table: pd.DataFrame):
     ax.bar(table["model"], table["test_perplexity"], color=colors)
     for x, value in enumerate(table["test_perplexity"]):
         ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=8)
-    ax.set(ylabel="test perplexity (lower is better)", title="Language models on the same test stream")
+    ax.set(ylabel="test perplexity (lower is better)", title="Language models, each test sentence from its <s>")
     ax.set_yscale("log")
     fig.tight_layout()
     return fig
@@ -62,6 +75,11 @@ def lm_compare_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     neural = {name: read(root / METRICS_DIR / "lm" / f"{name}.json") for name in LM_NAMES}
     table = compare_table(ngram, neural)
     metrics = {f"{row.model}_test_perplexity": float(row.test_perplexity) for row in table.itertuples()}
+    metrics |= {
+        f"{row.model}_test_perplexity_stream": float(row.test_perplexity_stream)
+        for row in table.itertuples()
+        if row.family == "neural"
+    }
     write_json(root / METRICS_DIR / "lm_compare.json", metrics)
     with atomic_path(root / PLOTS_DIR / "lm_compare.csv") as tmp:
         table.to_csv(tmp, index=False)

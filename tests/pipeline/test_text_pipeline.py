@@ -16,7 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import reference
-from tests.pipeline.helpers import copy_project, kiln_run, mlflow_client, runs_of, sh, smoke_project, stale, summary
+from tests.pipeline.helpers import (
+    copy_project,
+    kiln_run,
+    mlflow_client,
+    runs_of,
+    set_params,
+    sh,
+    smoke_project,
+    stale,
+    summary,
+)
 
 pytestmark = pytest.mark.pipeline
 
@@ -104,9 +114,9 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
     run = runs_of(project, "text", "lm@mamba")[-1]
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and np.isfinite(metrics["test_perplexity"])
-    assert metrics["test_perplexity"] == pytest.approx(
-        json.loads((project / "data/metrics/lm/mamba.json").read_text())["test_perplexity"]
-    )
+    results = json.loads((project / "data/metrics/lm/mamba.json").read_text())
+    for key in ("test_perplexity", "test_perplexity_stream"):  # context from each sentence's <s>; stream context
+        assert np.isfinite(results[key]) and metrics[key] == pytest.approx(results[key])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_perplexity")] == [15, 30]
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     assert run.data.params["mamba.d_model"] == "32" and run.data.params["lm_train.steps"] == "30"
@@ -118,7 +128,10 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
         "kn2_test_perplexity",
         "kn3_test_perplexity",
         *(f"{m.split('@')[1]}_test_perplexity" for m in LMS),
+        *(f"{m.split('@')[1]}_test_perplexity_stream" for m in LMS),
     }
+    table = (project / "data/plots/lm_compare.csv").read_text().splitlines()
+    assert table[0].split(",")[:4] == ["model", "family", "test_perplexity", "test_perplexity_stream"]
     scored = json.loads(
         sh(
             project, "kiln", "score", "--json", "--model", "mamba", "--model", "ngram", "the object is returned ."
@@ -192,7 +205,7 @@ def test_dvc_repro_of_one_stage_logs_a_top_level_run(project, first_run):
 def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, first_run):
     data = project / "params/data.yaml"
     good = data.read_text()
-    data.write_text(good.replace("source: builtin", "source: path").replace('path: ""', 'path: "missing.txt"'))
+    set_params(project, "data.yaml", "corpus", source="path", path="missing.txt")
     try:
         failed = kiln_run(project, TARGET, check=False)
         assert failed.returncode == 1

@@ -9,14 +9,19 @@ def test_summary_reads_the_metrics_files(tmp_path):
     assert headline(tmp_path) == "no metrics yet: run `kiln run`"
     (tmp_path / "data/plots").mkdir(parents=True)
     (tmp_path / "data/plots/lm_compare.csv").write_text(
-        "model,family,test_perplexity\nunigram,ngram,104.4\nlstm,neural,16.8\n"
+        "model,family,test_perplexity,test_perplexity_stream\nunigram,ngram,104.4,\nlstm,neural,16.8,18.25\n"
     )
     (tmp_path / "data/metrics").mkdir(parents=True)
     (tmp_path / "data/metrics/map.json").write_text(
         '{"thundernet": {"AP": 0.5, "AP50": 0.6, "AP75": 0.55, "AR100": 0.7}}'
     )
     text = headline(tmp_path)
-    assert "unigram        104.40" in text and text.index("unigram") < text.index("lstm")
+    lines = text.splitlines()
+    label = "test perplexity (context from each sentence's <s>, as the n-gram)"
+    assert lines[1].split() == ["model", *label.split(), "stream", "context"]
+    assert lines[2].split() == ["unigram", "104.40"] and lines[3].split() == ["lstm", "16.80", "18.25"]
+    assert lines[3].index("16.80") + 5 == lines[1].index("n-gram)") + 7  # the numbers under their labels
+    assert lines[3].index("18.25") + 5 == len(lines[1])
     assert "thundernet    0.500  0.600  0.550  0.700          nan" in text
 
 
@@ -70,7 +75,8 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     )
     report = build_report(tmp_path)
     text = report.markdown()
-    assert "| kn5 | 10.90 |" in text and "| unigram | 104.40 |" in text
+    assert "| kn5 | 10.90 |  |" in text and "| unigram | 104.40 |  |" in text  # no stream column: left empty
+    assert "| model | test perplexity (context from each sentence's `<s>`, as the n-gram) | stream context |" in text
     assert "| diffusion@ddpm | 0.640 | 0.970 |  | ancestral 50 steps |" in text
     assert "| nflow@realnvp | 3.500 |  | 1.234 |  |" in text
     assert "floor (train split vs test split) 0.250, noise ceiling (uniform noise vs test split) 219.0" in text

@@ -124,3 +124,100 @@ def test_bad_model_params_name_the_file_and_key(tmp_path, repo_root):
     lm.write_text(lm.read_text().replace("  d_state: 0", "  d_state: 16\n  vocab_size: 5", 1))
     with pytest.raises(ParamsError, match=r"mamba.vocab_size: is set from the data"):
         section_config(params, "mamba", vocab_size=100)
+
+
+# ------------------------------------------------------------- sentence context (like for like with the n-gram)
+
+
+def sentences(lengths: list[int], seed: int = 0) -> np.ndarray:
+    """A stream of `<s> w.. </s>` sentences with `lengths` words each (ids 3..10)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([[1, *rng.integers(3, 11, size=n), 2] for n in lengths]).astype(np.int32)
+
+
+LENGTHS = [3, 0, 7, 40, 1, 14, 15, 16, 5, 22]  # sentences of 2..42 tokens, some longer than the context
+
+
+def tiny_model(name: str):
+    from models.text.lstm import LSTMConfig
+    from models.text.mamba import MambaConfig
+    from models.text.s4d import S4DConfig
+
+    configs = {
+        "transformer": TransformerConfig(
+            vocab_size=11, context_length=16, n_layer=1, n_head=2, d_model=16, dropout=0.0
+        ),
+        "lstm": LSTMConfig(vocab_size=11, context_length=16, d_embed=8, d_hidden=8, n_layer=1, dropout=0.0),
+        "s4d": S4DConfig(vocab_size=11, context_length=16, d_model=8, n_layer=1, d_state=4, dropout=0.0),
+        "mamba": MambaConfig(vocab_size=11, context_length=16, d_model=8, n_layer=1, d_state=4),
+    }
+    torch.manual_seed(0)
+    return build_language_model(name, configs[name]).eval()
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm", "s4d", "mamba"])
+@pytest.mark.parametrize(("context", "batch_size"), [(16, 1), (16, 3), (9, 2)])
+def test_sentence_nll_equals_its_one_sentence_reference(name, context, batch_size):
+    from tasks.text.lm import sentence_nll, sentence_nll_ref
+
+    model, ids = tiny_model(name), sentences(LENGTHS)
+    nll, count = sentence_nll(model, ids, context, batch_size, DEVICE)
+    ref_nll, ref_count = sentence_nll_ref(model, ids, context, DEVICE)
+    assert count == ref_count == len(ids) - len(LENGTHS)  # every token but <s>, as the n-gram counts
+    assert nll == pytest.approx(ref_nll, rel=1e-5, abs=1e-5)
+
+
+def test_sentence_context_starts_at_each_sentence(model):
+    """A sentence scores the same alone as inside a stream: no context from the sentences before it."""
+    from tasks.text.lm import sentence_nll
+
+    a, b = sentences([6], seed=1), sentences([9], seed=2)
+    together, n = sentence_nll(model, np.concatenate([a, b]), 16, 4, DEVICE)
+    alone = [sentence_nll(model, s, 16, 4, DEVICE) for s in (a, b)]
+    assert n == alone[0][1] + alone[1][1] == 6 + 1 + 9 + 1
+    assert together == pytest.approx(alone[0][0] + alone[1][0], rel=1e-6)
+    with torch.no_grad():  # and differently from the stream, whose context crosses the boundary
+        streamed, _ = stream_nll(model, np.concatenate([a, b]), 16, 4, DEVICE)
+    assert streamed != pytest.approx(together, rel=1e-6)
+
+
+class Unigram(torch.nn.Module):
+    """Fixed next-token logits, whatever the context."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(vocab, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, idx):
+        return self.logits.expand(*idx.shape, -1)
+
+
+class Bigram(torch.nn.Module):
+    """Next-token logits from the current token alone: the same under stream and sentence context."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx):
+        return self.table(idx)
+
+
+@pytest.mark.parametrize("cls", [Unigram, Bigram])
+def test_sentence_nll_counts_the_tokens_the_stream_counts(cls):
+    from tasks.text.lm import sentence_nll
+
+    model, ids = cls(), sentences(LENGTHS, seed=3)
+    with torch.no_grad():
+        streamed, stream_count = stream_nll(model, ids, 16, 4, DEVICE)
+    nll, count = sentence_nll(model, ids, 16, 4, DEVICE)
+    assert count == stream_count == int(np.sum(ids != 1))
+    assert nll == pytest.approx(streamed, rel=1e-5)
+
+
+def test_sentence_nll_refuses_a_stream_that_is_not_sentences(model):
+    from tasks.text.lm import sentence_nll
+
+    with pytest.raises(ValueError, match="not a sequence of <s> ... </s> sentences"):
+        sentence_nll(model, sentences([3, 4])[1:], 16, 4, DEVICE)
