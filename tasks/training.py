@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tasks.errors import StaleArtefact, rerun_hint, shown_path
 from tasks.io import atomic_path
 from tasks.tracking import StageRun
 
@@ -478,3 +479,37 @@ def load_model_with_meta(
     model = build(saved["model"], saved["config"])
     model.load_state_dict(saved["state_dict"])
     return saved["model"], model.to(device).eval(), dict(saved.get("meta") or {})
+
+
+# ------------------------------------------------------------------- what a model was trained on
+
+
+def require_meta(root: Path, path: Path, meta: dict[str, str], expected: dict[str, str], stage: str) -> None:
+    """Refuse the artefact at `path` unless its `meta` records every `expected` key with the expected value: a
+    `StaleArtefact` (one line) names the file, the key, both values and the stage to rerun."""
+    rerun = rerun_hint(stage)
+    for key, current in expected.items():
+        recorded = meta.get(key)
+        if not recorded:
+            raise StaleArtefact(f"{shown_path(root, path)} records no {key}: {rerun}")
+        if str(recorded) != str(current):
+            raise StaleArtefact(
+                f"{shown_path(root, path)} was trained on other data ({key}: {recorded} vs {current}): {rerun}"
+            )
+
+
+def read_model_meta(path: Path) -> dict[str, str]:
+    """The `meta` a `save_model` artifact records ({} for none), without building its model."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained model here; run the stage that trains it first")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(saved.get("meta") or {})
+
+
+def data_digest(values: dict[str, Any]) -> str:
+    """sha256 (first 16 hex digits) of `values` as canonical JSON: the families' data digests."""
+    import hashlib
+    import json
+
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

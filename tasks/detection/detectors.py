@@ -1,8 +1,10 @@
 """Detection tasks: `detector@{thundernet,one_stage}` (train, predict the test split), `map` (COCO
 evaluation of both), `onnx` (export with NMS inside, onnxruntime parity, int8, latency, registry).
 
-Predictions travel between stages as COCO result JSON (image_id, category_id, bbox xywh, score), so any
-stage can be inspected or replaced by another tool.
+Predictions travel between stages as COCO result records (image_id, category_id, bbox xywh, score), so any
+stage can be inspected or replaced by another tool; predictions_test.json holds them under `predictions`,
+beside `meta`, what the detector was trained on (`labels_digest`, `input_size`), which `map` checks as `onnx`
+checks the model's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from models.detection.boxes import Detections
 from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
 from models.detection.detectors import DETECTORS, build_detector, to_model_input
 from models.detection.fcos import FCOSConfig, balanced_level_boundary
-from tasks.detection.scenes import load_split
+from tasks.detection.scenes import labels_digest, load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
 from tasks.spec import NoInputs, StageContext, StageSpec
@@ -32,7 +34,8 @@ from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
     TrainResult,
-    load_model,
+    load_model_with_meta,
+    require_meta,
     resolve_device,
     save_model,
     train,
@@ -213,14 +216,46 @@ def fit_detector(
     return DetectorFit(model, result, records, val_ap50, sum(p.numel() for p in model.parameters()))
 
 
+def detector_meta(split: Split) -> dict[str, str]:
+    """What a detector records it was trained on, and what a stage using one expects: the split's labels digest
+    and its (square) image size."""
+    return {"labels_digest": labels_digest(split.coco), "input_size": str(split.images.shape[1])}
+
+
 def load_detector(path: Path, device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
-    return load_model(path, build_detector, device)
+    """`(name, model)`, unchecked; `load_checked_detector` refuses one trained on other scenes."""
+    name, model, _ = load_model_with_meta(path, build_detector, device)
+    return name, model
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
+def load_checked_detector(root: Path, name: str, split: Split, device: torch.device | str = "cpu") -> nn.Module:
+    """`detector@name`'s model, refused (`StaleArtefact`) unless trained on `split`'s labels and image size."""
+    path = root / DETECTOR_DIR / name / "model.pt"
+    _, model, meta = load_model_with_meta(path, build_detector, device)
+    require_meta(root, path, meta, detector_meta(split), f"detector@{name}")
+    return model
+
+
+def write_predictions(path: Path, records: list[dict[str, Any]], meta: dict[str, str]) -> None:
+    write_text(path, json.dumps({"meta": meta, "predictions": records}))
+
+
+def read_predictions(path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The COCO result records and the meta they were predicted under ({} for a bare record list)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run its detector stage first")
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return data, {}
+    return data["predictions"], dict(data.get("meta") or {})
+
+
+def read_checked_predictions(root: Path, name: str, split: Split) -> list[dict[str, Any]]:
+    """`detector@name`'s test predictions, refused (`StaleArtefact`) unless made on `split`'s labels and size."""
+    path = root / DETECTOR_DIR / name / "predictions_test.json"
+    records, meta = read_predictions(path)
+    require_meta(root, path, meta, detector_meta(split), f"detector@{name}")
+    return records
 
 
 def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
@@ -262,8 +297,9 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
         checkpoint=out_dir / "checkpoint.pt",
         run=run,
     )
-    save_model(out_dir / "model.pt", name, model_cfg, fit.model)
-    write_text(out_dir / "predictions_test.json", json.dumps(fit.test_predictions))
+    meta = detector_meta(splits["train"])
+    save_model(out_dir / "model.pt", name, model_cfg, fit.model, meta=meta)
+    write_predictions(out_dir / "predictions_test.json", fit.test_predictions, meta)
     write_json(root / METRICS_DIR / "detector" / f"{name}.json", fit.results())
     with atomic_path(root / PLOTS_DIR / "detector" / f"{name}.csv") as tmp:
         pd.DataFrame(fit.train.history).to_csv(tmp, index=False)
@@ -298,8 +334,9 @@ def map_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     root, run = ctx.root, ctx.run
     test = read_split(root, "test")
     summaries, curves, rows = {}, {}, []
+    predictions = {name: read_checked_predictions(root, name, test) for name in DETECTOR_NAMES}
     for name in DETECTOR_NAMES:
-        result = evaluate_coco(test.coco, read_predictions(root / DETECTOR_DIR / name / "predictions_test.json"))
+        result = evaluate_coco(test.coco, predictions[name])
         summaries[name] = coco_summary(result)
         recall, precision = result.pr_curve(iou=0.5)
         curves[name] = (recall, precision)

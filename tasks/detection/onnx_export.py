@@ -16,9 +16,16 @@ from torch import nn
 from models.detection.boxes import Detections
 from models.detection.coco_eval import evaluate_coco
 from models.detection.detectors import GrayscaleDetector
-from tasks.detection.detectors import DETECTOR_NAMES, Split, detections_to_coco, load_detector, pixels, read_split
+from tasks.detection.detectors import (
+    DETECTOR_NAMES,
+    Split,
+    detections_to_coco,
+    load_checked_detector,
+    pixels,
+    read_split,
+)
 from tasks.io import atomic_path, write_json
-from tasks.layout import DETECTOR_DIR, METRICS_DIR, ONNX_DIR
+from tasks.layout import METRICS_DIR, ONNX_DIR
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 
@@ -174,8 +181,9 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
     test, train_split = read_split(root, "test"), read_split(root, "train")
     out_dir = root / ONNX_DIR
     report: dict[str, Any] = {}
-    for name in DETECTOR_NAMES:
-        _, model = load_detector(root / DETECTOR_DIR / name / "model.pt")
+    # Every detector checked against the scenes before any export: a stale one stops the stage at once.
+    models = {name: load_checked_detector(root, name, test) for name in DETECTOR_NAMES}
+    for name, model in models.items():
         size = model.config.input_size
         fp32, int8 = out_dir / f"{name}.onnx", out_dir / f"{name}.int8.onnx"
         dynamic = export_onnx(model, size, fp32)

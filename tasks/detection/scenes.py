@@ -627,6 +627,16 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def labels_digest(coco: dict) -> str:
+    """What a detector depends on in a split's labels: sha256 (first 16 hex digits) of its categories' ids and
+    names, sorted by id (their order in the file does not matter; a renamed or renumbered one does). A trained
+    detector records it; the stages that use one refuse it when the scenes now say otherwise."""
+    import hashlib
+
+    categories = sorted([int(c["id"]), str(c["name"])] for c in coco["categories"])
+    return hashlib.sha256(json.dumps(categories, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------ loader
 
 

@@ -31,14 +31,14 @@ from models.generative.controlnet import (
 )
 from models.generative.ddpm import DiffusionConfig, GaussianDiffusion
 from models.generative.unet import UNet
-from tasks.generative.diffusion import build_network
-from tasks.generative.fid import FIDConfig, FIDEvaluator
+from tasks.generative.diffusion import load_generator
+from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, image_meta
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
-from tasks.layout import CONTROLNET_DIR, DIFFUSION_DIR, METRICS_DIR, SPLITS
+from tasks.layout import CONTROLNET_DIR, METRICS_DIR, SPLITS
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
-from tasks.training import TrainConfig, code_digest, load_model, resolve_device, train
+from tasks.training import TrainConfig, code_digest, resolve_device, train
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ def edges_of(images: Tensor, cfg: ControlNetConfig, batch_size: int = 512) -> Te
     )
 
 
-def save_controlnet(path: Path, controlnet: ControlNet) -> None:
-    """Weights with both configs: the ControlNet's and the base UNet's it was copied from."""
+def save_controlnet(path: Path, controlnet: ControlNet, meta: dict[str, str] | None = None) -> None:
+    """Weights with both configs: the ControlNet's and the base UNet's it was copied from, and `meta` (what it
+    was trained on, as `save_model` records it)."""
     with atomic_path(path) as tmp:
         torch.save(
             {
@@ -77,6 +78,7 @@ def save_controlnet(path: Path, controlnet: ControlNet) -> None:
                 "config": asdict(controlnet.cfg),
                 "base_config": asdict(controlnet.base_cfg),
                 "state_dict": controlnet.state_dict(),
+                **({"meta": {str(k): str(v) for k, v in meta.items()}} if meta is not None else {}),
             },
             tmp,
         )
@@ -193,7 +195,8 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     start = time.perf_counter()
     out = root / CONTROLNET_DIR
     process = GaussianDiffusion(ddpm_cfg)
-    _, base = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_network, device)
+    base = load_generator(root, "ddpm", device)
+    check_fid_net(root)  # before training: the samples are scored with it
     data = {}
     for split in SPLITS:
         images = read_images(root, split)
@@ -216,7 +219,7 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
         checkpoint=out / "checkpoint.pt",
         run=run,
     )
-    save_controlnet(out / "model.pt", model.controlnet)
+    save_controlnet(out / "model.pt", model.controlnet, meta=image_meta(root))
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     x_test, y_test, c_test = data["test"]

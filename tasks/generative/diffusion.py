@@ -33,9 +33,9 @@ from models.generative.dit import DiT, DiTConfig
 from models.generative.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.generative.sde import SDE, SDEConfig, build_sde
 from models.generative.unet import UNet, UNetConfig
-from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, check_fid_net, image_meta
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
-from tasks.generative.vae import load_vae, read_latents
+from tasks.generative.vae import latent_model_meta, load_vae, read_latents
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
@@ -43,7 +43,9 @@ from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
     code_digest,
-    load_model,
+    load_model_with_meta,
+    read_model_meta,
+    require_meta,
     resolve_device,
     save_model,
     train,
@@ -160,6 +162,26 @@ def build_network(name: str, config: dict[str, Any]) -> nn.Module:
     """Rebuild a saved generator network: `name` is its NETWORKS key ("unet", "dit")."""
     config_cls, network_cls = NETWORKS[name]
     return network_cls(config_cls(**config))
+
+
+def generator_meta(root: Path, name: str) -> dict[str, str]:
+    """What generator `name` records it was trained on: the images' digest, and the latents cache's for a
+    latent-space one."""
+    return latent_model_meta(root) if GENERATORS[name].space == "latents" else image_meta(root)
+
+
+def load_generator(root: Path, name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The `diffusion@name` stage's network, refused (`StaleArtefact`) unless trained on the current data."""
+    path = root / DIFFUSION_DIR / name / "model.pt"
+    _, model, meta = load_model_with_meta(path, build_network, device)
+    require_meta(root, path, meta, generator_meta(root, name), f"diffusion@{name}")
+    return model
+
+
+def check_generator(root: Path, name: str) -> None:
+    """`load_generator`'s check alone, without building the network (a stage checks before it trains)."""
+    path = root / DIFFUSION_DIR / name / "model.pt"
+    require_meta(root, path, read_model_meta(path), generator_meta(root, name), f"diffusion@{name}")
 
 
 def derived_generator_fields(name: str):
@@ -460,6 +482,9 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     device = resolve_device(device_name)
     spec = GENERATORS[name]
     process = build_process(name, process_cfg)
+    check_fid_net(root)  # before training: the samples are scored with it
+    if spec.compare_with is not None and compare_cfg is not None:
+        check_generator(root, spec.compare_with)  # sampled after training, beside this one
     space = pixel_space(root) if spec.space == "pixels" else latent_space(root, device, fid_cfg.batch_size)
     out = root / DIFFUSION_DIR / name
     model, result = fit_generator(
@@ -475,7 +500,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         run=run,
         fingerprint={"process": asdict(process_cfg)},
     )
-    save_model(out / "model.pt", spec.network, net_cfg, model)
+    save_model(out / "model.pt", spec.network, net_cfg, model, meta=generator_meta(root, name))
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     step_counts = getattr(eval_cfg, spec.steps_field)
@@ -486,7 +511,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     samplers = list(spec.samplers)
     if spec.compare_with is not None and compare_cfg is not None:
         # The same latent space, noise and step counts: the network and the process are what differ.
-        _, other_model = load_model(root / DIFFUSION_DIR / spec.compare_with / "model.pt", build_network, device)
+        other_model = load_generator(root, spec.compare_with, device)
         other_rows = sweep_samplers(
             spec.compare_with,
             build_process(spec.compare_with, compare_cfg),

@@ -23,12 +23,20 @@ from models.generative.fid import (
     frechet_distance_from_stats,
 )
 from models.generative.fid_net import FeatureExtractor, FIDNet, FIDNetConfig
-from tasks.generative.images import ImageSet, read_images, to_model_range
+from tasks.generative.images import ImageSet, images_digest, read_images, to_model_range
 from tasks.io import write_json
 from tasks.layout import FID_NET_DIR, METRICS_DIR, SPLITS
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
-from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
+from tasks.training import (
+    TrainConfig,
+    load_model_with_meta,
+    read_model_meta,
+    require_meta,
+    resolve_device,
+    save_model,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,26 @@ def fit_fid_net(
     }
 
 
+def image_meta(root: Path) -> dict[str, str]:
+    """What an image model records it was trained on (`save_model(meta=...)`): the images stage's digest."""
+    return {"images_digest": images_digest(root)}
+
+
+def load_fid_net(root: Path, device: torch.device | str = "cpu") -> FIDNet:
+    """The `fid_net` stage's network, refused (`StaleArtefact`) unless trained on the current images."""
+    path = root / FID_NET_DIR / "model.pt"
+    _, net, meta = load_model_with_meta(path, build_fid_net, device)
+    require_meta(root, path, meta, image_meta(root), "fid_net")
+    return net
+
+
+def check_fid_net(root: Path) -> None:
+    """`load_fid_net`'s check alone, without building the network: a stage that scores with FID after training
+    calls it first, so a stale fid_net is refused before the training, not after it."""
+    path = root / FID_NET_DIR / "model.pt"
+    require_meta(root, path, read_model_meta(path), image_meta(root), "fid_net")
+
+
 def fid_extractor(root: Path, fid_cfg: FIDConfig, device: torch.device) -> nn.Module:
     """The FID feature network: the dataset's fid_net, or InceptionV3 pool3 from a local weights file."""
     if fid_cfg.inception_weights:
@@ -142,8 +170,7 @@ def fid_extractor(root: Path, fid_cfg: FIDConfig, device: torch.device) -> nn.Mo
             raise FileNotFoundError(f"{path}: no such file (fid.inception_weights)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         return InceptionV3Pool3.from_state_dict(state, normalize_input=False).to(device).eval()
-    _, net = load_model(root / FID_NET_DIR / "model.pt", build_fid_net, device)
-    return FeatureExtractor(net).eval()
+    return FeatureExtractor(load_fid_net(root, device)).eval()
 
 
 @torch.no_grad()
@@ -175,7 +202,7 @@ class FIDEvaluator:
         if split not in ("test", "val"):
             raise ValueError(f"FID reference split must be 'test' or 'val', got {split!r}")
         extractor = fid_extractor(root, fid_cfg, device)
-        _, classifier = load_model(root / FID_NET_DIR / "model.pt", build_fid_net, device)
+        classifier = load_fid_net(root, device)
         images = read_images(root, split).pixels
         reference = feature_statistics(features_of(extractor, to_model_range(images), fid_cfg.batch_size))
         if split == "test":
@@ -240,7 +267,7 @@ def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
     model, metrics = fit_fid_net(
         cfg, train_cfg, splits, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run
     )
-    save_model(out / "model.pt", "fid_net", cfg, model)
+    save_model(out / "model.pt", "fid_net", cfg, model, meta=image_meta(root))
     # The FID scale of this dataset: a perfect generator scores about the floor (train vs test, both real),
     # noise scores the ceiling. Both use the extractor the generators are scored with.
     extractor = fid_extractor(root, fid_cfg, device)

@@ -33,18 +33,25 @@ from models.generative.unet import EncoderClassifier, UNetConfig
 from tasks.generative.diffusion import (
     DataSpace,
     DiffusionEvalConfig,
-    build_network,
     class_grid_of,
+    load_generator,
     pixel_space,
     sample_images,
 )
-from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, derived_image_fields
+from tasks.generative.fid import (
+    FIDConfig,
+    FIDEvaluator,
+    balanced_labels,
+    check_fid_net,
+    derived_image_fields,
+    image_meta,
+)
 from tasks.generative.images import write_png
 from tasks.io import atomic_path, write_json
-from tasks.layout import DIFFUSION_DIR, GUIDANCE_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.layout import GUIDANCE_DIR, METRICS_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
-from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
+from tasks.training import TrainConfig, resolve_device, save_model, train
 
 # ------------------------------------------------------------------------------------ guidance
 
@@ -195,13 +202,14 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
     cfg, eval_cfg, fid_cfg = inputs.guidance, inputs.diffusion_eval, inputs.fid
     device = resolve_device(device_name)
     process = GaussianDiffusion(ddpm_cfg)
-    _, model = load_model(root / DIFFUSION_DIR / "ddpm" / "model.pt", build_network, device)
+    model = load_generator(root, "ddpm", device)
+    check_fid_net(root)  # before training: the samples are scored with it
     space = pixel_space(root)
     out = root / GUIDANCE_DIR
     classifier, classifier_metrics = fit_noisy_classifier(
         process, classifier_cfg, train_cfg, space, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run
     )
-    save_model(out / "classifier.pt", "encoder_classifier", classifier_cfg, classifier)
+    save_model(out / "classifier.pt", "encoder_classifier", classifier_cfg, classifier, meta=image_meta(root))
     for p in classifier.parameters():
         p.requires_grad_(False)
 

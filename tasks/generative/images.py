@@ -9,6 +9,7 @@ schema metadata. Models see pixels as float in [-1, 1].
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -170,6 +171,10 @@ def read_image_folder(path: Path, channels: int, size: int) -> ImageSet:
         for f in sorted((path / name).iterdir())
         if f.suffix.lower() in IMAGE_SUFFIXES
     ]
+    empty = [name for name in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / name).iterdir())]
+    if empty and len(empty) < len(classes):
+        # A class without images would still take a label id: every model would learn a class it never sees.
+        raise ImageDataError(f"{path / empty[0]}: class folder without image files; remove it or add images")
     if not files:
         raise ImageDataError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     for f, _ in files:
@@ -291,6 +296,26 @@ def read_images(root: Path, split: str) -> ImageSet:
         json.loads(meta["kiln.classes"]),
         table.column("source").to_pylist(),
     )
+
+
+def images_digest(root: Path) -> str:
+    """What every image model depends on in the images stage's output: sha256 (16 hex) of the channels, height,
+    width, number of classes and class names (the train split's schema metadata; the splits share them).
+    A trained model records it; a stage that loads one refuses it when the data now say otherwise."""
+    path = root / IMAGES_DIR / "train.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the images stage first")
+    meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+    classes = json.loads(meta["kiln.classes"])
+    fields = {
+        "channels": int(meta["kiln.channels"]),
+        "height": int(meta["kiln.height"]),
+        "width": int(meta["kiln.width"]),
+        "num_classes": len(classes),
+        "classes": [str(c) for c in classes],
+    }
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def to_model_range(pixels: np.ndarray | Tensor) -> Tensor:

@@ -38,8 +38,9 @@ from models.generative.text_encoder import (
 )
 from models.generative.unet import UNet, UNetConfig
 from tasks.generative.diffusion import DataSpace, class_grid_of, latent_space, sample_images
-from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, check_fid_net
 from tasks.generative.images import write_png
+from tasks.generative.vae import latent_model_meta
 from tasks.io import write_json
 from tasks.layout import DIFFUSION_DIR, LATENTS_DIR, METRICS_DIR
 from tasks.spec import StageContext, StageSpec
@@ -207,6 +208,7 @@ def ldm_text_task(ctx: StageContext, inputs: LdmTextInputs) -> dict[str, float]:
     device = resolve_device(device_name)
     # Captions are dropped whole here (caption_dropout); the process's p_uncond would drop single tokens.
     process = GaussianDiffusion(replace(process_cfg, p_uncond=0.0))
+    check_fid_net(root)  # before training: the samples are scored with it
     space = latent_space(root, device, fid_cfg.batch_size)
     num_classes = int(space.train_labels.max()) + 1
     tokenizer = build_tokenizer(cfg, num_classes)
@@ -228,7 +230,7 @@ def ldm_text_task(ctx: StageContext, inputs: LdmTextInputs) -> dict[str, float]:
         run=run,
         fingerprint={"process": asdict(process_cfg), "ldm_text": asdict(cfg)},
     )
-    save_model(out / "model.pt", "ldm_text", TextModelConfig(unet_cfg, text_cfg), model)
+    save_model(out / "model.pt", "ldm_text", TextModelConfig(unet_cfg, text_cfg), model, meta=latent_model_meta(root))
 
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)

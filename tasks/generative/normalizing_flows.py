@@ -31,7 +31,7 @@ from models.generative.realnvp import (
     realnvp_loss,
 )
 from models.generative.unet import UNet, UNetConfig
-from tasks.generative.fid import FIDConfig, FIDEvaluator, derived_image_fields
+from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, derived_image_fields, image_meta
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, NFLOW_DIR
@@ -254,6 +254,7 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
     net_cfg = inputs.network if NORMALIZING_FLOWS[name].net_section else None
     device = resolve_device(device_name)
     flow = build_normalizing_flow(name, model_cfg, net_cfg)
+    check_fid_net(root)  # before training: the samples are scored with it
     out = root / NFLOW_DIR / name
     train_pixels, val_pixels = pixels_of(root, "train"), pixels_of(root, "val")[: eval_cfg.val_images]
     result = fit_normalizing_flow(
@@ -267,7 +268,7 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
         run=run,
         fingerprint={"model": asdict(model_cfg), "net": asdict(net_cfg) if net_cfg else None},
     )
-    save_model(out / "model.pt", flow.registry_name, flow.config, flow.model)
+    save_model(out / "model.pt", flow.registry_name, flow.config, flow.model, meta=image_meta(root))
 
     likelihood = split_bits_per_dim(flow, pixels_of(root, "test"), eval_cfg, seed=seed + 2, device=device)
     evaluator = FIDEvaluator.load(root, fid_cfg, device)

@@ -23,13 +23,21 @@ from prefect.cache_policies import NO_CACHE
 from torch import Tensor, nn
 
 from models.generative.vae import VAE, VAEConfig, psnr
-from tasks.generative.fid import FIDConfig, FIDEvaluator, derived_image_fields
+from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, derived_image_fields, image_meta
 from tasks.generative.images import ImageSet, image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import LATENTS_DIR, METRICS_DIR, SPLITS, VAE_DIR
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
-from tasks.training import TrainConfig, load_model, resolve_device, save_model, train
+from tasks.training import (
+    TrainConfig,
+    data_digest,
+    load_model_with_meta,
+    require_meta,
+    resolve_device,
+    save_model,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,11 @@ def build_vae(name: str, config: dict[str, Any]) -> VAE:
 
 
 def load_vae(root: Path, device: torch.device | str = "cpu") -> VAE:
-    return load_model(root / VAE_DIR / "model.pt", build_vae, device)[1]
+    """The `vae` stage's model, refused (`StaleArtefact`) unless trained on the current images."""
+    path = root / VAE_DIR / "model.pt"
+    _, vae, meta = load_model_with_meta(path, build_vae, device)
+    require_meta(root, path, meta, image_meta(root), "vae")
+    return vae
 
 
 def vae_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -139,10 +151,11 @@ def vae_task(ctx: StageContext, inputs: VAEInputs) -> dict[str, float]:
     root, run, seed, device_name = ctx.root, ctx.run, ctx.seed, ctx.device
     cfg, train_cfg, fid_cfg = inputs.vae, inputs.vae_train, inputs.fid
     device = resolve_device(device_name)
+    check_fid_net(root)  # before training: the reconstructions are scored with it
     splits = {s: read_images(root, s) for s in SPLITS}
     out = root / VAE_DIR
     fit = fit_vae(cfg, train_cfg, splits, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run)
-    save_model(out / "model.pt", "vae", cfg, fit.model)
+    save_model(out / "model.pt", "vae", cfg, fit.model, meta=image_meta(root))
     # FID of the reconstructions: the best a latent model decoded by this VAE can score.
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     metrics = {
@@ -210,7 +223,9 @@ def latents_task(ctx: StageContext, inputs: LatentsInputs) -> dict[str, float]:
             pd.DataFrame({"row": np.arange(len(z)), "label": images.labels, "source": images.sources}).to_parquet(
                 tmp / f"{split}.parquet", index=False
             )
-        (tmp / "latents.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # The cache also records the images it encodes, which `read_latents` checks against the current ones.
+        recorded = {**meta, **image_meta(root)}
+        (tmp / "latents.json").write_text(json.dumps(recorded, indent=2) + "\n")
     write_json(root / METRICS_DIR / "latents.json", meta)
     run.log_metrics({k: float(v) for k, v in meta.items() if not isinstance(v, list)})
     print(
@@ -227,11 +242,30 @@ class LatentSplit:
     scale_factor: float
 
 
+def latents_meta(root: Path) -> dict[str, Any]:
+    """The cache's `latents.json`, refused (`StaleArtefact`) unless it encodes the current images."""
+    path = root / LATENTS_DIR / "latents.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run the latents stage first")
+    meta = json.loads(path.read_text())
+    require_meta(root, path, {k: str(v) for k, v in meta.items()}, image_meta(root), "latents")
+    return meta
+
+
+def latents_digest(root: Path) -> str:
+    """What a latent model depends on in the cache: sha256 (16 hex) of the latent shape and scale factor."""
+    meta = latents_meta(root)
+    return data_digest({"shape": [int(d) for d in meta["shape"]], "scale_factor": repr(float(meta["scale_factor"]))})
+
+
+def latent_model_meta(root: Path) -> dict[str, str]:
+    """What a latent-space model records it was trained on: the images' digest and the latents cache's."""
+    return {**image_meta(root), "latents_digest": latents_digest(root)}
+
+
 def read_latents(root: Path, split: str) -> LatentSplit:
     directory = root / LATENTS_DIR
-    if not (directory / "latents.json").is_file():
-        raise FileNotFoundError(f"{directory / 'latents.json'}: missing; run the latents stage first")
-    meta = json.loads((directory / "latents.json").read_text())
+    meta = latents_meta(root)
     latents = np.load(directory / f"{split}.npy", mmap_mode="r")
     index = pd.read_parquet(directory / f"{split}.parquet")
     if len(index) != len(latents):

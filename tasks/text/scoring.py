@@ -29,7 +29,7 @@ from models.text.tokenizer import (
     split_sentences,
     tokenize_sentence,
 )
-from tasks.errors import InputError
+from tasks.errors import StaleArtefact, rerun_hint, shown_path
 from tasks.layout import CORPUS_DIR, LM_DIR, NGRAM_DIR
 
 
@@ -52,26 +52,21 @@ def sentence_tokens(sentence: str) -> list[str]:
     return [t for part in split_sentences(sentence) for t in tokenize_sentence(part)]
 
 
-class StaleModel(InputError):
-    """A trained model whose vocabulary is not the corpus's (or unknown): the message names the stage to rerun."""
-
-
-def _shown(root: Path, path: Path) -> str:
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+StaleModel = StaleArtefact  # a trained model whose vocabulary is not the corpus's (or unknown)
 
 
 def check_vocab_digest(root: Path, model_path: Path, recorded: str | None, stage: str) -> None:
-    """Refuse `model_path` unless the vocabulary digest it recorded is the current corpus vocabulary's."""
+    """Refuse `model_path` unless the vocabulary digest it recorded is the current corpus vocabulary's (the
+    shared check, `require_meta`, worded for a vocabulary)."""
     from tasks.text.corpus import read_vocab, vocab_digest
 
-    rerun = f"rerun `dvc repro {stage}` (or `kiln run --target {stage}`)"
     if not recorded:
-        raise StaleModel(f"{_shown(root, model_path)} records no vocabulary digest: {rerun}")
+        raise StaleModel(f"{shown_path(root, model_path)} records no vocabulary digest: {rerun_hint(stage)}")
     current = vocab_digest(read_vocab(root / CORPUS_DIR))
     if recorded != current:
         raise StaleModel(
-            f"{_shown(root, model_path)} was trained on another vocabulary (digest {recorded} vs the corpus's "
-            f"{current}): {rerun}"
+            f"{shown_path(root, model_path)} was trained on another vocabulary (digest {recorded} vs the corpus's "
+            f"{current}): {rerun_hint(stage)}"
         )
 
 
