@@ -170,7 +170,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sentences:
-        print("kiln score: no sentences (give them as arguments or one per line on stdin)", file=sys.stderr)
+        print("kiln score: error: no sentences (give them as arguments or one per line on stdin)", file=sys.stderr)
         return 2
     scores = score_sentences(root, sentences, args.model)
     if args.json:
@@ -346,6 +346,44 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _HideInputErrors:
+    """A logging filter for Prefect's flow and task run loggers: their report of a run that failed on bad
+    input (its traceback, and the "Finished in state Failed(... CorpusError: ...)" line) is dropped, since
+    the CLI prints that error once, as one line; any other failure is logged as Prefect logs it."""
+
+    def __init__(self) -> None:
+        from flows.pipeline import PipelineFailed
+        from tasks.errors import InputError
+
+        # PipelineFailed's traceback says nothing the run's summary table does not, and each failed stage
+        # has already logged its own.
+        self.error_type = (InputError, PipelineFailed)
+
+    def names(self) -> set[str]:
+        """InputError's subclasses, read when a record comes: a stage's module defines its own on import."""
+
+        def walk(cls: type) -> set[str]:
+            return {cls.__name__}.union(*(walk(sub) for sub in cls.__subclasses__()))
+
+        return walk(self.error_type[0])
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.error_type):
+            return False
+        message = record.getMessage()  # e.g. the final state: "Finished in state Failed('... CorpusError: ...')"
+        return not any(f"{name}: " in message for name in self.names())
+
+
+def _quiet_input_errors() -> None:
+    import logging
+
+    import prefect.logging.configuration  # noqa: F401  Prefect's dictConfig first: it would drop a filter set before
+
+    quiet = _HideInputErrors()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -359,14 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tasks.errors import InputError
     from tasks.tracking import TrackingServerUnreachable
 
+    if not args.debug:
+        _quiet_input_errors()
+    from dvc.exceptions import DvcException
+
     try:
         return args.func(args)
-    except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError) as err:
+    except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError, DvcException) as err:
         # Input errors: one clear line naming the file, key or record, not a traceback (unless --debug).
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"kiln {args.command}: error: {message}", file=sys.stderr)
+        # DVC's messages about dvc.yaml (a YAML error, a bad field) may span lines: one line here.
+        print(f"kiln {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
 
 

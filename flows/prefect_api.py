@@ -62,13 +62,16 @@ def local_prefect_api(timeout_s: int = 90) -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-            # Deliver queued logs and events while the server is still there to take them.
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
+            try:
+                yield server.api_url
+            finally:
+                # Deliver queued logs and events while the server is still there to take them (a failed
+                # run too: else Prefect's log worker retries against the stopped server at exit).
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
 
-            APILogWorker.drain_all(timeout=10)
-            EventsWorker.drain_all(timeout=10)
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
