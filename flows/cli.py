@@ -83,12 +83,13 @@ def _validate_params(root: Path, typed: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=True)
+    from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
+
+    if not args.dry_run:
+        require_tracking_server(root)  # before DVC is even opened: a run that cannot log does not start
     targets = _targets(root, args)
     if args.dry_run:
         return _dry_run(root, targets, args.force)
-    from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
-
-    require_tracking_server(root)
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
     from tasks.runtime import load_runtime

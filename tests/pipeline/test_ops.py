@@ -66,17 +66,20 @@ def test_default_remote_is_a_folder_beside_the_repo(project: Path) -> None:
 
 def test_a_fresh_clone_pulls_from_the_default_remote_and_has_nothing_to_rerun(project: Path) -> None:
     kiln_run(project, "corpus")
-    sh(project, "git", "add", "dvc.lock")
+    # dvc.lock, and the metrics, which live in git (cache: false), not in DVC's cache or remote
+    sh(project, "git", "add", "dvc.lock", "data/metrics/corpus.json")
     sh(project, "git", "commit", "-qm", "corpus outputs")
     sh(project, "dvc", "push", "corpus")
     remote = project.parent / "kiln-dvc-remote"
     assert any(p.is_file() for p in remote.rglob("*")), "dvc push wrote nothing to the default remote"
     assert sh(project, "dvc", "status", "--cloud", "--json", "corpus").stdout.strip() == "{}"
 
-    # A clone beside the first resolves the same relative remote; it has no DVC cache and no data/.
+    # A clone beside the first resolves the same relative remote; it has no DVC cache and of data/ only what
+    # git keeps (the metrics).
     clone = project.parent / "clone"
     sh(project.parent, "git", "clone", "-q", str(project), str(clone))
-    assert not (clone / "data").exists() and not (clone / ".dvc" / "cache").exists()
+    assert not (clone / "data" / "prepared").exists() and not (clone / ".dvc" / "cache").exists()
+    assert (clone / "data/metrics/corpus.json").read_bytes() == (project / "data/metrics/corpus.json").read_bytes()
     assert stale(clone, "corpus") != {}
     sh(clone, "dvc", "pull", "corpus")
     outputs = ("data/prepared/corpus", "data/metrics/corpus.json")
