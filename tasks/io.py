@@ -16,6 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import InputError
+
+
+class OutputNotWritable(InputError):
+    """The stage's output folder cannot be written (a read-only data/, a full disk, a file in the way)."""
+
 
 def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it straight back
@@ -27,15 +33,18 @@ def _umask() -> int:
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `target` (a file, or a folder if `directory`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs are ordinary folders
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs are ordinary folders
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as err:  # nothing written yet: the environment's fault, reported as one line
+        raise OutputNotWritable(f"{target.parent}: cannot write {target.name} here ({err.strerror or err})") from err
     try:
         yield tmp
         if directory:

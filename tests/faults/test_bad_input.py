@@ -1012,6 +1012,28 @@ def _bad_dvc_yaml_status(ctx: Ctx):
     return ["status"], "dvc.yaml"
 
 
+def _read_only_data(ctx: Ctx, stage: str) -> tuple[list[str], str]:
+    """data/ read-only (as root, which tests run as, chmod would not stop a write: the refusal is injected
+    where the atomic writer creates its temporary output)."""
+    import tempfile
+
+    data = str(ctx.root / "data")
+    for name in ("mkstemp", "mkdtemp"):
+        real = getattr(tempfile, name)
+
+        def refuse(*args, real=real, **kwargs):
+            if str(kwargs.get("dir", "")).startswith(data):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, **kwargs)
+
+        ctx.monkeypatch.setattr(tempfile, name, refuse)
+    return ["stage", stage], "cannot write"
+
+
+case("cli", "read-only-data-corpus")(lambda ctx: _read_only_data(ctx, "corpus"))
+case("cli", "read-only-data-scenes")(lambda ctx: _read_only_data(ctx, "scenes"))
+
+
 @case("cli", "outside-a-project")
 def _outside(ctx: Ctx):
     ctx.cwd = ctx.tmp

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, smoke_project, stale, summary
+from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, set_params, sh, smoke_project, stale, summary
 
 pytestmark = pytest.mark.pipeline
 
@@ -132,3 +133,24 @@ def test_dit_ablation_compares_each_sd3_choice_by_fid(project, first_run):
     assert all(np.isfinite(r["fid"]) for r in variants.values())
     run = runs_of(project, "generative", "dit_ablation")[0]
     assert run.data.metrics["fid_pos1d"] == pytest.approx(variants["pos1d"]["fid"])
+
+
+def test_a_direct_stage_run_refuses_a_model_trained_on_other_images(project, first_run):
+    """Last in the module (it rebuilds the images): a direct `kiln stage` bypasses DVC's staleness, which is
+    exactly when the artefact's record of its training data must stop it."""
+    set_params(project, "images.yaml", "images", size=12)
+    sh(project, "kiln", "stage", "images")
+    before = sorted(p.name for p in (project / "data/models/vae").iterdir())
+
+    done = sh(project, "kiln", "stage", "vae", check=False)
+    assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-4000:])
+    # Prefect's own report of the failure (traceback, failed state) is held back: the error is one line.
+    assert "Traceback" not in done.stderr + done.stdout and "StaleArtefact" not in done.stderr + done.stdout
+    [line] = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert re.fullmatch(
+        r"kiln stage: error: data/models/fid_net/model\.pt was trained on other data "
+        r"\(images_digest: [0-9a-f]{16} vs [0-9a-f]{16}\): "
+        r"rerun `dvc repro fid_net` \(or `kiln run --target fid_net`\)",
+        line,
+    ), line
+    assert sorted(p.name for p in (project / "data/models/vae").iterdir()) == before  # nothing trained

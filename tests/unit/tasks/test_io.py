@@ -48,3 +48,24 @@ def test_outputs_get_the_umask_modes_not_mkstemp_ones(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+def test_an_unwritable_output_folder_is_an_input_error_naming_it(tmp_path, monkeypatch):
+    import tempfile
+
+    import pytest
+
+    from tasks.errors import InputError
+    from tasks.io import OutputNotWritable, write_text
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputNotWritable, match=r"data: cannot write a\.json here \(Permission denied\)"):
+        write_text(tmp_path / "data" / "a.json", "{}")
+    assert issubclass(OutputNotWritable, InputError)
+    (tmp_path / "file").write_text("x")  # a file where the folder should be
+    monkeypatch.undo()
+    with pytest.raises(OutputNotWritable, match="file: cannot write b.json here"):
+        write_text(tmp_path / "file" / "b.json", "{}")
