@@ -25,7 +25,6 @@ from torch import nn
 from models.detection.boxes import Detections
 from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
 from models.detection.detectors import DETECTORS, build_detector, to_model_input
-from models.detection.fcos import FCOSConfig, balanced_level_boundary
 from tasks.detection.scenes import labels_digest, load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
@@ -79,8 +78,7 @@ def read_split(root: Path, split: str) -> Split:
 
 
 def derived_detector_fields(name: str):
-    """What `open_stage` fills into a detector's config from the data: classes and input size, and for
-    FCOS the P4/P5 level boundary that splits the training boxes' positive locations evenly."""
+    """What `open_stage` fills into a detector's config from the data: classes and input size."""
 
     def derive(root: Path) -> dict[str, dict[str, Any]]:
         coco = json.loads((root / SCENES_DIR / "train" / "annotations.json").read_text())
@@ -90,12 +88,7 @@ def derived_detector_fields(name: str):
                 f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}"
             )
         size = next(iter(sizes))[0]
-        fields: dict[str, Any] = {"num_classes": len(coco["categories"]), "input_size": size}
-        if DETECTORS[name][0] is FCOSConfig:
-            xywh = np.array([a["bbox"] for a in coco["annotations"]], dtype=np.float64).reshape(-1, 4)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-            fields["level_boundary"] = balanced_level_boundary(boxes, size)
-        return {name: fields}
+        return {name: {"num_classes": len(coco["categories"]), "input_size": size}}
 
     return derive
 
@@ -261,7 +254,8 @@ def read_checked_predictions(root: Path, name: str, split: Split) -> list[dict[s
 def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
     return {
         **{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
-        "per_class_ap": {str(c): float(v) for c, v in zip(result.cat_ids, result.per_class_ap)},
+        "per_class_ap": {str(c): float(result.per_class_ap[c]) for c in result.cat_ids},
+        "per_class_ap50": {str(c): float(result.per_class_ap50[c]) for c in result.cat_ids},
     }
 
 
@@ -365,10 +359,7 @@ SPECS = [
         items=DETECTOR_NAMES,
         sections=lambda item: {"model": (item, DETECTORS[item][0])},
         derive=lambda root, item: derived_detector_fields(item)(root),
-        placeholders={
-            name: {"num_classes": 1, "input_size": 32, **({"level_boundary": 16.0} if cfg is FCOSConfig else {})}
-            for name, (cfg, _) in DETECTORS.items()
-        },
+        placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTORS},
     ),
     StageSpec(name="map", family="detection", task=map_task, seeded=False),
 ]

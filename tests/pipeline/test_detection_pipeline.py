@@ -40,6 +40,7 @@ def test_map_metrics_are_coco_summaries_of_both_detectors(project, first_run):
         for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"):
             assert -1.0 <= summary_[key] <= 1.0
         assert set(summary_["per_class_ap"]) == {str(c) for c in range(1, 11)}
+        assert all(-1.0 <= v <= 1.0 for v in summary_["per_class_ap"].values())
 
 
 def test_onnx_stage_reports_parity_int8_and_latency(project, first_run):
