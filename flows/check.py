@@ -26,7 +26,8 @@ from tasks.params import section_index
 PROJECT_PACKAGES = ("flows", "tasks", "models")
 # Modules that cannot change a stage's results, so editing them leaves results valid: the MLflow logging
 # helper, the atomic writer, the output path constants (their DVC outs are held by tests/test_layout.py),
-# the spec declarations, the error type and the strict params loader (a params change is a params dep).
+# the spec declarations, the error type, the strict params loader (a params change is a params dep) and
+# the thread sizing (like runtime.threads, how a stage runs: the count moves float rounding, not the result).
 NO_RESULT_EFFECT = frozenset(
     {
         "tasks/tracking.py",
@@ -35,6 +36,7 @@ NO_RESULT_EFFECT = frozenset(
         "tasks/spec.py",
         "tasks/errors.py",
         "tasks/params.py",
+        "tasks/threads.py",
     }
 )
 

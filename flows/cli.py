@@ -58,11 +58,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     root = _enter_root()
     from flows.factory import stage_flow
     from flows.pipeline import require_tracking_server
-    from flows.prefect_api import local_prefect_api
+    from flows.prefect_api import shared_prefect_api
 
     run = stage_flow(args.name)  # an unknown name fails here, before any server or tracking check
     require_tracking_server(root)
-    with local_prefect_api():  # inside `kiln run` its API is reused; alone, a server that dies with us
+    with shared_prefect_api(root):  # inside `kiln run` its API; under `dvc repro` the project's shared one
         run()
     return 0
 

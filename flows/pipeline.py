@@ -40,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.factory import stage_flow
 from tasks.runtime import RuntimeConfig, StageEnv, stage_env
+from tasks.threads import PARALLEL_ENV
 from tasks.tracking import PARENT_RUN_ENV, pipeline_run
 
 Status = Literal["ran", "up to date", "failed", "skipped"]
@@ -352,6 +353,7 @@ def _reproduce_in_parallel(
         for key in (PARENT_RUN_ENV, "PREFECT_API_URL", "MLFLOW_TRACKING_URI")
         if os.environ.get(key)
     }
+    child_env[PARALLEL_ENV] = str(env.runtime.max_parallel)  # each stage sizes its threads to its share
     outcomes: dict[str, StageOutcome] = {}
     running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
     waiting = list(order)

@@ -23,7 +23,7 @@ class RuntimeConfig:
     profile: str  # the profile last applied with `kiln profile`; a label, set by that command
     seed: int  # the seed of every stochastic stage (one seeded-RNG helper reads it)
     device: Literal["auto", "cpu", "cuda", "mps"]
-    threads: int  # torch intra-op threads; 0 keeps torch's default
+    threads: int  # torch intra-op threads; 0: the cores free for this stage (tasks/threads.py)
     mlflow_tracking_uri: str  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repo root
     stage_retries: int  # retries of a failed stage inside `kiln run`
     retry_delay_s: float

@@ -1,5 +1,5 @@
-"""The frame every stage flow runs in: repo root, strict params into the spec's inputs, seeds, threads,
-the MLflow run."""
+"""The frame every stage flow runs in: repo root, strict params into the spec's inputs, seeds, threads
+(tasks/threads.py), the MLflow run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from tasks import threads
 from tasks.params import as_flat_dict, load_section, section_index
 from tasks.runtime import StageEnv, seed_everything, stage_env
 from tasks.spec import StageContext, StageSpec
@@ -50,10 +51,7 @@ def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
     }
     inputs = spec.inputs(**configs)
     seed_everything(env.runtime.seed)
-    if env.runtime.threads:
-        import torch
-
-        torch.set_num_threads(env.runtime.threads)
+    threads.govern(env.runtime.threads)
     params = {k: v for field, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{fields[field][0]}.").items()}
     params["runtime.seed"] = env.runtime.seed
 

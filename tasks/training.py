@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tasks import threads
 from tasks.errors import StaleArtefact, rerun_hint, shown_path
 from tasks.io import atomic_path
 from tasks.tracking import StageRun
@@ -432,6 +433,7 @@ def train(
     for step in bar:
         lr, loss, grad_norm = _train_step(loop, step, next_batch, loss_fn, net)
         throughput.add_batch()
+        threads.tick()  # fewer threads while other work holds cores, more when it ends
         done = step + 1
         if _is_due(done, cfg.log_every, cfg):
             _log_step(loop, bar, done, lr, loss, grad_norm, throughput.window_rate())

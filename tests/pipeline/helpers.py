@@ -19,16 +19,33 @@ ENV = {
     "GIT_AUTHOR_EMAIL": "t@t",
     "GIT_COMMITTER_NAME": "t",
     "GIT_COMMITTER_EMAIL": "t@t",
+    # The Prefect server that a `dvc repro` chain's stages share stops soon after a test's last stage.
+    "KILN_PREFECT_IDLE_S": "5",
 }
+
+
+_PREFECT_API: list[str] = []
+
+
+def prefect_api() -> str:
+    """One Prefect API per test worker for the commands the tests start, started on first use: each
+    `kiln` would otherwise start a server of its own (~6 s of a smoke stage's cost). It dies with the
+    worker. A test of how `kiln` runs without one passes an environment without PREFECT_API_URL."""
+    if not _PREFECT_API:
+        from flows.prefect_api import start_child_server
+
+        # Not stopped at exit (Prefect would log to pytest's closed streams): the parent-death signal ends it.
+        _PREFECT_API.append(start_child_server().api_url)
+    return _PREFECT_API[0]
 
 
 def sh(
     cwd: Path, *args: str, check: bool = True, stdin: str | None = None, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment."""
-    done = subprocess.run(
-        list(args), cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600, input=stdin
-    )
+    """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment and the worker's
+    Prefect API."""
+    full_env = {**ENV, "PREFECT_API_URL": prefect_api(), **(env or {})}
+    done = subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, input=stdin)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done

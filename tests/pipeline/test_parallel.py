@@ -24,6 +24,9 @@ def project(tmp_path_factory, repo_root) -> Path:
     # allows two.
     project = smoke_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
     set_params(project, "runtime.yaml", "runtime", max_parallel=2)
+    # Long enough that the scenes run spans the text branch's start, however the two subprocesses'
+    # start-ups (imports) are delayed by the other test worker.
+    set_params(project, "detection.yaml", "scenes", train_images=1200)
     sh(project, "git", "commit", "-qam", "max_parallel 2")
     return project
 

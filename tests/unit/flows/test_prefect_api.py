@@ -1,0 +1,60 @@
+"""flows/prefect_api.py's shared server: the `kiln stage`s of a `dvc repro` use one Prefect server per
+project, started by the first, reused by the next, stopped once no stage has used it for the idle time."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlparse
+
+from flows.prefect_api import IDLE_ENV, STATE_DIR, _alive, shared_prefect_api
+
+USE_IT = "import sys; from pathlib import Path; from flows.prefect_api import shared_prefect_api\n" + (
+    "with shared_prefect_api(Path(sys.argv[1])) as url: print(url)"
+)
+
+
+def listening(url: str) -> bool:
+    parsed = urlparse(url)
+    with socket.socket() as probe:
+        return probe.connect_ex((parsed.hostname, parsed.port)) == 0
+
+
+def test_stages_share_one_server_and_it_stops_when_idle(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(IDLE_ENV, "2")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    state = tmp_path / STATE_DIR
+    with shared_prefect_api(tmp_path) as url:
+        keeper = json.loads((state / "server.json").read_text())["pid"]
+        assert keeper != os.getpid() and listening(url)
+        assert (state / "leases" / str(os.getpid())).is_file()
+        # Another stage while this one holds its lease: the same server, no second keeper.
+        other = subprocess.run([sys.executable, "-c", USE_IT, str(tmp_path)], env=env, capture_output=True, text=True)
+        assert other.returncode == 0, other.stderr[-2000:]
+        assert other.stdout.strip() == url
+        time.sleep(3)  # past the idle time, but a lease is held: it keeps running
+        assert _alive(keeper) and listening(url)
+    assert not (state / "leases" / str(os.getpid())).exists()
+    deadline = time.monotonic() + 30
+    while _alive(keeper) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(keeper), "the keeper outlived its idle time"
+    assert not (state / "server.json").exists() and not listening(url)
+
+
+def test_a_dead_holders_lease_does_not_keep_the_server(tmp_path):
+    from flows.prefect_api import _live_leases
+
+    leases = tmp_path / "leases"
+    leases.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (leases / str(dead.pid)).write_text("")
+    (leases / str(os.getpid())).write_text("")
+    assert _live_leases(tmp_path) == [os.getpid()]
+    assert sorted(p.name for p in leases.iterdir()) == [str(os.getpid())]
