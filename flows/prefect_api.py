@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +48,12 @@ def _die_with_parent() -> None:
 def start_child_server(timeout_s: float = 90):
     """Prefect's temporary API server, started as a child that this process's death ends; `.api_url`,
     `.stop()`."""
-    server = _server_class()()
+    # Prefect keeps one server object per `port` argument, None included: without a port of its own, a
+    # second server in this process would be the first one, and stopping it would stop the first.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = _server_class()(port)
     server.start(timeout=timeout_s)
     return server
 
