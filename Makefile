@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+# One resolution for both sets (a second `pip install -e '.[dev]'` after the first re-resolves and rebuilds).
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
-	touch $@
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -54,8 +56,10 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
+	$(BIN)/python benchmarks/bench_repro.py --out benchmarks/results/repro.json
 	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
+	$(BIN)/python benchmarks/bench_threads.py --out benchmarks/results/threads.json
 	$(BIN)/python benchmarks/bench_coco_eval.py --out benchmarks/results/coco_eval.json
 	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
 	$(BIN)/python benchmarks/bench_images.py --out benchmarks/results/images.json

@@ -118,12 +118,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
     """What `kiln run` would do, in order, without running anything: a stage runs when it is stale, when
     a stage it depends on runs, or with --force."""
-    from flows.pipeline import stage_order, stale_reasons
+    from flows.pipeline import stage_order, stale_reasons_of
 
     order, upstream = stage_order(root, targets)
+    stale = {} if force else stale_reasons_of(root, order)
     runs: set[str] = set()
     for name in order:
-        reasons = ["--force"] if force else stale_reasons(root, name)
+        reasons = ["--force"] if force else stale[name]
         ran_upstream = [u for u in upstream[name] if u in runs]
         if reasons or ran_upstream:
             runs.add(name)
@@ -138,12 +139,13 @@ def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=False)
-    from flows.pipeline import stage_order, stale_reasons
+    from flows.pipeline import stage_order, stale_reasons_of
 
     order, _ = stage_order(root, _targets(root, args))
+    all_reasons = stale_reasons_of(root, order)
     stale = 0
     for name in order:
-        reasons = stale_reasons(root, name)
+        reasons = all_reasons[name]
         stale += bool(reasons)
         print(f"{name}: {'stale' if reasons else 'up to date'}")
         for reason in reasons:

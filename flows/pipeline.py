@@ -139,20 +139,36 @@ def _stage_order(root: Path, targets: list[str] | None) -> tuple[list[str], dict
 
 def stale_reasons(root: Path, name: str) -> list[str]:
     """Why DVC considers stage `name` changed (empty: up to date), params down to the changed key."""
-    return _dvc(lambda: _stale_reasons(root, name))
+    return stale_reasons_of(root, [name])[name]
 
 
-def _stale_reasons(root: Path, name: str) -> list[str]:
+def stale_reasons_of(root: Path, names: list[str]) -> dict[str, list[str]]:
+    """`stale_reasons` of several stages with one opening of the repo (`kiln status`, `--dry-run`): each
+    opening parses dvc.yaml, the params templating and dvc.lock again."""
+    return _dvc(lambda: _stale_reasons_of(root, names))
+
+
+def _stale_reasons_of(root: Path, names: list[str]) -> dict[str, list[str]]:
+    with _open_repo(root) as repo, lock_repo(repo):
+        stages = {stage.addressing: stage for stage in repo.index.stages}
+        return {name: _stage_reasons(stages[name]) if name in stages else _collected(repo, name) for name in names}
+
+
+def _collected(repo, name: str) -> list[str]:
+    (stage,) = repo.stage.collect(name)
+    return _stage_reasons(stage)
+
+
+def _stage_reasons(stage) -> list[str]:
     from dvc.dependency.param import ParamsDependency
 
-    with _open_repo(root) as repo, lock_repo(repo):
-        (stage,) = repo.stage.collect(name)
-        if stage.frozen:
-            return []
-        status = stage.status().get(name, [])
-        params_changes = [
-            change for dep in stage.deps if isinstance(dep, ParamsDependency) for change in _params_changes(dep)
-        ]
+    name = stage.addressing
+    if stage.frozen:
+        return []
+    status = stage.status().get(name, [])
+    params_changes = [
+        change for dep in stage.deps if isinstance(dep, ParamsDependency) for change in _params_changes(dep)
+    ]
     reasons = []
     for entry in status:
         if isinstance(entry, dict):

@@ -12,6 +12,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests track into their own temp s
 
 REPO = Path(__file__).resolve().parents[1]
 
+from tests.pipeline import helpers  # noqa: E402
+
+helpers.SHARE_PREFECT_API = True  # one Prefect API per test worker for the commands the tests start
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

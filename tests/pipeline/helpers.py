@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ ENV = {
 
 
 _PREFECT_API: list[str] = []
+# tests/conftest.py turns this on: commands then report to the test worker's Prefect API. Off for the
+# benchmarks, which measure what a user's `kiln run` and `dvc repro` cost, server start included.
+SHARE_PREFECT_API = False
 
 
 def prefect_api() -> str:
@@ -42,9 +47,10 @@ def prefect_api() -> str:
 def sh(
     cwd: Path, *args: str, check: bool = True, stdin: str | None = None, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment and the worker's
-    Prefect API."""
-    full_env = {**ENV, "PREFECT_API_URL": prefect_api(), **(env or {})}
+    """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment (and the worker's
+    Prefect API, under pytest)."""
+    shared = {"PREFECT_API_URL": prefect_api()} if SHARE_PREFECT_API else {}
+    full_env = {**ENV, **shared, **(env or {})}
     done = subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, input=stdin)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -97,11 +103,21 @@ def set_params(project: Path, file: str, section: str, **values: Any) -> None:
         yaml.dump(document, out)
 
 
+_SMOKE_TEMPLATES: dict[Path, Path] = {}
+
+
 def smoke_project(source: Path, dest: Path) -> Path:
-    """A copy of the project switched to the smoke profile, committed."""
-    copy_project(source, dest)
-    sh(dest, "kiln", "profile", "smoke")
-    sh(dest, "git", "commit", "-qam", "smoke profile")
+    """A copy of the project switched to the smoke profile, committed. The first call of a test worker
+    builds it (a `kiln profile` process and three git commands); later calls copy that, git history and all."""
+    template = _SMOKE_TEMPLATES.get(source)
+    if template is None:
+        home = Path(tempfile.mkdtemp(prefix="kiln-smoke-"))
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        template = copy_project(source, home / "repo")
+        sh(template, "kiln", "profile", "smoke")
+        sh(template, "git", "commit", "-qam", "smoke profile")
+        _SMOKE_TEMPLATES[source] = template
+    shutil.copytree(template, dest, symlinks=True)
     return dest
 
 

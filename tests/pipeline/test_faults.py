@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.helpers import ENV, kiln_run, runs_of, set_params, sh, smoke_project, stale, summary
+from tests.pipeline.helpers import ENV, kiln_run, prefect_api, runs_of, set_params, sh, smoke_project, stale, summary
 
 pytestmark = pytest.mark.pipeline
 
@@ -93,15 +93,20 @@ def wait_for(path: Path, process: subprocess.Popen, timeout_s: float, log: Path)
         time.sleep(0.02)
 
 
-def start_kiln_run(project: Path, target: str, log: Path) -> subprocess.Popen:
+def start_kiln_run(project: Path, target: str, log: Path, own_api: bool = False) -> subprocess.Popen:
     """`kiln run --target TARGET` in the background, in its own process group (it starts a Prefect API
-    server and maybe `dvc repro` children), with its output in `log`. Without the test worker's Prefect
-    API: the run starts its own, whose fate after a kill is part of what is tested."""
+    server and maybe `dvc repro` children), with its output in `log`. `own_api`: without the test
+    worker's Prefect API, so that the run starts its own (whose fate after a kill is tested)."""
+    env = (
+        {k: v for k, v in ENV.items() if k != "PREFECT_API_URL"}
+        if own_api
+        else {**ENV, "PREFECT_API_URL": prefect_api()}
+    )
     with open(log, "w") as out:
         return subprocess.Popen(
             ["kiln", "run", "--target", target],
             cwd=project,
-            env={k: v for k, v in ENV.items() if k != "PREFECT_API_URL"},
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -161,7 +166,7 @@ def test_a_run_killed_mid_training_leaves_no_partial_output_and_the_rerun_resume
     out_dir = project / "data" / "models" / "lm" / "lstm"
     try:
         log = tmp_path / "killed.log"
-        killed = start_kiln_run(project, "lm@lstm", log)
+        killed = start_kiln_run(project, "lm@lstm", log, own_api=True)
         try:
             wait_for(out_dir / "checkpoint.pt", killed, timeout_s=300, log=log)
             server = children(killed.pid)  # the Prefect API the run started

