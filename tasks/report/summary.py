@@ -14,9 +14,22 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def profile_line(root: Path) -> list[str]:
+    """Which profile the params are on: smoke figures come from toy sizes and say so."""
+    from tasks.runtime import load_runtime
+
+    if not (root / "params" / "runtime.yaml").is_file():
+        return []
+    profile = load_runtime(root / "params").profile
+    if profile == "smoke":
+        return ["Profile: smoke (seconds-sized models and data: these figures test the plumbing, not the methods)"]
+    return [f"Profile: {profile}"]
+
+
 def headline(root: Path) -> str:
     metrics = root / METRICS_DIR
-    lines: list[str] = []
+    profile = profile_line(root)
+    lines: list[str] = list(profile)
     compare = root / PLOTS_DIR / "lm_compare.csv"  # the comparison in its table order
     if compare.is_file():
         sentence, stream = "test perplexity (context from each sentence's <s>, as the n-gram)", "stream context"
@@ -45,4 +58,4 @@ def headline(root: Path) -> str:
         floor, ceiling = generators[0][1]["fid_floor"], generators[0][1]["fid_ceiling"]
         lines.append(f"Image generators, FID vs test (floor {floor:.3f}, noise ceiling {ceiling:.1f}):")
         lines += [f"  {name:<18} {m['fid']:8.3f}" for name, m in generators]
-    return "\n".join(lines) if lines else "no metrics yet: run `kiln run`"
+    return "\n".join(lines) if len(lines) > len(profile) else "no metrics yet: run `kiln run`"

@@ -87,3 +87,17 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     assert report.headline[1] == "image generators: best FID 0.640 (diffusion@ddpm); floor 0.250, noise ceiling 219.0"
     summary = headline(tmp_path)
     assert "diffusion@ddpm        0.640" in summary and "floor 0.250, noise ceiling 219.0" in summary
+
+
+def test_summary_names_the_profile_and_labels_smoke_figures(tmp_path, repo_root):
+    from tasks.report.summary import headline
+
+    runtime = (repo_root / "params/runtime.yaml").read_text()
+    _write(tmp_path, "data/metrics/map.json", '{"thundernet": {"AP": 0.5, "AP50": 0.6, "AP75": 0.55, "AR100": 0.7}}')
+    for profile, label in (("default", "Profile: default"), ("smoke", "Profile: smoke (seconds-sized")):
+        text = runtime.replace("profile: default", f"profile: {profile}").replace(
+            "profile: smoke", f"profile: {profile}"
+        )
+        _write(tmp_path, "params/runtime.yaml", text)
+        first = headline(tmp_path).splitlines()[0]
+        assert first.startswith(label), first
