@@ -1,6 +1,7 @@
-"""The `report` stage: every family's metrics in one Markdown report with PNG plots (data/report/), logged
-to MLflow and published as a Prefect markdown artifact. It reads only the stages' DVC metrics and plots
-files, so it can be rebuilt from any checkout whose outputs DVC has.
+"""The `report` stage: every family's metrics in one Markdown report with PNG plots (data/report/), and the
+same as one self-contained HTML page, logged to MLflow and published as a Prefect markdown artifact. It
+reads only the stages' DVC metrics and plots files, so it can be rebuilt from any checkout whose outputs
+DVC has.
 
 Sections: language-model perplexity; image generators' FID with the floor and noise ceiling, the
 guidance trade-off and the SD3 ablations; detection mAP and latency. A family whose metrics are missing
@@ -254,6 +255,26 @@ def build_report(root: Path) -> Report:
     return report
 
 
+def report_html(markdown_text: str, images: dict[str, bytes]) -> str:
+    """The report as one self-contained page, its plots inline as data URIs: MLflow's artifact view
+    renders HTML, while it shows Markdown as text and cannot follow a relative image link."""
+    import base64
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    for name, data in images.items():
+        body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{base64.b64encode(data).decode()}"')
+    style = (
+        "body{font-family:sans-serif;max-width:60em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}"
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>Kiln report</title><style>{style}</style></head>'
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     root, run = ctx.root, ctx.run
@@ -265,7 +286,10 @@ def report_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         for name, fig in report.figures.items():
             fig.savefig(tmp / name)
+        images = {name: (tmp / name).read_bytes() for name in report.figures}
+        (tmp / "report.html").write_text(report_html(markdown, images), encoding="utf-8")
     run.log_artifact(root / REPORT_DIR / "report.md", "report")
+    run.log_artifact(root / REPORT_DIR / "report.html", "report")
     for name in report.figures:
         run.log_artifact(root / REPORT_DIR / name, "report")
     create_markdown_artifact(markdown, key="kiln-report", description="Kiln: every family's metrics")

@@ -101,3 +101,16 @@ def test_summary_names_the_profile_and_labels_smoke_figures(tmp_path, repo_root)
         _write(tmp_path, "params/runtime.yaml", text)
         first = headline(tmp_path).splitlines()[0]
         assert first.startswith(label), first
+
+
+def test_report_html_is_one_page_with_its_tables_and_plots_inline():
+    import base64
+
+    from tasks.report.report import report_html
+
+    png = b"\x89PNG\r\n\x1a\nfake"
+    markdown = "# Kiln report\n\n| model | ppl |\n|---|---:|\n| kn5 | 10.9 |\n\n![](fid.png)\n"
+    html = report_html(markdown, {"fid.png": png})
+    assert "<table>" in html and "<td>kn5</td>" in html and "<h1>Kiln report</h1>" in html
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in html
+    assert 'src="fid.png"' not in html  # no link left that MLflow's artifact view cannot follow
