@@ -1,9 +1,9 @@
 """How many threads a stage's torch may use: the cores this process is allowed (CPU affinity and the
 cgroup's CPU quota), shared among the stages `kiln run` runs at once, less the cores that other work keeps
 busy. Two cores shared by a two-thread torch and one busy process make every OpenMP barrier wait for a
-descheduled thread (training ran at 29-37 % of its idle speed); one thread runs at 64-76 %. So the count is
-looked at again while training (`ThreadGovernor`), and OpenMP threads wait passively instead of spinning
-(`OMP_WAIT_POLICY`, set by the CLI before torch loads), so they do not take cycles from that other work.
+descheduled thread, and training slows to a fraction of what one thread reaches
+(benchmarks/bench_threads.py). So the count is looked at again while training (`ThreadGovernor.tick`).
+OpenMP's passive wait policy was measured as well and left out: it cost a third or more of idle throughput.
 
 `runtime.threads` > 0 fixes the count and turns all of this off; OMP_NUM_THREADS, when set, is a ceiling.
 """
