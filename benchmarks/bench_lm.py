@@ -17,13 +17,16 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue) -> None:
+def lm_training_step(name: str, vocab_size: int, after_step: Callable[[], None] | None = None):
+    """One optimizer step of LM `name` at the committed size on fixed random tokens: (step, tokens per
+    step, model). `after_step` runs after each step (bench_threads.py looks at the load there)."""
     import torch
 
     from flows.registry import section_config
@@ -45,6 +48,20 @@ def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
+
+    return step, train.batch_size * cfg.context_length, model
+
+
+def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue) -> None:
+    import torch
+
+    from flows.registry import section_config
+
+    cfg = section_config(ROOT / "params", name, vocab_size=vocab_size)
+    train = section_config(ROOT / "params", "lm_train")
+    step, tokens, model = lm_training_step(name, vocab_size)
 
     for _ in range(warmup):
         step()
@@ -55,7 +72,7 @@ def measure(name: str, steps: int, warmup: int, vocab_size: int, queue: mp.Queue
     queue.put(
         {
             "model": name,
-            "tokens_per_s": steps * train.batch_size * cfg.context_length / seconds,
+            "tokens_per_s": steps * tokens / seconds,
             "ms_per_step": 1000 * seconds / steps,
             "batch_size": train.batch_size,
             "context_length": cfg.context_length,

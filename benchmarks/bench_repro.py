@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.pipeline import helpers  # noqa: E402
 from tests.pipeline.helpers import copy_project, sh, summary  # noqa: E402
 
 STAGE = "corpus"
@@ -48,9 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/repro.json")
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    os.environ.clear()
-    os.environ.update(env)
+    # A user's `kiln run` and `dvc repro` without a configured server: each starts (or shares) its own.
+    helpers.ENV.pop("PREFECT_API_URL", None)
 
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(ROOT, Path(tmp) / "repo")

@@ -37,31 +37,13 @@ def measure(name: str, policy: str, seconds: float, warmup: int, vocab_size: int
     """One cell, in this process (the parent starts it with the policy's environment)."""
     import torch
 
-    from flows.registry import section_config
-    from models.text.language_models import build_language_model
-    from tasks.text.lm import lm_loss
+    from benchmarks.bench_lm import lm_training_step
     from tasks.threads import ThreadGovernor
-    from tasks.training import make_optimizer
 
     governor = ThreadGovernor() if policy.startswith("kiln") else None
     if governor:
         governor.start()
-    params = ROOT / "params"
-    cfg = section_config(params, name, vocab_size=vocab_size)
-    train = section_config(params, "lm_train")
-    torch.manual_seed(0)
-    model = build_language_model(name, cfg)
-    optimizer = make_optimizer(model, train)
-    x = torch.randint(3, vocab_size, (train.batch_size, cfg.context_length))
-    y = torch.randint(3, vocab_size, (train.batch_size, cfg.context_length))
-
-    def step() -> None:
-        loss = lm_loss(model, (x, y))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if governor:
-            governor.tick()
+    step, tokens, _ = lm_training_step(name, vocab_size, governor.tick if governor else None)
 
     for _ in range(warmup):
         step()
@@ -73,7 +55,7 @@ def measure(name: str, policy: str, seconds: float, warmup: int, vocab_size: int
     return {
         "model": name,
         "policy": policy,
-        "tokens_per_s": steps * train.batch_size * cfg.context_length / elapsed,
+        "tokens_per_s": steps * tokens / elapsed,
         "steps": steps,
         "torch_threads": torch.get_num_threads(),
     }

@@ -27,7 +27,8 @@ PROJECT_PACKAGES = ("flows", "tasks", "models")
 # Modules that cannot change a stage's results, so editing them leaves results valid: the MLflow logging
 # helper, the atomic writer, the output path constants (their DVC outs are held by tests/test_layout.py),
 # the spec declarations, the error type, the strict params loader (a params change is a params dep) and
-# the thread sizing (like runtime.threads, how a stage runs: the count moves float rounding, not the result).
+# the thread sizing (like runtime.threads, how a stage runs: the count moves float rounding, not the result)
+# and the process check of the tracking helper.
 NO_RESULT_EFFECT = frozenset(
     {
         "tasks/tracking.py",
@@ -37,6 +38,7 @@ NO_RESULT_EFFECT = frozenset(
         "tasks/errors.py",
         "tasks/params.py",
         "tasks/threads.py",
+        "tasks/processes.py",
     }
 )
 

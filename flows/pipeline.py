@@ -151,12 +151,7 @@ def stale_reasons_of(root: Path, names: list[str]) -> dict[str, list[str]]:
 def _stale_reasons_of(root: Path, names: list[str]) -> dict[str, list[str]]:
     with _open_repo(root) as repo, lock_repo(repo):
         stages = {stage.addressing: stage for stage in repo.index.stages}
-        return {name: _stage_reasons(stages[name]) if name in stages else _collected(repo, name) for name in names}
-
-
-def _collected(repo, name: str) -> list[str]:
-    (stage,) = repo.stage.collect(name)
-    return _stage_reasons(stage)
+        return {name: _stage_reasons(stages[name]) for name in names}
 
 
 def _stage_reasons(stage) -> list[str]:

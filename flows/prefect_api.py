@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
+from tasks.processes import process_alive
+
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -137,19 +139,6 @@ def _locked(state: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) holds nothing
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=3) as response:
@@ -163,7 +152,7 @@ def _live_server(state: Path) -> str | None:
         record = json.loads((state / "server.json").read_text())
     except (OSError, ValueError):
         return None
-    if _alive(int(record["pid"])) and _healthy(record["url"]):
+    if process_alive(int(record["pid"])) and _healthy(record["url"]):
         return str(record["url"])
     return None
 
@@ -172,7 +161,7 @@ def _live_leases(state: Path) -> list[int]:
     """PIDs of the lease holders still alive; a dead holder's lease (a stage killed with -9) is removed."""
     live = []
     for lease in (state / "leases").glob("*"):
-        if lease.name.isdigit() and _alive(int(lease.name)):
+        if lease.name.isdigit() and process_alive(int(lease.name)):
             live.append(int(lease.name))
         else:
             lease.unlink(missing_ok=True)

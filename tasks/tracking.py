@@ -26,6 +26,8 @@ import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from tasks.processes import process_alive
+
 PARENT_RUN_ENV = "KILN_MLFLOW_PARENT_RUN_ID"
 _OPEN_RUNS: dict[str, MlflowClient] = {}  # run id -> its client: the runs this process has open
 PIPELINE_EXPERIMENT = "pipeline"
@@ -247,16 +249,6 @@ def stage_run(
         print(f"MLflow run {stage}: {redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def mark_orphans_killed(client: MlflowClient, experiment_id: str, stage: str) -> list[str]:
     """Runs of `stage` left RUNNING by a process of this host that no longer exists (killed with -9, a
     lost machine's runs stay as they are) are ended KILLED; returns their ids."""
@@ -267,7 +259,7 @@ def mark_orphans_killed(client: MlflowClient, experiment_id: str, stage: str) ->
     ended = []
     for run in runs:
         pid, run_host = run.data.tags.get("kiln.pid", ""), run.data.tags.get("kiln.host")
-        if run_host == host and pid.isdigit() and not _alive(int(pid)):
+        if run_host == host and pid.isdigit() and not process_alive(int(pid)):
             client.set_tag(run.info.run_id, "kiln.error", f"process {pid} ended without closing this run")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             ended.append(run.info.run_id)

@@ -11,7 +11,8 @@ import sys
 import time
 from urllib.parse import urlparse
 
-from flows.prefect_api import IDLE_ENV, STATE_DIR, _alive, shared_prefect_api
+from flows.prefect_api import IDLE_ENV, STATE_DIR, shared_prefect_api
+from tasks.processes import process_alive
 
 USE_IT = "import sys; from pathlib import Path; from flows.prefect_api import shared_prefect_api\n" + (
     "with shared_prefect_api(Path(sys.argv[1])) as url: print(url)"
@@ -38,12 +39,12 @@ def test_stages_share_one_server_and_it_stops_when_idle(tmp_path, monkeypatch):
         assert other.returncode == 0, other.stderr[-2000:]
         assert other.stdout.strip() == url
         time.sleep(3)  # past the idle time, but a lease is held: it keeps running
-        assert _alive(keeper) and listening(url)
+        assert process_alive(keeper) and listening(url)
     assert not (state / "leases" / str(os.getpid())).exists()
     deadline = time.monotonic() + 30
-    while _alive(keeper) and time.monotonic() < deadline:
+    while process_alive(keeper) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(keeper), "the keeper outlived its idle time"
+    assert not process_alive(keeper), "the keeper outlived its idle time"
     assert not (state / "server.json").exists() and not listening(url)
 
 
