@@ -37,13 +37,16 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from models.text.tokenizer import BOS, BOS_ID, EOS, UNK, sentence_bounds
+from models.text.tokenizer import BOS, BOS_ID, EOS, EOS_ID, UNK, sentence_bounds
+
+if TYPE_CHECKING:  # pandas only for the count frames: the estimator and `kiln score` load without it
+    import pandas as pd
 
 LOG10_ZERO = -99.0  # what ARPA files from lmplz store for log10 p(<s>)
 
@@ -103,7 +106,59 @@ def _check_stream(stream: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.n
 
 
 def count_ngrams(stream: np.ndarray, vocab_size: int, order: int) -> NgramCounts:
-    """Counts of every n-gram of orders 1..`order` inside the sentences of `stream`.
+    """Counts of every n-gram of orders 1..`order` inside the sentences of `stream` (`count_ngrams_ref`,
+    faster and leaner).
+
+    The positions are kept sorted by the (n-1)-gram starting there, with that n-gram's row. Order n's key
+    `row * V + next word` is then already sorted but for the next word within each (n-1)-gram, so its sort
+    is close to linear instead of a full sort of position-ordered keys; position arrays are int32.
+    """
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    words, _, _ = _check_stream(stream, vocab_size)
+    words = words.astype(np.int32)  # _check_stream bounds the ids by V; positions and rows fit int32 below
+    V, L = vocab_size, len(words)
+    if L >= 2**31 - 1:  # int32 positions; beyond this the reference's int64 arrays are the way
+        return count_ngrams_ref(stream, vocab_size, order)
+    is_end = words == EOS_ID  # (L,) an (n-1)-gram ending here cannot be extended inside its sentence
+
+    keys = [np.arange(V, dtype=np.int64)]
+    counts = [np.bincount(words, minlength=V).astype(np.int64)]
+    suffix = [np.zeros(V, dtype=np.int64)]
+    pos = np.arange(L, dtype=np.int32)  # (P,) n-1 = 1: every position, its unigram row is its word
+    row = words.copy()  # (P,) row of the (n-1)-gram starting at pos; nondecreasing once n-1 >= 2
+    at_pos = words  # (L,) row of the (n-1)-gram starting at each position (only read where one fits)
+    for n in range(2, order + 1):
+        fits = ~is_end[pos + (n - 2)]  # (P,) the (n-1)-gram does not end at </s>, so an n-gram fits
+        pos, row = pos[fits], row[fits]
+        key = row.astype(np.int64) * V + words[pos + (n - 1)]  # (P,)
+        del row, fits
+        # Sorted but within each (n-1)-gram for n >= 3 (few words follow most (n-1)-grams), random for n = 2.
+        sort = np.argsort(key)
+        key, pos = key[sort], pos[sort]
+        del sort
+        new = np.empty(len(key), dtype=bool)
+        new[:1] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        first = np.flatnonzero(new)  # (G,) first sorted occurrence of every n-gram
+        uniq = key[first]
+        del key
+        row = (np.cumsum(new, dtype=np.int32) - 1).astype(np.int32)  # (P,) row of each occurrence's n-gram
+        del new
+        count = np.diff(first, append=len(pos))
+        # The suffix w_2..w_n of an n-gram is the (n-1)-gram one position later, at any occurrence.
+        suffix.append(at_pos[pos[first] + 1].astype(np.int64))  # (G,)
+        del first
+        keys.append(uniq)
+        counts.append(count.astype(np.int64))
+        if n < order:
+            at_pos = np.empty(L, dtype=np.int32)  # only positions in `pos` are ever read back
+            at_pos[pos] = row
+    return NgramCounts(V, tuple(keys), tuple(counts), tuple(suffix))
+
+
+def count_ngrams_ref(stream: np.ndarray, vocab_size: int, order: int) -> NgramCounts:
+    """Reference for `count_ngrams`: the same counts, one `np.unique` over position-ordered keys per order.
 
     Order n gives every position the row of the (n-1)-gram starting there, so the n-gram starting there is
     the key `row * V + next word`; `np.unique` both counts those keys and numbers them for order n+1.
@@ -150,6 +205,8 @@ def counts_frame(counts: NgramCounts, n: int) -> pd.DataFrame:
     """Order-n counts as a table: int32 columns w1..wn, int64 `count`; rows sorted, unseen words dropped."""
     if not 1 <= n <= counts.order:
         raise ValueError(f"order {n} not in the counts (1..{counts.order})")
+    import pandas as pd
+
     seen = np.flatnonzero(counts.counts[n - 1] > 0)  # only order 1 has zero rows (words never seen)
     words = ngram_words(counts.keys, n, seen)
     frame = pd.DataFrame({f"w{k + 1}": words[:, k] for k in range(n)})
@@ -243,12 +300,93 @@ def _discounts(n: int, coc: np.ndarray, fallback: Sequence[float]) -> tuple[np.n
     return used, message
 
 
+def _log10_prob_inplace(p: np.ndarray, n: int) -> np.ndarray:
+    """Step 5 on an order's probabilities, overwriting them: min(log10 p, 0), log10 p(<s>) = -99."""
+    with np.errstate(divide="ignore"):
+        np.log10(p, out=p)
+    np.minimum(p, 0.0, out=p)  # rounding can push a probability a hair above 1
+    if n == 1:
+        p[BOS_ID] = LOG10_ZERO
+    return p
+
+
 def estimate_kneser_ney(counts: NgramCounts, config: NgramConfig) -> KneserNey:
     """Interpolated modified Kneser-Ney of order `config.order` from counts of that order or higher.
 
     Counts of order n do not depend on the highest order counted, so one `count_ngrams` at order N serves
     the models of every order 1..N.
+
+    Steps 2-5 (module docstring) run one order at a time, lowest first: order n's adjusted counts and
+    discounts need nothing from other orders, its probabilities need only order n-1's, and computing them
+    settles order n-1's backoffs. So one order's intermediates are alive at a time, and each order's
+    probabilities turn into log10 in place once order n+1 has read them. The arithmetic is
+    `estimate_kneser_ney_ref`'s, operation for operation, so the numbers are the same to the bit.
     """
+    N, V = config.order, counts.vocab_size
+    if N > counts.order:
+        raise ValueError(f"model order {N} needs counts of order {N}, have {counts.order}")
+    keys = counts.keys[:N]
+    discounts, counts_of_counts, warnings = np.zeros((N, 3)), np.zeros((N, 4), dtype=np.int64), []
+    log10_prob: list[np.ndarray] = []
+    log10_backoff: list[np.ndarray] = []
+    lower_p = np.full(V, 1.0 / (V - 1))  # order n-1's probabilities; for n = 1 the uniform distribution
+    starts_bos = keys[0] == BOS_ID  # (G_n,) the row's first word is <s>
+    for n in range(1, N + 1):
+        context = keys[n - 1] // V if n > 1 else np.zeros(V, dtype=np.int64)  # (G_n,) row of h in order n-1
+        n_context = len(keys[n - 2]) if n > 1 else 1
+        if n > 1:
+            starts_bos = starts_bos[context]
+
+        # Step 2 (adjust_counts.cc): raw counts at the top order, continuation counts below it; n-grams
+        # starting with <s> keep raw counts.
+        raw = counts.counts[n - 1]
+        if n == N:
+            used = raw.copy()
+        else:
+            used = np.where(starts_bos, raw, np.bincount(counts.suffix[n], minlength=len(raw)))  # N1+(. w_1^n)
+        if n == 1:
+            used[BOS_ID] = 0  # <s> is never predicted: no unigram mass
+        used = used.astype(np.int64, copy=False)
+
+        # Step 3: counts-of-counts and discounts (eq. 26).
+        counts_of_counts[n - 1] = np.bincount(np.minimum(used, 5), minlength=6)[1:5]
+        discounts[n - 1], warning = _discounts(n, counts_of_counts[n - 1], config.discount_fallback)
+        if warning:
+            warnings.append(warning)
+
+        # Step 4 (MKN), as in estimate_kneser_ney_ref.
+        c = used.astype(np.float64)  # (G_n,)
+        d = np.concatenate([[0.0], discounts[n - 1]])[np.minimum(used, 3)]  # (G_n,) D(c), 0 if c = 0
+        positive = used > 0
+        del used
+        total = np.bincount(context, weights=c, minlength=n_context)  # (n_context,) sum_w c(hw)
+        mass = np.bincount(context, weights=d, minlength=n_context)  # (n_context,) D1 N1 + D2 N2 + D3+ N3+
+        gamma = np.divide(mass, total, out=np.zeros(n_context), where=total > 0)
+        del mass
+        lower = lower_p if n == 1 else lower_p[counts.suffix[n - 1]]  # (G_n,)
+        np.subtract(c, d, out=c)  # c - d
+        del d
+        p = np.divide(c, total[context], out=np.zeros_like(c), where=positive)  # alpha
+        del c, total, positive
+        scaled = gamma[context]
+        np.multiply(scaled, lower, out=scaled)
+        np.add(p, scaled, out=p)  # alpha + gamma * lower
+        del scaled, lower, context
+
+        # Step 5 for order n-1, which order n has now read: b(h) = gamma(h) for every h that is a context.
+        if n > 1:
+            log10_prob.append(_log10_prob_inplace(lower_p, n - 1))
+            log10_backoff.append(np.log10(gamma, out=np.zeros_like(gamma), where=gamma > 0))
+        del gamma
+        lower_p = p
+    log10_prob.append(_log10_prob_inplace(lower_p, N))
+    log10_backoff.append(np.zeros(len(lower_p)))  # calloc'd: costs no memory until written
+    model = BackoffModel(V, tuple(keys), tuple(log10_prob), tuple(log10_backoff))
+    return KneserNey(model, discounts, counts_of_counts, tuple(warnings))
+
+
+def estimate_kneser_ney_ref(counts: NgramCounts, config: NgramConfig) -> KneserNey:
+    """Reference for `estimate_kneser_ney`: each step over every order before the next step."""
     N, V = config.order, counts.vocab_size
     if N > counts.order:
         raise ValueError(f"model order {N} needs counts of order {N}, have {counts.order}")
@@ -458,6 +596,62 @@ def arpa_chunks(model: BackoffModel, vocab: list[str], rows_per_chunk: int = 1 <
                 line = pc.if_else(pa.array(backoff != 0.0), with_backoff, line)
             yield _lines_bytes(pc.binary_join_element_wise(line, "", "\n"))
     yield b"\n\\end\\\n"
+
+
+def arpa_values(x: np.ndarray) -> np.ndarray:
+    """(R,) float64: each value as an ARPA reader gets it back from `arpa_chunks`' text, i.e. the float32's
+    shortest decimal parsed as a float64 (not the float32 itself: 0.1f is 0.100000001..., "0.1" is not)."""
+    text = pc.cast(pa.array(np.asarray(x).astype(np.float32)), pa.string())
+    return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def model_tables(model: BackoffModel, vocab: list[str]) -> list[pa.Table]:
+    """The model as one table per order, holding exactly what `parse_arpa` reads from `arpa_chunks`' file,
+    for a reader that needs it fast (`model_from_tables`; `kiln score`).
+
+    Order n: `w1..wn` (int32 word ids), for n = 1 also `word` (the vocabulary), for n >= 2 `context` (int32,
+    the row of w1..w_{n-1} in the order n-1 table), `log10_prob` and `log10_backoff` (float64, the ARPA
+    file's numbers; backoff 0 where the file has none). Rows in the sorted table order.
+    """
+    if len(vocab) != model.vocab_size:
+        raise ValueError(f"vocab has {len(vocab)} words, the model {model.vocab_size}")
+    V, tables = model.vocab_size, []
+    for n in range(1, model.order + 1):
+        ids = ngram_words(model.keys, n)  # (G, n) int32
+        columns: dict[str, pa.Array] = {f"w{k + 1}": pa.array(ids[:, k]) for k in range(n)}
+        del ids
+        if n == 1:
+            columns["word"] = pa.array(vocab, type=pa.string())
+        else:
+            columns["context"] = pa.array((model.keys[n - 1] // V).astype(np.int32))
+        columns["log10_prob"] = pa.array(arpa_values(model.log10_prob[n - 1]))
+        columns["log10_backoff"] = pa.array(arpa_values(model.log10_backoff[n - 1]))
+        tables.append(pa.table(columns))
+    return tables
+
+
+def model_from_tables(tables: Sequence[pa.Table]) -> tuple[BackoffModel, list[str]]:
+    """Inverse of `model_tables`: the model and vocabulary `parse_arpa` gives for the same model's ARPA file.
+
+    Reads only `word` / `context`, the last word column, `log10_prob` and `log10_backoff`: a key is
+    `context * V + w_n`, so no n-gram is looked up.
+    """
+    if not tables:
+        raise ValueError("no model tables")
+    vocab = tables[0].column("word").to_pylist()
+    V = len(vocab)
+    keys, log10_prob, log10_backoff = [np.arange(V, dtype=np.int64)], [], []
+    for n, table in enumerate(tables, start=1):
+        if n > 1:
+            key = table.column("context").to_numpy().astype(np.int64) * V + table.column(f"w{n}").to_numpy()
+            if len(key) and (np.any(key[1:] <= key[:-1]) or key[0] < 0 or key[-1] >= len(keys[-1]) * V):
+                raise ValueError(f"model table of order {n} is not in the sorted table order")
+            keys.append(key)
+        elif not np.array_equal(table.column("w1").to_numpy(), keys[0]):
+            raise ValueError("model table of order 1 does not hold every word id once, in order")
+        log10_prob.append(table.column("log10_prob").to_numpy().astype(np.float64, copy=False))
+        log10_backoff.append(table.column("log10_backoff").to_numpy().astype(np.float64, copy=False))
+    return BackoffModel(V, tuple(keys), tuple(log10_prob), tuple(log10_backoff)), vocab
 
 
 _NGRAM_COUNT = re.compile(r"ngram\s+(\d+)\s*=\s*(\d+)$")

@@ -321,3 +321,90 @@ def test_bad_streams_raise():
 def test_invalid_config_raises(kwargs, field):
     with pytest.raises(ValueError, match=field):
         NgramConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------- fast paths vs references
+
+
+def _random_stream(rng: np.random.Generator, vocab_size: int, sentences: int) -> np.ndarray:
+    """<s> ... </s> sentences of 0..8 words drawn from <unk> and the ordinary words (skewed, so n-grams repeat)."""
+    pool = np.array([UNK_ID, *range(3, vocab_size)])
+    weights = 1.0 / np.arange(1, len(pool) + 1)
+    out: list[int] = []
+    for _ in range(sentences):
+        words = rng.choice(pool, int(rng.integers(0, 9)), p=weights / weights.sum())
+        out += [BOS_ID, *words.tolist(), EOS_ID]
+    return np.array(out, dtype=np.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_count_ngrams_equals_reference(seed):
+    from models.text.ngram import count_ngrams_ref
+
+    rng = np.random.default_rng(seed)
+    vocab_size = int(rng.integers(4, 40))
+    stream = _random_stream(rng, vocab_size, int(rng.integers(1, 300)))
+    order = int(rng.integers(1, 7))
+    fast, ref = count_ngrams(stream, vocab_size, order), count_ngrams_ref(stream, vocab_size, order)
+    for field in ("keys", "counts", "suffix"):
+        for a, b in zip(getattr(fast, field), getattr(ref, field), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 5])
+def test_estimate_equals_reference_to_the_bit(pydoc, order):
+    from models.text.ngram import estimate_kneser_ney_ref
+
+    _, counts, _, _ = pydoc
+    fast = estimate_kneser_ney(counts, NgramConfig(order=order))
+    ref = estimate_kneser_ney_ref(counts, NgramConfig(order=order))
+    np.testing.assert_array_equal(fast.discounts, ref.discounts)
+    np.testing.assert_array_equal(fast.counts_of_counts, ref.counts_of_counts)
+    assert fast.warnings == ref.warnings
+    for field in ("keys", "log10_prob", "log10_backoff"):
+        for a, b in zip(getattr(fast.model, field), getattr(ref.model, field), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)  # bit-identical, not merely close
+
+
+def test_estimate_equals_reference_with_fallback_discounts():
+    from models.text.ngram import estimate_kneser_ney_ref
+
+    stream = _random_stream(np.random.default_rng(7), 6, 3)  # too few n-grams for eq. 26
+    counts = count_ngrams(stream, 6, 3)
+    fast = estimate_kneser_ney(counts, NgramConfig(order=3))
+    ref = estimate_kneser_ney_ref(counts, NgramConfig(order=3))
+    assert fast.warnings == ref.warnings and fast.warnings
+    for a, b in zip(fast.model.log10_prob, ref.model.log10_prob, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_model_tables_hold_what_the_arpa_file_holds(pydoc):
+    from models.text.ngram import model_from_tables, model_tables
+
+    vocab, counts, _, _ = pydoc
+    model = estimate_kneser_ney(counts, NgramConfig(order=4)).model
+    parsed, parsed_vocab = parse_arpa(b"".join(arpa_chunks(model, vocab)).decode().splitlines())
+    tables = model_tables(model, vocab)
+    assert [t.num_rows for t in tables] == [len(k) for k in model.keys]
+    assert tables[2].column_names == ["w1", "w2", "w3", "context", "log10_prob", "log10_backoff"]
+    loaded, loaded_vocab = model_from_tables(tables)
+    assert loaded_vocab == parsed_vocab == vocab
+    for field in ("keys", "log10_prob", "log10_backoff"):
+        for a, b in zip(getattr(loaded, field), getattr(parsed, field), strict=True):
+            np.testing.assert_array_equal(a, b)  # the ARPA text's numbers exactly, not the float32s
+    # The word columns are the n-grams themselves, for readers other than ours.
+    np.testing.assert_array_equal(tables[1].column("w2").to_numpy(), model.keys[1] % len(vocab))
+
+
+def test_model_tables_out_of_order_raise(pydoc):
+    import pyarrow as pa
+
+    from models.text.ngram import model_from_tables, model_tables
+
+    vocab, counts, _, _ = pydoc
+    tables = model_tables(estimate_kneser_ney(counts, NgramConfig(order=2)).model, vocab)
+    shuffled = tables[1].take(pa.array(np.random.default_rng(0).permutation(tables[1].num_rows)))
+    with pytest.raises(ValueError, match="order 2 is not in the sorted table order"):
+        model_from_tables([tables[0], shuffled])
