@@ -3,7 +3,7 @@
 For every stage of `dvc.yaml` (foreach items expanded, as DVC resolves them):
 - its `cmd` is `kiln stage NAME` and a spec declares NAME (and every spec's stages are in `dvc.yaml`);
 - its params are exactly the sections its spec reads, each in the file that holds it, plus `runtime.seed`
-  where the spec is seeded;
+  where the spec is seeded, and the `runtime` keys its spec names (`runtime_keys`);
 - its code deps (the `.py` files of `flows/`, `tasks/`, `models/` it lists) are exactly the import closure
   of its task's module, computed from the imports in the source (function-level imports included),
   less `NO_RESULT_EFFECT`: infrastructure that cannot change what a stage computes.
@@ -171,6 +171,7 @@ def check_stage(root: Path, stage: DvcStage, index: dict[str, Path]) -> list[str
     problems += [f"reads params section {s!r}, which no params file has" for s in absent]
     if spec.seeded:
         expected.add(("params/runtime.yaml", "runtime.seed"))
+    expected |= {("params/runtime.yaml", f"runtime.{key}") for key in spec.runtime_keys}
     for file, key in sorted(expected - stage.params):
         problems.append(f"params: missing {file}:{key} (its spec reads it)")
     for file, key in sorted(stage.params - expected):

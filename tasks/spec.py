@@ -67,6 +67,8 @@ class StageSpec(Generic[I]):
     derive: Derive | None = None
     placeholders: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     seeded: bool = True  # the task draws from runtime.seed (dvc.yaml must list it as a param)
+    # Other `runtime` keys the task reads itself (the report names the profile): dvc.yaml params too.
+    runtime_keys: tuple[str, ...] = ()
 
     def stage_names(self) -> list[str]:
         return [f"{self.name}@{item}" for item in self.items] if self.items else [self.name]

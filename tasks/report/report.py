@@ -44,9 +44,11 @@ class Report:
     figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib figure
     missing: list[str] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)  # the table `make run` prints
+    header: list[str] = field(default_factory=list)  # profile, commit and date, above the sections
 
     def markdown(self) -> str:
-        text = "# Kiln report\n\n" + "\n\n".join(self.sections)
+        header = "".join(f"{line}  \n" for line in self.header)
+        text = "# Kiln report\n\n" + (header + "\n" if header else "") + "\n\n".join(self.sections)
         if self.missing:
             text += "\n\n_Not in this report (no metrics yet): " + ", ".join(self.missing) + "._"
         return text + "\n"
@@ -248,8 +250,20 @@ def detection(root: Path, report: Report) -> None:
 SECTIONS: list[Callable[[Path, Report], None]] = [language_models, image_generation, detection]
 
 
+def provenance(root: Path) -> list[str]:
+    """Where the figures come from: the params' profile (smoke figures say they only test the plumbing),
+    the commit they were computed at, and when."""
+    from datetime import datetime, timezone
+
+    from tasks.report.summary import profile_line
+    from tasks.tracking import git_commit
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [*profile_line(root), f"Commit: {git_commit(root)}", f"Generated: {when}"]
+
+
 def build_report(root: Path) -> Report:
-    report = Report()
+    report = Report(header=provenance(root))
     for section in SECTIONS:
         section(root, report)
     return report
@@ -297,4 +311,4 @@ def report_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     return {"sections": float(len(report.sections)), "missing_sections": float(len(report.missing))}
 
 
-SPEC = StageSpec(name="report", family="report", task=report_task, seeded=False)
+SPEC = StageSpec(name="report", family="report", task=report_task, seeded=False, runtime_keys=("profile",))

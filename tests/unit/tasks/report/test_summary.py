@@ -103,6 +103,27 @@ def test_summary_names_the_profile_and_labels_smoke_figures(tmp_path, repo_root)
         assert first.startswith(label), first
 
 
+def test_report_header_gives_profile_commit_and_date(tmp_path, repo_root):
+    import re
+    import subprocess
+
+    from tasks.report.report import build_report
+
+    runtime = (repo_root / "params/runtime.yaml").read_text()
+    smoke = runtime.replace("profile: default", "profile: smoke")
+    _write(tmp_path, "params/runtime.yaml", smoke)
+    _write(tmp_path, "data/metrics/map.json", '{"thundernet": {"AP": 0.5, "AP50": 0.6, "AP75": 0.55, "AR100": 0.7}}')
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    lines = build_report(tmp_path).markdown().splitlines()
+    assert lines[0] == "# Kiln report"
+    assert lines[2].startswith("Profile: smoke (seconds-sized"), lines[2]
+    assert lines[3] == f"Commit: {sha}  ", lines[3]
+    assert re.fullmatch(r"Generated: \d{4}-\d\d-\d\d \d\d:\d\d UTC  ", lines[4]), lines[4]
+
+
 def test_report_html_is_one_page_with_its_tables_and_plots_inline():
     import base64
 
