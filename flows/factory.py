@@ -1,5 +1,6 @@
 """The one flow factory: a Prefect flow for each stage spec. A flow only wires: open the stage (params,
-seed, MLflow run) and call the spec's task with its context and inputs."""
+seed, MLflow run), call the spec's task with its context and inputs, then log the models it trained
+(tasks/model_logging.py) to the same run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from prefect import flow
 
+from tasks.model_logging import log_stage_models
 from tasks.spec import StageSpec
 from tasks.stage import open_stage
 
@@ -21,7 +23,9 @@ def stage_flow_of(spec: StageSpec) -> Callable[..., Any]:
 
     def run(item: str = "") -> dict[str, Any]:
         with open_stage(spec, item) as stage:
-            return spec.task(stage.context, stage.inputs)
+            metrics = spec.task(stage.context, stage.inputs)
+            log_stage_models(spec.name, stage.context, metrics)  # outputs written: log what it trained
+            return metrics
 
     run.__name__ = f"{spec.name}_flow"
     run.__doc__ = (spec.task.__doc__ or "").strip() or f"The `{spec.name}` stage."

@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.factory import stage_flow
 from tasks.runtime import RuntimeConfig, StageEnv, stage_env
 from tasks.threads import PARALLEL_ENV
-from tasks.tracking import PARENT_RUN_ENV, pipeline_run
+from tasks.tracking import PARENT_RUN_ENV, log_pipeline_stages, pipeline_run
 
 Status = Literal["ran", "up to date", "failed", "skipped"]
 
@@ -279,6 +279,7 @@ def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> list
         result = _reproduce_in_order(env, order, upstream, force)
         summary = summary_markdown(result)
         parent.log_text(summary + "\n", "summary.md")
+        log_pipeline_stages(parent, result)  # the parent run's page lists and links every stage run
         parent.log_metrics(
             {
                 "stages_ran": sum(o.status == "ran" for o in result),

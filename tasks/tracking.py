@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 import pandas as pd
@@ -184,6 +184,26 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_model(self, flavor: Any, name: str, tags: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+        """Log a model with an MLflow flavor module (`mlflow.onnx`, `mlflow.pyfunc`) to this run, as a
+        LoggedModel of the run's experiment that carries the run's params; `kwargs` go to the flavor's
+        `save_model` (signature, input_example, registered_model_name, ...). Returns MLflow's ModelInfo.
+
+        Not the flavor's `log_model`: that needs the fluent active run (thread-local, and ending it ends
+        the stage's run), and `Model.log(run_id=...)` alone files the LoggedModel under the fluent API's
+        default experiment, which Kiln deletes, instead of the run's."""
+        from mlflow.models import Model
+
+        run = self.client.get_run(self.run_id)
+        logged = mlflow.initialize_logged_model(
+            name=name,
+            source_run_id=self.run_id,
+            tags=dict(tags or {}),
+            params=dict(run.data.params),
+            experiment_id=run.info.experiment_id,
+        )
+        return Model.log(None, flavor, run_id=self.run_id, model_id=logged.model_id, name=name, **kwargs)
+
     def log_input(self, df: pd.DataFrame, source: Path | str, name: str, context: str) -> None:
         """Record the dataset this stage read: its schema, a digest of its contents and where it lies."""
         with warnings.catch_warnings():  # its hint about integer columns and missing values does not apply
@@ -302,6 +322,167 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if not client.search_runs([default.experiment_id], max_results=1, run_view_type=3):
             client.delete_experiment(default.experiment_id)
     return experiment_id
+
+
+class StageOutcomeLike(Protocol):
+    """What `kiln run` knows of one stage (flows/pipeline.py's StageOutcome)."""
+
+    stage: str
+    status: str  # ran | up to date | failed | skipped
+    seconds: float
+    detail: str
+
+
+# The metric a stage's row in the pipeline's `stages` table shows: the first of these the stage's run has
+# (exact names first, then name endings such as `thundernet_AP`); metric names only, no feature import.
+HEADLINE_METRICS = (
+    "test_perplexity",
+    "fid",
+    "fid_baseline",
+    "classifier_free_selected_test_fid",
+    "reconstruction_fid",
+    "test_accuracy",
+    "val_ap50_final",
+    "scale_factor",
+    "unigram_test_perplexity",
+    "test_tokens",
+    "test_images",
+)
+HEADLINE_SUFFIXES = ("_map_onnx", "_AP")
+
+
+def headline_metric(metrics: Mapping[str, float]) -> tuple[str, float] | None:
+    for key in HEADLINE_METRICS:
+        if key in metrics:
+            return key, metrics[key]
+    for suffix in HEADLINE_SUFFIXES:
+        for key in sorted(metrics):
+            if key.endswith(suffix):
+                return key, metrics[key]
+    return None
+
+
+def kiln_experiment_ids(client: MlflowClient) -> list[str]:
+    """The experiments Kiln created in this store (`pipeline` and one per family; see ensure_experiment)."""
+    return sorted(
+        e.experiment_id
+        for e in client.search_experiments()
+        if e.name == PIPELINE_EXPERIMENT or e.tags.get("mlflow.note.content", "").startswith("Kiln, ")
+    )
+
+
+def pipeline_view_route(experiment_ids: list[str]) -> str:
+    """The MLflow UI route that shows several experiments' runs in one table, a child run nested under its
+    parent even when the two are in different experiments: every `kiln run` with its stage runs."""
+    import json
+
+    return "#/compare-experiments/s?experiments=" + json.dumps(sorted(experiment_ids), separators=(",", ":"))
+
+
+def pipeline_view_url(tracking_uri: str, ui_url: str) -> str | None:
+    """`ui_url` + the route of the pipeline view for the store at `tracking_uri` (None: the store has no
+    `kiln run` yet, or cannot be read now; an sqlite store that does not exist is not created)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        check_tracking_server(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        if client.get_experiment_by_name(PIPELINE_EXPERIMENT) is None:
+            return None
+        return f"{ui_url.rstrip('/')}/{pipeline_view_route(kiln_experiment_ids(client))}"
+    except Exception:  # only a convenience line of `kiln ui`; the UI itself says what is wrong
+        return None
+
+
+def stage_runs_of(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
+    """Stage name -> the newest run nested under `parent_run_id` (a retried stage has one run per attempt)."""
+    ids = kiln_experiment_ids(client)
+    runs = client.search_runs(ids, f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000) if ids else []
+    newest: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        newest[run.data.tags.get("kiln.stage", run.info.run_name)] = run
+    return newest
+
+
+def log_pipeline_stages(parent: StageRun, outcomes: list[StageOutcomeLike]) -> pd.DataFrame | None:
+    """Put every stage of one `kiln run` on its parent run: the `stages` table (`stages.json`, MLflow's
+    log_table format), the run's description (a Markdown table with a link per stage run, which the run
+    page shows) and tags naming the stages by outcome. Returns the table (None: it could not be logged,
+    which is printed and does not fail the run: the stage runs themselves are logged)."""
+    try:
+        return _log_pipeline_stages(parent, outcomes)
+    except Exception as err:
+        print(f"warning: the stages table of MLflow run {parent.run_id} was not logged: {type(err).__name__}: {err}")
+        return None
+
+
+def _log_pipeline_stages(parent: StageRun, outcomes: list[StageOutcomeLike]) -> pd.DataFrame:
+    children = stage_runs_of(parent.client, parent.run_id)
+    rows = []
+    for o in outcomes:
+        run = children.get(o.stage)
+        headline = headline_metric(run.data.metrics) if run is not None else None
+        rows.append(
+            {
+                "stage": o.stage,
+                "family": run.data.tags.get("kiln.family", "") if run is not None else "",
+                "status": o.status,
+                "run_status": run.info.status if run is not None else "",
+                "seconds": round(float(o.seconds), 2),
+                "headline_metric": headline[0] if headline else "",
+                "headline_value": float(headline[1]) if headline else float("nan"),
+                "run_id": run.info.run_id if run is not None else "",
+                "run_link": f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" if run is not None else "",
+                "detail": o.detail[:300],
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "stage",
+            "family",
+            "status",
+            "run_status",
+            "seconds",
+            "headline_metric",
+            "headline_value",
+            "run_id",
+            "run_link",
+            "detail",
+        ],
+    )
+    parent.client.log_table(parent.run_id, data=table, artifact_file="stages.json")
+    parent.set_tags(
+        {
+            "mlflow.note.content": stages_markdown(table),
+            **{
+                f"kiln.stages.{status.replace(' ', '_')}": ",".join(table.stage[table.status == status]) or "-"
+                for status in ("ran", "up to date", "failed", "skipped")
+            },
+            "kiln.stage_runs": str(int((table.run_id != "").sum())),
+        }
+    )
+    return table
+
+
+def stages_markdown(table: pd.DataFrame) -> str:
+    """The parent run's description: one row per stage, its name linking to its run (same UI, any host)."""
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        f"**kiln run**: {len(table)} stages; each stage's run is nested under this one in its family's experiment.",
+        "",
+        "| stage | family | status | seconds | headline metric |",
+        "|---|---|---|---:|---|",
+    ]
+    for row in table.itertuples():
+        name = f"[{cell(row.stage)}]({row.run_link})" if row.run_link else cell(row.stage)
+        metric = f"{row.headline_metric} = {row.headline_value:.4g}" if row.headline_metric else ""
+        status = row.status + (f" ({row.run_status})" if row.run_status and row.run_status != "FINISHED" else "")
+        lines.append(f"| {name} | {cell(row.family)} | {cell(status)} | {row.seconds:.1f} | {cell(metric)} |")
+    return "\n".join(lines) + "\n"
 
 
 @contextmanager

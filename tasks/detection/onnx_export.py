@@ -176,8 +176,6 @@ class OnnxInputs:
 @task(name="onnx", cache_policy=NO_CACHE)
 def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
     root, cfg, run = ctx.root, inputs.onnx, ctx.run
-    import onnx
-
     test, train_split = read_split(root, "test"), read_split(root, "train")
     out_dir = root / ONNX_DIR
     report: dict[str, Any] = {}
@@ -235,7 +233,6 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
                 lambda f: session8.run(None, f), feed, cfg.latency_warmup, cfg.latency_runs
             )
         report[name] = entry
-        register_onnx(run, name, onnx.load(str(fp32)), cfg.registered_model_prefix)
         print(
             f"{name}: mAP torch {entry['map_torch']:.4f} onnx {entry['map_onnx']:.4f}; "
             f"p50 torch {entry['latency_torch']['p50_ms']:.1f} ms, onnx {entry['latency_onnx_fp32']['p50_ms']:.1f} ms"
@@ -257,20 +254,107 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
         }
     )
     run.log_metrics(flat)
+    # Registered once every figure is measured, so the registry's tags are the metrics above and no
+    # registry write runs between two latency measurements.
+    example = pixels(test.images[:1]).numpy()
+    for name, entry in report.items():
+        fp32, int8 = out_dir / f"{name}.onnx", out_dir / f"{name}.int8.onnx"
+        register_onnx(run, name, fp32, cfg.registered_model_prefix, entry, example, "fp32")
+        if cfg.quantize_int8:
+            register_onnx(run, name, int8, cfg.registered_model_prefix, entry, example, "int8")
     return flat
 
 
-def register_onnx(run: StageRun, name: str, model_proto, prefix: str) -> None:
-    """Log the ONNX model to the stage's run and register it; the alias `newest` follows the last one."""
-    import mlflow
-    import mlflow.onnx
+OUTPUTS_DESCRIPTION = (
+    "boxes float32 (N, 4): x1, y1, x2, y2 in input pixels; scores float32 (N,); labels int64 (N,): class index "
+    "0..num_classes-1 (the scenes' categories in id order); image_index int64 (N,): which image of the batch. "
+    "Box decoding and non-maximum suppression are in the graph: these are the kept detections of the whole batch."
+)
 
-    registered = f"{prefix}{name}"
-    with mlflow.start_run(run_id=run.run_id, nested=True):
-        info = mlflow.onnx.log_model(model_proto, name=name, registered_model_name=registered)
-    version = info.registered_model_version
-    run.client.set_registered_model_alias(registered, "newest", str(version))
-    run.set_tags({f"registered_model.{name}": f"{registered}@newest (version {version})"})
+
+def onnx_model_description(name: str, precision: str, input_size: int) -> str:
+    """What a registry user needs before calling the model: the input tensor, its pixel scale, the outputs."""
+    how = "fp32" if precision == "fp32" else "static QDQ int8 (per-channel weights, calibrated on train scenes)"
+    return (
+        f"Kiln detector `{name}` exported to ONNX, {how}, by the `onnx` stage (tasks/detection/onnx_export.py). "
+        f"Input `pixels` float32 (batch, 1, {input_size}, {input_size}): grayscale scenes scaled to [0, 1] "
+        f"(uint8 / 255); the batch dimension is dynamic. Outputs: {OUTPUTS_DESCRIPTION} "
+        "Alias `newest` follows the last registered version."
+    )
+
+
+def registry_figures(entry: dict[str, Any], precision: str) -> dict[str, float]:
+    """The figures a version earned, from the stage's own report entry: test mAP and AP50 in onnxruntime,
+    batch-1 latency percentiles."""
+    suffix = "" if precision == "fp32" else "_int8"
+    latency = entry[f"latency_onnx_{precision}"]
+    return {
+        "test_map": entry[f"map_onnx{suffix}"],
+        "test_ap50": entry[f"ap50_onnx{suffix}"],
+        "latency_p50_ms": latency["p50_ms"],
+        "latency_p95_ms": latency["p95_ms"],
+    }
+
+
+def register_onnx(
+    run: StageRun,
+    name: str,
+    path: Path,
+    prefix: str,
+    entry: dict[str, Any],
+    example: np.ndarray,
+    precision: str = "fp32",
+) -> None:
+    """Log one exported detector to the stage's run as an MLflow ONNX model, with a signature inferred from
+    a real input (`example`, a (1, 1, S, S) float32 test scene in [0, 1]) and the model's own outputs on it,
+    and register it as `<prefix><name>` (fp32) or `<prefix><name>-int8`, alias `newest`, with descriptions
+    and tags (stage, commit, profile, what it scored)."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import infer_signature
+
+    registered = f"{prefix}{name}" + ("" if precision == "fp32" else f"-{precision}")
+    session = onnx_session(path)
+    feed = {session.get_inputs()[0].name: example}
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    run_tags = run.client.get_run(run.run_id).data.tags
+    figures = registry_figures(entry, precision)
+    tags = {
+        "kiln.stage": run_tags.get("kiln.stage", "onnx"),
+        "kiln.detector": name,
+        "kiln.precision": precision,
+        "kiln.profile": run_tags.get("kiln.profile", ""),
+        "mlflow.source.git.commit": run_tags.get("mlflow.source.git.commit", ""),
+        **{f"kiln.{k}": f"{v:.6g}" for k, v in figures.items()},
+    }
+    description = onnx_model_description(name, precision, int(example.shape[-1]))
+    info = run.log_model(
+        mlflow.onnx,
+        f"{name}-{precision}",
+        tags=tags,
+        registered_model_name=registered,
+        onnx_model=onnx.load(str(path)),
+        signature=infer_signature(feed, outputs),
+        input_example=feed,
+        metadata={"description": description},
+    )
+    version = str(info.registered_model_version)
+    client = run.client
+    client.update_registered_model(registered, description=description)
+    scored = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+    client.update_model_version(
+        registered,
+        version,
+        description=f"{description}\n\nFrom run {run.run_id} (stage `onnx`, profile {tags['kiln.profile']}, "
+        f"commit {tags['mlflow.source.git.commit']}): {scored}.",
+    )
+    for key, value in tags.items():
+        client.set_model_version_tag(registered, version, key, value)
+    client.set_registered_model_tag(registered, "kiln.detector", name)
+    client.set_registered_model_tag(registered, "kiln.precision", precision)
+    client.set_registered_model_alias(registered, "newest", version)
+    key = name if precision == "fp32" else f"{name}-{precision}"
+    run.set_tags({f"registered_model.{key}": f"{registered}@newest (version {version})"})
 
 
 SPEC = StageSpec(name="onnx", family="detection", task=onnx_task, inputs=OnnxInputs, seeded=False)
