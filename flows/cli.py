@@ -4,6 +4,9 @@ kiln stage NAME          run one dvc.yaml stage as a Prefect flow run (what ever
 kiln run [--target S] [--family F] [--dry-run] [--force]
                          the end-to-end flow: reproduce the stale stages in DVC's order
 kiln score [SENTENCE..]  rank sentences by plausibility under the trained language model(s)
+kiln sample STAGE --out DIR
+                         PNG samples from a trained generator (diffusion@*, ldm_text, controlnet, guidance, nflow@*)
+kiln detect IMAGE..      run the exported detector (ONNX) on images: print and draw what it finds
 kiln status              which stages are stale, and why
 kiln profile NAME        switch params/ to the smoke, default or gpu profile
 kiln check               dvc.yaml against the stage specs: cmds, params, code deps (import closure)
@@ -36,7 +39,7 @@ def _targets(root: Path, args: argparse.Namespace) -> list[str] | None:
     items, as in `dvc repro lm`."""
     if not (args.target or getattr(args, "family", None)):
         return None
-    from flows.pipeline import dvc_stage_names
+    from flows.dvc_graph import dvc_stage_names
     from flows.registry import all_specs, unknown_stage
 
     known = dvc_stage_names(root)  # kiln stages and any other command dvc.yaml runs
@@ -82,12 +85,13 @@ def _validate_params(root: Path, typed: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
+    _validate_params(root, typed=False)
+    targets = _targets(root, args)  # a mistyped name is refused first, in a second, not after the imports
     _validate_params(root, typed=True)
     from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
 
     if not args.dry_run:
-        require_tracking_server(root)  # before DVC is even opened: a run that cannot log does not start
-    targets = _targets(root, args)
+        require_tracking_server(root)  # before any stage: a run that cannot log does not start
     if args.dry_run:
         return _dry_run(root, targets, args.force)
     from flows.prefect_api import local_prefect_api
@@ -118,10 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
     """What `kiln run` would do, in order, without running anything: a stage runs when it is stale, when
     a stage it depends on runs, or with --force."""
-    from flows.pipeline import stage_order, stale_reasons_of
+    from flows.dvc_graph import order_and_stale_reasons, stage_order
 
-    order, upstream = stage_order(root, targets)
-    stale = {} if force else stale_reasons_of(root, order)
+    if force:
+        (order, upstream), stale = stage_order(root, targets), {}
+    else:
+        order, upstream, stale = order_and_stale_reasons(root, targets)
     runs: set[str] = set()
     for name in order:
         reasons = ["--force"] if force else stale[name]
@@ -139,10 +145,9 @@ def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=False)
-    from flows.pipeline import stage_order, stale_reasons_of
+    from flows.dvc_graph import order_and_stale_reasons
 
-    order, _ = stage_order(root, _targets(root, args))
-    all_reasons = stale_reasons_of(root, order)
+    order, _, all_reasons = order_and_stale_reasons(root, _targets(root, args))
     stale = 0
     for name in order:
         reasons = all_reasons[name]
@@ -183,6 +188,49 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    # Paths as the user typed them, before _enter_root moves to the project root.
+    out = Path(args.out).resolve()
+    edges = Path(args.edges).resolve() if args.edges else None
+    root = _enter_root()
+    from tasks.generative.sampling import SampleRequest, sample_stage, write_samples
+    from tasks.runtime import load_runtime
+    from tasks.training import resolve_device
+
+    request = SampleRequest(args.stage, args.n, args.label, args.prompt, edges, args.steps, args.seed)
+    samples = sample_stage(root, request, resolve_device(load_runtime(root / "params").device))
+    paths = write_samples(samples, out)
+    for path, condition in zip(paths, samples.conditions):
+        print(f"{path}  {condition}")
+    print(f"{paths[-1]}  grid")
+    shape = "x".join(str(d) for d in samples.images.shape[1:])
+    count = len(samples.conditions)
+    print(f"kiln sample: {count} image(s) of {shape} from {args.stage} ({samples.how}; seed {args.seed})")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    # Paths as the user typed them, before _enter_root moves to the project root.
+    images = [Path(p).resolve() for p in args.images]
+    out = Path(args.out).resolve() if args.out else None
+    root = _enter_root()
+    from tasks.detection.inference import detect, draw_detections, format_detections, load_detector, output_paths
+    from tasks.errors import InputError
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise InputError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    detector = load_detector(root, args.model)
+    results = [detect(detector, path, args.score_threshold) for path in images]  # every image read before any output
+    print(
+        f"{detector.source}: {detector.input_size}x{detector.input_size} gray input, score >= {args.score_threshold:g}"
+    )
+    for result, target in zip(results, output_paths(images, out) if out else [None] * len(results)):
+        print(format_detections(result))
+        if target is not None:
+            print(f"  drawn: {draw_detections(result, target)}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     root = _enter_root()
     from flows.check import check
@@ -215,6 +263,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root)
     print(f"MLflow UI for {redact_uri(uri)} on http://127.0.0.1:{args.port}")
+    from tasks.tracking import pipeline_view_url
+
+    view = pipeline_view_url(uri, f"http://127.0.0.1:{args.port}")
+    if view:  # every experiment in one table: each `kiln run` with its stage runs nested under it
+        print(f"every kiln run with its stage runs: {view}")
     mlflow = Path(sys.executable).parent / "mlflow"
     # The store URI (a PostgreSQL one carries its password) goes through the environment, which other
     # local users cannot read, not the command line, which `ps` shows them.
@@ -295,6 +348,28 @@ def build_parser(with_stages: bool = False) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("sample", help="PNG samples from a trained generator")
+    p.add_argument(
+        "stage", help="diffusion@{ddpm,sde_vp,sde_ve,ldm,dit_rf}, ldm_text, controlnet, guidance, nflow@{realnvp,cnf}"
+    )
+    p.add_argument("--label", help="class name or index for a class-conditional model (default: the classes in turn)")
+    p.add_argument("--prompt", help="the caption, for ldm_text")
+    p.add_argument("--edges", help="PNG edge map the size of the training images, for controlnet")
+    p.add_argument("-n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the most the stage scores)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default: 0)")
+    p.add_argument("--out", required=True, help="folder for 000.png, 001.png, ... and grid.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("detect", help="run the exported detector (ONNX) on images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode: converted to gray)")
+    p.add_argument(
+        "--model", help="detector name (default: the first; NAME.int8 for the int8 export) or a models:/ URI"
+    )
+    p.add_argument("--out", help="folder for each image with its boxes drawn (<stem>.detections.png)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="smallest score shown (default: 0.5)")
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("status", help="which stages are stale, and why")
     p.add_argument("--target", action="append", help="only this stage and its upstream")
@@ -387,6 +462,24 @@ def _quiet_input_errors() -> None:
         logging.getLogger(name).addFilter(quiet)
 
 
+# The commands that run Prefect flows; the others (status, summary, score, ...) import neither Prefect nor
+# MLflow, which would double `kiln status`'s time.
+FLOW_COMMANDS = {"run", "stage", "serve"}
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's input, printed as one line with exit status 2. Evaluated when an
+    error is raised: a tracking server can only be unreachable once tasks.tracking was imported."""
+    from dvc.exceptions import DvcException
+
+    from flows.registry import UnknownStage
+    from tasks.errors import InputError
+
+    tracking = sys.modules.get("tasks.tracking")
+    unreachable = (tracking.TrackingServerUnreachable,) if tracking else ()
+    return (InputError, UnknownStage, FileNotFoundError, KeyError, DvcException, *unreachable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -396,17 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(with_stages="-h" in argv or "--help" in argv).parse_args(argv)
-    from flows.registry import UnknownStage
-    from tasks.errors import InputError
-    from tasks.tracking import TrackingServerUnreachable
-
-    if not args.debug:
+    if not args.debug and args.command in FLOW_COMMANDS:
         _quiet_input_errors()
-    from dvc.exceptions import DvcException
-
     try:
         return args.func(args)
-    except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError, DvcException) as err:
+    except _input_errors() as err:
         # Input errors: one clear line naming the file, key or record, not a traceback (unless --debug).
         if args.debug:
             raise
