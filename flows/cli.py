@@ -261,6 +261,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(load_runtime(root / "params").tracking_uri(), root)
     print(f"MLflow UI for {redact_uri(uri)} on http://127.0.0.1:{args.port}")
+    from tasks.tracking import pipeline_view_url
+
+    view = pipeline_view_url(uri, f"http://127.0.0.1:{args.port}")
+    if view:  # every experiment in one table: each `kiln run` with its stage runs nested under it
+        print(f"every kiln run with its stage runs: {view}")
     mlflow = Path(sys.executable).parent / "mlflow"
     # The store URI (a PostgreSQL one carries its password) goes through the environment, which other
     # local users cannot read, not the command line, which `ps` shows them.
