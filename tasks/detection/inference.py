@@ -4,8 +4,8 @@ The model is the `onnx` stage's output (data/models/onnx/<name>.onnx, or <name>.
 project's MLflow model registry (`models:/kiln-thundernet@newest`). Either is the GrayscaleDetector graph of
 tasks/detection/onnx_export.py: input `pixels` float32 (batch, 1, S, S), gray in [0, 1] (uint8 / 255), and
 outputs boxes (x1, y1, x2, y2 in input pixels), scores, labels (class index 0..C-1, the scenes' categories in
-id order) and image_index, with decoding and NMS inside the graph. Nothing here imports torch or a stage
-module, so the command starts in the time onnxruntime takes to load.
+id order) and image_index, with decoding and NMS inside the graph. Nothing here imports a stage module
+(Prefect, the training code): the detector names come from the model registry, models/detection/detectors.py.
 """
 
 from __future__ import annotations
