@@ -39,7 +39,7 @@ def _targets(root: Path, args: argparse.Namespace) -> list[str] | None:
     items, as in `dvc repro lm`."""
     if not (args.target or getattr(args, "family", None)):
         return None
-    from flows.pipeline import dvc_stage_names
+    from flows.dvc_graph import dvc_stage_names
     from flows.registry import all_specs, unknown_stage
 
     known = dvc_stage_names(root)  # kiln stages and any other command dvc.yaml runs
@@ -85,12 +85,13 @@ def _validate_params(root: Path, typed: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
+    _validate_params(root, typed=False)
+    targets = _targets(root, args)  # a mistyped name is refused first, in a second, not after the imports
     _validate_params(root, typed=True)
     from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
 
     if not args.dry_run:
-        require_tracking_server(root)  # before DVC is even opened: a run that cannot log does not start
-    targets = _targets(root, args)
+        require_tracking_server(root)  # before any stage: a run that cannot log does not start
     if args.dry_run:
         return _dry_run(root, targets, args.force)
     from flows.prefect_api import local_prefect_api
@@ -121,10 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
     """What `kiln run` would do, in order, without running anything: a stage runs when it is stale, when
     a stage it depends on runs, or with --force."""
-    from flows.pipeline import stage_order, stale_reasons_of
+    from flows.dvc_graph import order_and_stale_reasons, stage_order
 
-    order, upstream = stage_order(root, targets)
-    stale = {} if force else stale_reasons_of(root, order)
+    if force:
+        (order, upstream), stale = stage_order(root, targets), {}
+    else:
+        order, upstream, stale = order_and_stale_reasons(root, targets)
     runs: set[str] = set()
     for name in order:
         reasons = ["--force"] if force else stale[name]
@@ -142,10 +145,9 @@ def _dry_run(root: Path, targets: list[str] | None, force: bool) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=False)
-    from flows.pipeline import stage_order, stale_reasons_of
+    from flows.dvc_graph import order_and_stale_reasons
 
-    order, _ = stage_order(root, _targets(root, args))
-    all_reasons = stale_reasons_of(root, order)
+    order, _, all_reasons = order_and_stale_reasons(root, _targets(root, args))
     stale = 0
     for name in order:
         reasons = all_reasons[name]
@@ -460,6 +462,24 @@ def _quiet_input_errors() -> None:
         logging.getLogger(name).addFilter(quiet)
 
 
+# The commands that run Prefect flows; the others (status, summary, score, ...) import neither Prefect nor
+# MLflow, which would double `kiln status`'s time.
+FLOW_COMMANDS = {"run", "stage", "serve"}
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's input, printed as one line with exit status 2. Evaluated when an
+    error is raised: a tracking server can only be unreachable once tasks.tracking was imported."""
+    from dvc.exceptions import DvcException
+
+    from flows.registry import UnknownStage
+    from tasks.errors import InputError
+
+    tracking = sys.modules.get("tasks.tracking")
+    unreachable = (tracking.TrackingServerUnreachable,) if tracking else ()
+    return (InputError, UnknownStage, FileNotFoundError, KeyError, DvcException, *unreachable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -469,17 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(with_stages="-h" in argv or "--help" in argv).parse_args(argv)
-    from flows.registry import UnknownStage
-    from tasks.errors import InputError
-    from tasks.tracking import TrackingServerUnreachable
-
-    if not args.debug:
+    if not args.debug and args.command in FLOW_COMMANDS:
         _quiet_input_errors()
-    from dvc.exceptions import DvcException
-
     try:
         return args.func(args)
-    except (InputError, UnknownStage, TrackingServerUnreachable, FileNotFoundError, KeyError, DvcException) as err:
+    except _input_errors() as err:
         # Input errors: one clear line naming the file, key or record, not a traceback (unless --debug).
         if args.debug:
             raise

@@ -250,15 +250,26 @@ def detection(root: Path, report: Report) -> None:
 SECTIONS: list[Callable[[Path, Report], None]] = [language_models, image_generation, detection]
 
 
+def profile_line(root: Path) -> list[str]:
+    """Which profile the params are on: smoke figures come from toy sizes and say so."""
+    from tasks.runtime import load_runtime
+
+    if not (root / "params" / "runtime.yaml").is_file():
+        return []
+    profile = load_runtime(root / "params").profile
+    if profile == "smoke":
+        return ["Profile: smoke (seconds-sized models and data: these figures test the plumbing, not the methods)"]
+    return [f"Profile: {profile}"]
+
+
 def provenance(root: Path) -> list[str]:
     """Where the figures come from: the params' profile (smoke figures say they only test the plumbing),
     the commit they were computed at, and when."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    from tasks.report.summary import profile_line
     from tasks.tracking import git_commit
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [*profile_line(root), f"Commit: {git_commit(root)}", f"Generated: {when}"]
 
 

@@ -8,22 +8,11 @@ import json
 from pathlib import Path
 
 from tasks.layout import METRICS_DIR, PLOTS_DIR
+from tasks.report.report import profile_line
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def profile_line(root: Path) -> list[str]:
-    """Which profile the params are on: smoke figures come from toy sizes and say so."""
-    from tasks.runtime import load_runtime
-
-    if not (root / "params" / "runtime.yaml").is_file():
-        return []
-    profile = load_runtime(root / "params").profile
-    if profile == "smoke":
-        return ["Profile: smoke (seconds-sized models and data: these figures test the plumbing, not the methods)"]
-    return [f"Profile: {profile}"]
 
 
 def headline(root: Path) -> str:
