@@ -7,11 +7,12 @@ with its value. The screenshot is kept in test-artifacts/.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.ops.conftest import LoggedRun, keep_artifact, require
+from tests.ops.conftest import LOOPBACK, LoggedRun, keep_artifact, require
 
 pytestmark = pytest.mark.pipeline
 
@@ -84,3 +85,186 @@ def test_the_mlflow_ui_shows_the_experiment_the_run_and_its_metric(
         print(f"screenshot: {kept}")
     # The nearest element holding both is the metric's row, not the whole page.
     assert row.text.split() == ["vocab_size", value], f"metric row {row.text!r}; screenshot {kept}"
+
+
+# ------------------------------------------------------- the pipeline view, the report, the registry
+
+DETECTION = ["scenes", "detector@thundernet", "detector@one_stage", "map", "onnx"]
+
+
+@dataclass(frozen=True)
+class DetectionRun:
+    url: str
+    project: Path
+    parent_id: str  # the `kiln run` parent run
+    report_id: str  # the `report` stage run
+
+
+@pytest.fixture(scope="module")
+def detection_run(mlflow_server_run: LoggedRun) -> DetectionRun:
+    """The detection branch as one `kiln run` (five stage runs nested under its parent run, the detectors
+    registered) and then the `report` stage, logged to the same server as the `corpus` run."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.pipeline.helpers import sh
+
+    url, project = mlflow_server_run.url, mlflow_server_run.project
+    env = {"MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", **LOOPBACK}
+    sh(project, "kiln", "run", "--target", "onnx", "--target", "map", env=env)
+    sh(project, "kiln", "stage", "report", env=env)
+    client = MlflowClient(url)
+    (parent,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    (report,) = client.search_runs([client.get_experiment_by_name("report").experiment_id])
+    return DetectionRun(url, project, parent.info.run_id, report.info.run_id)
+
+
+def _shot(browser, tmp_path: Path, name: str) -> Path:
+    shot = tmp_path / name
+    browser.save_screenshot(str(shot))
+    kept = keep_artifact(shot, name)
+    print(f"screenshot: {kept}")
+    return kept
+
+
+def _exact_text(text: str):
+    from selenium.webdriver.common.by import By
+
+    return (By.XPATH, f"//*[normalize-space(text())={text!r}]")
+
+
+def test_the_pipeline_run_page_lists_and_links_every_stage_run(detection_run: DetectionRun, browser, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(detection_run.url)
+    parent = client.get_run(detection_run.parent_id)
+    assert parent.data.tags["kiln.stages.ran"] == ",".join(DETECTION)
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        )
+    }
+    assert set(children) == set(DETECTION)
+    wait = WebDriverWait(browser, WAIT_S)
+    try:
+        browser.get(f"{detection_run.url}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
+        wait.until(ec.visibility_of_element_located(_exact_text(parent.info.run_id)))
+        more = browser.find_elements(*_exact_text("Show more"))
+        if more:  # a long description is folded
+            more[0].click()
+        links = {}
+        for stage in DETECTION:
+            link = wait.until(ec.visibility_of_element_located((By.XPATH, f"//a[normalize-space(.)={stage!r}]")))
+            links[stage] = link.get_attribute("href")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", link)
+    finally:
+        kept = _shot(browser, tmp_path, "mlflow-ui-pipeline-run.png")
+    for stage, href in links.items():
+        run = children[stage]
+        assert href.endswith(f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"), (stage, href, kept)
+
+    # The multi-experiment view nests the stage runs under the parent across experiments.
+    from tasks.tracking import pipeline_view_url
+
+    view = pipeline_view_url(detection_run.url, detection_run.url)
+    try:
+        browser.get(view)
+        wait.until(ec.visibility_of_element_located(_exact_text("kiln run")))
+        assert not browser.find_elements(*_exact_text("scenes")), "stage runs listed as top-level rows"
+        row = browser.find_element(*_exact_text("kiln run")).find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        row.find_element(By.XPATH, ".//button").click()  # the row's expander
+        for stage in DETECTION:
+            wait.until(ec.visibility_of_element_located(_exact_text(stage)))
+    finally:
+        _shot(browser, tmp_path, "mlflow-ui-pipeline-view.png")
+
+
+def test_the_report_artifact_renders_with_its_images(detection_run: DetectionRun, browser, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(detection_run.url)
+    run = client.get_run(detection_run.report_id)
+    listed = [
+        f.path
+        for top in client.list_artifacts(run.info.run_id)
+        for f in [top, *client.list_artifacts(run.info.run_id, top.path)]
+    ]
+    (page,) = [path for path in listed if path.endswith("report.html")]
+    wait = WebDriverWait(browser, WAIT_S)
+    sizes: list[int] = []
+    try:
+        browser.get(
+            f"{detection_run.url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/{page}"
+        )
+        frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe.mlflow-html-iframe")))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", frame)
+        browser.switch_to.frame(frame)
+        wait.until(lambda b: b.find_elements(By.TAG_NAME, "img"))
+        wait.until(
+            lambda b: all(
+                b.execute_script("return arguments[0].complete", i) for i in b.find_elements(By.TAG_NAME, "img")
+            )
+        )
+        images = browser.find_elements(By.TAG_NAME, "img")
+        sizes = [int(i.get_property("naturalWidth")) for i in images]
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", images[0])  # for the screenshot
+        browser.switch_to.default_content()
+    finally:
+        kept = _shot(browser, tmp_path, "mlflow-ui-report.png")
+    assert sizes and all(w > 0 for w in sizes), f"images' natural widths {sizes}; screenshot {kept}"
+
+
+def test_a_registered_detector_shows_its_signature_and_predicts_on_its_example(
+    detection_run: DetectionRun, browser, tmp_path
+):
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = MlflowClient(detection_run.url)
+    mlflow.set_tracking_uri(detection_run.url)
+    onnx_run = client.search_runs(
+        [client.get_experiment_by_name("detection").experiment_id], "attributes.run_name = 'onnx'"
+    )[0]
+    size = None
+    for name in ("kiln-thundernet", "kiln-thundernet-int8", "kiln-one_stage", "kiln-one_stage-int8"):
+        version = client.get_model_version_by_alias(name, "newest")
+        assert version.run_id == onnx_run.info.run_id
+        assert "pixels" in version.description and "[0, 1]" in version.description
+        assert {"kiln.test_map", "kiln.test_ap50", "kiln.latency_p50_ms"} <= set(version.tags)
+        uri = f"models:/{name}@newest"
+        local = mlflow.artifacts.download_artifacts(uri)
+        example = Model.load(local).load_input_example(local)
+        (spec,) = Model.load(local).signature.inputs.inputs
+        assert spec.name == "pixels" and spec.shape[:2] == (-1, 1) and str(spec.type) == "float32"
+        size = spec.shape[-1]
+        predicted = mlflow.pyfunc.load_model(uri).predict(example)
+        assert set(predicted) == {"boxes", "scores", "labels", "image_index"}
+        assert predicted["boxes"].shape[1:] == (4,)
+        assert 0.0 <= float(example["pixels"].min()) and float(example["pixels"].max()) <= 1.0
+
+    version = client.get_model_version_by_alias("kiln-thundernet", "newest")
+    wait = WebDriverWait(browser, WAIT_S)
+    try:
+        browser.get(f"{detection_run.url}/#/models/kiln-thundernet/versions/{version.version}")
+        schema = wait.until(ec.visibility_of_element_located(_exact_text("Schema")))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", schema)
+        inputs = wait.until(ec.element_to_be_clickable(_exact_text("Inputs (1)")))
+        inputs.click()  # the schema's inputs are folded
+        # The input's name in the schema table below the heading (the description above names it too).
+        below = "//*[normalize-space(text())='Schema']/following::*[normalize-space(text())='pixels'][1]"
+        cell = wait.until(ec.visibility_of_element_located(("xpath", below)))
+        row = cell.find_element("xpath", "./ancestor::*[contains(normalize-space(.), 'float32')][1]")
+        text = row.text
+    finally:
+        kept = _shot(browser, tmp_path, "mlflow-ui-model-version.png")
+    assert "pixels" in text and "float32" in text and f"{size}" in text, f"schema row {text!r}; screenshot {kept}"
