@@ -471,7 +471,8 @@ class StreamScores:
 def _shift(a: np.ndarray, k: int) -> np.ndarray:
     """out[j] = a[j - k], -1 for j < k."""
     out = np.full(len(a), -1, dtype=a.dtype)
-    out[k:] = a[: len(a) - k]
+    if k < len(a):  # a stream shorter than the context (a one-word sentence) has no j >= k
+        out[k:] = a[: len(a) - k]
     return out
 
 

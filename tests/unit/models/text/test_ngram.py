@@ -113,6 +113,18 @@ def test_hand_probabilities(hand):
     assert scores.perplexity == pytest.approx(10 ** (-scores.token_log10.sum() / 9), rel=1e-12)
 
 
+def test_streams_shorter_than_the_order_score():
+    """A one-word sentence (`<s> c </s>`: 3 tokens) under an order-5 model, shorter than the context the
+    scorer shifts in, gets each token's probability (`kiln score hello` raised a broadcast error)."""
+    S, c, E = BOS_ID, 5, EOS_ID
+    stream = encode(HAND_SENTENCES, HAND_VOCAB)
+    model = estimate_kneser_ney(count_ngrams(stream, len(HAND_VOCAB), 5), NgramConfig(order=5)).model
+    short = score_stream(model, np.array([S, c, E], dtype=np.int32))
+    assert short.predicted == 2
+    assert short.token_log10[1] == pytest.approx(next_word_log10(model, [S])[c], abs=1e-12)
+    assert short.token_log10[2] == pytest.approx(next_word_log10(model, [S, c])[E], abs=1e-12)
+
+
 def test_undefined_discounts_fall_back_with_warning():
     # One sentence: every adjusted count is 1, so n2 = 0 and eq. 26 is undefined at both orders.
     vocab = ["<unk>", "<s>", "</s>", "x", "y"]
