@@ -133,6 +133,13 @@ def _section_index(params: Path, stamp: tuple) -> dict[str, Path]:
     return section_index(params)
 
 
+def batch_size(root: Path) -> int:
+    """Images per sampler call: the stages' own (`fid.batch_size`), which their models are sized to sample."""
+    from tasks.generative.fid import FIDConfig
+
+    return params_section(root, "fid", FIDConfig).batch_size
+
+
 def checked_steps(request: SampleRequest, default: int) -> int:
     if request.steps is not None and request.steps < 1:
         raise InputError(f"--steps must be >= 1, got {request.steps}")
@@ -201,7 +208,7 @@ def sample_diffusion(root: Path, name: str, request: SampleRequest, device: torc
     classes = class_names(root)
     labels, conditions = _labels(request, classes)
     space = (
-        _latent_space(root, device, request.n)
+        _latent_space(root, device, batch_size(root))
         if spec.space == "latents"
         else _pixel_space(_network_shape(root / DIFFUSION_DIR / name / "model.pt"))
     )
@@ -213,7 +220,14 @@ def sample_diffusion(root: Path, name: str, request: SampleRequest, device: torc
     # The adaptive ODE solver picks its own steps: --steps does not reach it.
     fixed = None if spec.headline == "ode" else steps
     images, nfe = sample_images(
-        process, model, space, labels, sampler=spec.headline, steps=fixed, seed=request.seed, batch_size=request.n
+        process,
+        model,
+        space,
+        labels,
+        sampler=spec.headline,
+        steps=fixed,
+        seed=request.seed,
+        batch_size=batch_size(root),
     )
     return Samples(stage, images, conditions, f"{spec.headline} sampler, {fixed or nfe} steps ({nfe} evaluations)")
 
@@ -257,7 +271,7 @@ def sample_guidance(root: Path, request: SampleRequest, device: torch.device) ->
         steps=steps,
         guidance=lambda y: ClassifierGuidance(classifier, y=y, scale=scale),
         seed=request.seed,
-        batch_size=request.n,
+        batch_size=batch_size(root),
     )
     return Samples("guidance", images, conditions, f"{cfg.sampler}, {steps} steps, classifier guidance {scale:g}")
 
@@ -283,7 +297,7 @@ def sample_ldm_text(root: Path, request: SampleRequest, device: torch.device) ->
         raise InputError("ldm_text is text-conditioned: give --prompt TEXT (e.g. --prompt 'a handwritten seven')")
     path = require(root, root / LDM_TEXT_DIR / "model.pt", "ldm_text")
     classes = class_names(root)
-    space = _latent_space(root, device, request.n)
+    space = _latent_space(root, device, batch_size(root))
 
     def build(_: str, config: dict[str, Any]) -> nn.Module:
         return TextConditionedUNet(
@@ -314,7 +328,7 @@ def sample_ldm_text(root: Path, request: SampleRequest, device: torch.device) ->
         steps=steps,
         guidance=lambda c: ClassifierFreeGuidance(y=c, scale=cfg.guidance_scale),
         seed=request.seed,
-        batch_size=request.n,
+        batch_size=batch_size(root),
     )
     note = f"; words the model never saw (read as <unk>): {', '.join(unknown)}" if unknown else ""
     how = f"{cfg.sampler}, {steps} steps, classifier-free guidance {cfg.guidance_scale:g}{note}"
@@ -382,7 +396,7 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
     eval_cfg = replace(eval_cfg, steps=checked_steps(request, eval_cfg.steps))
     x_T = torch.randn((request.n, *shape), generator=torch.Generator().manual_seed(request.seed)).to(device)
     process = GaussianDiffusion(params_section(root, "ddpm", DiffusionConfig))
-    images = sample(process, model, x_T, labels, edges, eval_cfg, request.n)
+    images = sample(process, model, x_T, labels, edges, eval_cfg, batch_size(root))
     return Samples("controlnet", images, conditions, f"{eval_cfg.sampler}, {eval_cfg.steps} steps")
 
 
@@ -413,7 +427,7 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
         how = f"ODE, {cfg.sample_solver}" + (f", {cfg.sample_steps} steps" if cfg.sample_solver == "rk4" else "")
     flow.model.load_state_dict(saved["state_dict"])
     flow.model.to(device).eval()
-    images, _ = sample_images(flow, request.n, request.n, seed=request.seed)
+    images, _ = sample_images(flow, request.n, batch_size(root), seed=request.seed)
     return Samples(stage, images, ["unconditional"] * request.n, how)
 
 
