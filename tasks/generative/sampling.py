@@ -207,12 +207,10 @@ def sample_diffusion(root: Path, name: str, request: SampleRequest, device: torc
     require(root, root / DIFFUSION_DIR / name / "model.pt", stage)
     classes = class_names(root)
     labels, conditions = _labels(request, classes)
-    space = (
-        _latent_space(root, device, batch_size(root))
-        if spec.space == "latents"
-        else _pixel_space(_network_shape(root / DIFFUSION_DIR / name / "model.pt"))
-    )
+    # The decoder first: a missing vae or latent cache is named before the model's check reads the cache.
+    latents = _latent_space(root, device, batch_size(root)) if spec.space == "latents" else None
     model = load_generator(root, name, device)
+    space = latents or _pixel_space(_shape_of(model))
     process = build_process(name, params_section(root, spec.process_section, PROCESS_CONFIGS[name]))
     steps = checked_steps(
         request, max(getattr(params_section(root, "diffusion_eval", DiffusionEvalConfig), spec.steps_field))
@@ -232,10 +230,9 @@ def sample_diffusion(root: Path, name: str, request: SampleRequest, device: torc
     return Samples(stage, images, conditions, f"{spec.headline} sampler, {fixed or nfe} steps ({nfe} evaluations)")
 
 
-def _network_shape(path: Path) -> tuple[int, int, int]:
-    """(C, H, W) a saved UNet or DiT samples, from its recorded config."""
-    config = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    return int(config["in_channels"]), int(config["image_size"]), int(config["image_size"])
+def _shape_of(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) a pixel-space UNet samples, from its config."""
+    return model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size
 
 
 def sample_guidance(root: Path, request: SampleRequest, device: torch.device) -> Samples:
@@ -265,7 +262,7 @@ def sample_guidance(root: Path, request: SampleRequest, device: torch.device) ->
     images, nfe = sample_images(
         GaussianDiffusion(params_section(root, "ddpm", DiffusionConfig)),
         model,
-        _pixel_space(_network_shape(root / DIFFUSION_DIR / "ddpm" / "model.pt")),
+        _pixel_space(_shape_of(model)),
         labels,
         sampler=cfg.sampler,
         steps=steps,
