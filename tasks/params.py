@@ -17,6 +17,7 @@ comments survive.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -80,11 +81,25 @@ def _check_alias_expansions(path: Path, root: Any) -> None:
                 stack.append(item)
 
 
+_PARSED: dict[tuple[str, int, int, int], Any] = {}  # (path, inode, mtime_ns, size) -> its document
+
+
 def read_yaml(path: Path) -> Any:
     """The one document of the YAML file `path`, loaded safely: plain tags only, a bounded size and a
-    bounded number of alias expansions. Every problem is one `ParamsError` naming the file."""
+    bounded number of alias expansions. Every problem is one `ParamsError` naming the file.
+
+    A stage reads the same files several times (the section index, each section, the flat params for
+    MLflow): each version of a file is parsed once per process and callers get their own copy."""
     if not path.is_file():
         raise ParamsError(path, "<file>", "no such params file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = _parse_yaml(path)
+    return copy.deepcopy(_PARSED[key])
+
+
+def _parse_yaml(path: Path) -> Any:
     size = path.stat().st_size
     if size > MAX_PARAMS_BYTES:
         raise ParamsError(path, "<file>", f"params file too large ({size} bytes, limit {MAX_PARAMS_BYTES})")

@@ -259,3 +259,22 @@ def test_syntax_error_is_one_line_with_its_position(tmp_path):
         load(tmp_path, "ex: [unclosed\n")
     assert "\n" not in str(err.value)
     assert "(line 2, column 1)" in str(err.value)
+
+
+def test_read_yaml_parses_each_version_once_and_hands_out_copies(tmp_path):
+    import os
+
+    from tasks import params
+
+    path = tmp_path / "lm.yaml"
+    path.write_text("ngram:\n  order: 3\n")
+    first = params.read_yaml(path)
+    first["ngram"]["order"] = 99  # a caller's edit must not reach the next caller
+    assert params.read_yaml(path) == {"ngram": {"order": 3}}
+    parsed = len(params._PARSED)
+    params.read_yaml(path)
+    assert len(params._PARSED) == parsed  # same version: not parsed again
+    stat = path.stat()
+    path.write_text("ngram:\n  order: 44\n")  # an edit: a new mtime and size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime, the size differs
+    assert params.read_yaml(path) == {"ngram": {"order": 44}}
