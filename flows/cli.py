@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 
@@ -94,22 +95,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_tracking_server(root)  # before any stage: a run that cannot log does not start
     if args.dry_run:
         return _dry_run(root, targets, args.force)
+    from flows.dvc_graph import RepoBusy, hold_repo_lock
     from flows.prefect_api import local_prefect_api
     from flows.run_lock import RunInProgress, exclusive_run
     from tasks.runtime import load_runtime
 
-    pipeline_flow = configured_pipeline_flow(load_runtime(root / "params"))
+    runtime = load_runtime(root / "params")
+    pipeline_flow = configured_pipeline_flow(runtime)
 
     failure: PipelineFailed | None = None
     try:
-        with exclusive_run(root), local_prefect_api():
+        # DVC's own repo lock too, for the whole run (not with Dask, whose worker processes commit stages).
+        dvc_lock = hold_repo_lock(root) if runtime.task_runner == "thread" else nullcontext()
+        with exclusive_run(root), dvc_lock, local_prefect_api():
             try:
                 outcomes = pipeline_flow(targets=targets, force=args.force)
             except PipelineFailed as failed:
                 # Caught inside, so the local API outlives the delivery of the failed run's logs: with
                 # the server gone first, Prefect's log worker retries for a minute at exit.
                 failure = failed
-    except RunInProgress as busy:
+    except (RunInProgress, RepoBusy) as busy:
         print(f"kiln run: {busy}", file=sys.stderr)
         return 3
     if failure is not None:

@@ -17,9 +17,64 @@ from typing import Any, TypeVar
 
 from dvc.repo import Repo, lock_repo
 
+# The Repo whose DVC repo lock this process holds for a whole `kiln run` (hold_repo_lock).
+_HOLDER: list[Repo] = []
+
+
+class RepoBusy(RuntimeError):
+    """Another DVC process (`dvc repro`, `dvc exp run`, a `dvc` command) holds the repo."""
+
 
 def _open_repo(root: Path) -> Repo:
-    return Repo(str(root))
+    repo = Repo(str(root))
+    if _HOLDER:
+        from dvc.lock import LockNoop
+
+        # This process already holds DVC's lock; a second flock on the file from this process would fail.
+        repo.lock = LockNoop()
+    return repo
+
+
+@contextmanager
+def hold_repo_lock(root: Path) -> Iterator[None]:
+    """Hold DVC's repo lock (`.dvc/tmp/lock`) for a whole `kiln run`, as `dvc repro` holds it for its own.
+    A `dvc exp run` started meanwhile then stops at once with DVC's "Unable to acquire lock", before it
+    writes its `-S` params into the workspace, instead of interleaving with the run; `dvc repro` and
+    `dvc status` wait likewise. Raises RepoBusy when another DVC process holds it now (after DVC's own
+    retries, about 3 s). This process's DVC calls reuse the held lock."""
+    from dvc.lock import LockError
+
+    repo = Repo(str(root))
+    try:
+        repo.lock.lock()
+    except LockError:
+        repo.close()
+        raise RepoBusy(
+            f"another DVC process (dvc repro, dvc exp run, ...) holds {root / '.dvc' / 'tmp' / 'lock'}; "
+            "wait for it to finish"
+        ) from None
+    _HOLDER.append(repo)
+    try:
+        yield
+    finally:
+        _HOLDER.remove(repo)
+        repo.lock.unlock()
+        repo.close()
+
+
+@contextmanager
+def released_repo_lock() -> Iterator[None]:
+    """Let go of the held lock while a child process needs it (`dvc repro` of a command that is not a
+    kiln stage), and take it back afterwards."""
+    if not _HOLDER:
+        yield
+        return
+    repo = _HOLDER[-1]
+    repo.lock.unlock()
+    try:
+        yield
+    finally:
+        repo.lock.lock()
 
 
 T = TypeVar("T")

@@ -37,7 +37,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_graph import _dvc, _open_repo, stage_order, stale_reasons
+from flows.dvc_graph import _dvc, _open_repo, released_repo_lock, stage_order, stale_reasons
 from flows.factory import stage_flow
 from tasks.runtime import RuntimeConfig, StageEnv, stage_env
 from tasks.threads import PARALLEL_ENV
@@ -107,15 +107,16 @@ def reproduce_stage(
     else:
         # Not a kiln flow: let DVC run the command itself. The child reuses this run's Prefect API.
         command = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
-        if not isolated:
-            done = subprocess.run(command, cwd=root, env=env)
-        for attempt in range(3 if isolated else 0):  # concurrent `dvc repro`s may meet DVC's lock: retried
-            done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
-            sys.stdout.write(done.stdout)
-            sys.stderr.write(done.stderr)
-            if done.returncode == 0 or not ("Unable to acquire lock" in done.stderr or "is busy" in done.stderr):
-                break
-            time.sleep(1.0 + attempt)
+        with released_repo_lock():  # the child takes DVC's lock itself
+            if not isolated:
+                done = subprocess.run(command, cwd=root, env=env)
+            for attempt in range(3 if isolated else 0):  # concurrent `dvc repro`s may meet DVC's lock: retried
+                done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+                sys.stdout.write(done.stdout)
+                sys.stderr.write(done.stderr)
+                if done.returncode == 0 or not ("Unable to acquire lock" in done.stderr or "is busy" in done.stderr):
+                    break
+                time.sleep(1.0 + attempt)
         if done.returncode != 0:
             raise RuntimeError(f"dvc repro --single-item {name} exited with {done.returncode}")
     return "ran"

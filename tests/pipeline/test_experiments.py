@@ -85,3 +85,41 @@ def test_dvc_exp_show_lists_both_experiments_with_their_metrics(project, sweep):
     assert "ngram.order" in rows[0], sorted(rows[0])
     assert {row["Experiment"] for row in rows} >= {f"order{o}" for o in ORDERS}
     assert not [(row["Experiment"], k) for row in rows for k, v in row.items() if v == "!"]
+
+
+def test_dvc_exp_run_cannot_interleave_with_kiln_run(project, sweep):
+    """`kiln run` holds DVC's repo lock for its whole length, as `dvc repro` does: a workspace `dvc exp
+    run -S ...` started meanwhile stops at once, before writing its param into the workspace."""
+    import subprocess
+    import time
+
+    import zc.lockfile
+
+    from tests.pipeline.helpers import ENV, prefect_api
+
+    params = (project / "params/lm.yaml").read_text()
+    run = subprocess.Popen(
+        ["kiln", "run", "--force", "--target", "ngram"],
+        cwd=project,
+        env={**ENV, "PREFECT_API_URL": prefect_api()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the run holds DVC's lock
+            try:
+                zc.lockfile.LockFile(str(project / ".dvc/tmp/lock")).close()
+            except zc.lockfile.LockError:
+                break
+            assert run.poll() is None, run.stdout.read() if run.stdout else ""
+            time.sleep(0.1)
+        else:
+            raise AssertionError("kiln run never took DVC's lock")
+        exp = sh(project, "dvc", "exp", "run", "ngram", "-S", "params/lm.yaml:ngram.order=5", check=False)
+        assert exp.returncode != 0 and "Unable to acquire lock" in exp.stderr, exp.stderr
+        assert (project / "params/lm.yaml").read_text() == params
+    finally:
+        out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
