@@ -21,6 +21,11 @@ from tasks.spec import StageContext
 MODEL_LOGGERS: dict[str, str] = {
     "ngram": "tasks.text.logged_models:log_language_model",
     "lm": "tasks.text.logged_models:log_language_model",
+    "diffusion": "tasks.generative.logged_models:log_generator",
+    "ldm_text": "tasks.generative.logged_models:log_generator",
+    "controlnet": "tasks.generative.logged_models:log_generator",
+    "guidance": "tasks.generative.logged_models:log_generator",
+    "nflow": "tasks.generative.logged_models:log_generator",
 }
 
 
