@@ -437,8 +437,10 @@ def main() -> None:
             )
 
     result["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    result["goal"] = {"tokens": 10_000_000, "order": 5, "max_total_s": 60, "max_peak_bytes": 4 * 2**30}
-    result["goal"]["met"] = bool(
+    # The earlier, loose bound (a minute and 4 GiB for 10M tokens); the target now is lmplz's time and
+    # memory, `ours_over_lmplz.at_or_below_in_both`.
+    result["loose_bound"] = {"tokens": 10_000_000, "order": 5, "max_total_s": 60, "max_peak_bytes": 4 * 2**30}
+    result["loose_bound"]["met"] = bool(
         n_tokens >= 0.99 * 10_000_000
         and args.order >= 5
         and ours["process"]["wall_s"] < 60
