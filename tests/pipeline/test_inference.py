@@ -5,18 +5,25 @@ One `kiln run` trains what the commands read (diffusion@sde_ve and the one_stage
 missing artefacts of the error tests); the thundernet export is the `onnx` stage's own `export_onnx`, without the
 rest of that stage (parity, int8, latency, registry: tests/pipeline/test_detection_pipeline.py). The commands run
 in this process through `flows.cli.main` (a `kiln` process costs seconds of imports each); one runs as a process,
-to hold the real exit status and stderr.
+to hold the real exit status and stderr. The last tests load the generators that run registered in MLflow
+(tasks/generative/logged_models.py) from the store alone.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tasks.generative.logged_models import input_columns, registered_name
 from tests.pipeline.helpers import kiln_run, set_params, sh, smoke_project
 
 pytestmark = pytest.mark.pipeline
@@ -260,3 +267,82 @@ def test_bad_input_is_one_line_and_exit_2(kiln, args, line):
     assert status == 2
     assert len(err.strip().splitlines()) == 1 and line in err, err
     assert out == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same generators as registered MLflow models (tasks/generative/logged_models.py): the kiln run above logged
+# each after its stage (flows/factory.py -> tasks/model_logging.py). Each registered version loads by
+# `models:/...@newest` in a fresh process with the project's `data/` moved away, and predicts on its own input
+# example: uint8 (N, H, W, C), the same images for the same seed.
+LOGGED = ("diffusion@ddpm", "diffusion@ldm", "nflow@realnvp")
+
+
+def test_each_generator_is_registered_with_alias_signature_description_and_tags(project):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for stage in LOGGED:
+        name = registered_name(stage)
+        assert name == "kiln-gen-" + stage.replace("@", "-")
+        version = client.get_model_version_by_alias(name, "newest")
+        run = client.get_run(version.run_id)
+        assert run.info.run_name == stage and "kiln.model_logging_error" not in run.data.tags
+        assert version.tags["kiln.stage"] == stage and version.tags["kiln.profile"] == "smoke"
+        assert float(version.tags["kiln.fid"]) > 0  # the headline FID the stage earned
+        assert version.tags["mlflow.source.git.commit"] == run.data.tags["mlflow.source.git.commit"]
+        description = client.get_registered_model(name).description
+        assert all(f"`{c}`" in description for c in input_columns(stage))
+        assert "uint8 array (N, 16, 16, 1)" in description
+        assert f"fid {version.tags['kiln.fid']}" in version.description
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, numpy as np
+from mlflow.models import Model
+
+mlflow.set_tracking_uri(sys.argv[1])
+out = {}
+for name in sys.argv[2:]:
+    uri = f"models:/{name}@newest"
+    model = mlflow.pyfunc.load_model(uri)
+    local = mlflow.artifacts.download_artifacts(uri)
+    example = Model.load(local).load_input_example(local)
+    first, again = model.predict(example), model.predict(example)
+    other = example.assign(seed=example.seed + 1)
+    out[name] = {
+        "columns": list(example.columns),
+        "n": int(example.n.sum()),
+        "shape": list(first.shape),
+        "dtype": str(first.dtype),
+        "same": bool(np.array_equal(first, again)),
+        "other_seed_differs": not np.array_equal(first, model.predict(other)),
+        "range": [int(first.min()), int(first.max())],
+        "schema": str(model.metadata.get_output_schema()),
+    }
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_registered_generators_load_from_the_store_without_the_project_data_and_reproduce(project, tmp_path):
+    moved = project.parent / "data-moved-away"
+    (project / "data").rename(moved)
+    try:
+        names = [registered_name(s) for s in LOGGED]
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_PREDICT, f"sqlite:///{project / 'mlflow.db'}", *names],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    finally:
+        moved.rename(project / "data")
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    for stage, name in zip(LOGGED, names, strict=True):
+        got = result[name]
+        assert got["columns"] == list(input_columns(stage))
+        assert got["shape"] == [got["n"], 16, 16, 1] and got["dtype"] == "uint8"
+        assert got["same"] and got["other_seed_differs"]
+        assert 0 <= got["range"][0] <= got["range"][1] <= 255
+        assert "uint8" in got["schema"] and "(-1, 16, 16, 1)" in got["schema"]
