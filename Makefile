@@ -40,10 +40,10 @@ run: install
 	@echo "All metrics: dvc metrics show; stage by stage: kiln status"
 	@echo "Runs, metrics and artifacts: make ui  (the MLflow UI on http://127.0.0.1:5000)"
 
-# Three pytest workers on 2 cores, each taking whole test files (module fixtures stay in one worker): the
-# pipeline tests spend a fifth of their time waiting on servers, browsers and DVC's queue, which a third
-# worker fills. One torch thread per process, as the workers would otherwise spin each other's OpenMP threads.
-TEST_WORKERS ?= 3
+# Two pytest workers, each taking whole test files (module fixtures stay in one worker), the longest files
+# first (tests/conftest.py: LONGEST_FIRST); one torch thread per process, as two workers on 2 cores would
+# otherwise spin each other's OpenMP threads. A third worker was measured: 12.6 min of pytest, no faster.
+TEST_WORKERS ?= 2
 test: install-dev services lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 

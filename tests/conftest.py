@@ -17,6 +17,34 @@ from tests.pipeline import helpers  # noqa: E402
 helpers.SHARE_PREFECT_API = True  # one Prefect API per test worker for the commands the tests start
 
 
+# The longest test files, longest first (their module fixtures train or serve for one to two minutes on 2
+# cores). `make test` hands whole files to its workers in collection order (`--dist loadfile`); started last,
+# one of these would run alone at the end while the other worker idles, so they are collected first.
+LONGEST_FIRST = (
+    "tests/pipeline/test_inference.py",
+    "tests/ops/test_mlflow_ui.py",
+    "tests/pipeline/test_detection_pipeline.py",
+    "tests/pipeline/test_experiments.py",
+    "tests/pipeline/test_parallel.py",
+    "tests/pipeline/test_faults.py",
+    "tests/pipeline/test_user_data.py",
+    "tests/pipeline/test_text_pipeline.py",
+    "tests/pipeline/test_image_pipeline.py",
+    "tests/faults/test_bad_input.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Collect LONGEST_FIRST's files before the others; the order within each file is kept (its tests share
+    state in that order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        return rank.get(Path(str(item.fspath)).relative_to(REPO).as_posix(), len(rank))
+
+    items[:] = sorted(items, key=key)  # stable
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
