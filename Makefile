@@ -14,7 +14,7 @@ BIN         := $(abspath $(VENV))/bin
 PIP_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-dev run test lint bench ui status clean services postgresql chromium prefect-server mlflow-server services-stop
+.PHONY: install install-dev run test lint bench bench-stages ui status clean services postgresql chromium prefect-server mlflow-server services-stop
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
 	$(BIN)/python benchmarks/bench_images.py --out benchmarks/results/images.json
 	$(BIN)/python benchmarks/bench_nflow.py --out benchmarks/results/nflow.json
+
+# The stage profile: every stage of the params' profile once (about an hour on the default profile, on idle
+# cores), then each stage's seconds split by the phases it logs (benchmarks/results/stages.json).
+bench-stages: install-dev
+	$(BIN)/kiln run --force
+	$(BIN)/python benchmarks/bench_stages.py --out benchmarks/results/stages.json
 
 # Debian packages the operations tests drive, apt-installed only when missing (tests/ops/ fail without
 # them). KILN_SKIP_SERVICE_TESTS=1 skips both the installs and those tests.

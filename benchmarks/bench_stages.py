@@ -1,0 +1,135 @@
+"""Where a whole `kiln run` spends its time, stage by stage, from what the stages logged to MLflow.
+
+Reads the newest finished `kiln run` parent run over every stage (`targets: all`) of a profile from the
+project's tracking store, and its 28 stage runs: each stage's `stage_seconds` (its own work, without
+orchestration) and the phase timings the stages log (`train_seconds`; `sample_seconds`,
+`train_sample_seconds`, `heldout_sample_seconds`, `likelihood_seconds`, `encode_seconds`). The remainder of
+a stage is data loading, evaluation (perplexity, FID, mAP), checkpoints and tracking together: the stages
+do not time those apart yet, and `guidance` and `dit_ablation` log no `train_seconds`, so their training
+is in "other" too. Writes the table and the five largest costs.
+
+    .venv/bin/kiln run --force && .venv/bin/python benchmarks/bench_stages.py   # measure, then read
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Phase metrics the stages log, grouped; a stage's time not in any is "other".
+PHASES = {
+    "training": ("train_seconds",),
+    "sampling": ("sample_seconds", "train_sample_seconds", "heldout_sample_seconds"),
+    "likelihood": ("likelihood_seconds",),
+    "encoding": ("encode_seconds",),
+}
+
+
+def children_of(client, parent) -> list:
+    from tasks.tracking import kiln_experiment_ids
+
+    return client.search_runs(
+        kiln_experiment_ids(client), f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000
+    )
+
+
+def newest_full_run(client, profile: str, stages: int):
+    """The newest finished `kiln run` of `profile` in which every one of the `stages` stages ran (an up to
+    date stage logs no run)."""
+    pipeline = client.get_experiment_by_name("pipeline")
+    if pipeline is None:
+        raise SystemExit("no `pipeline` experiment in the store: run `kiln run --force` first")
+    runs = client.search_runs(
+        [pipeline.experiment_id],
+        f"attributes.status = 'FINISHED' and tags.`kiln.profile` = '{profile}' and params.targets = 'all'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    for run in runs:
+        if len({c.info.run_name for c in children_of(client, run)}) >= stages:
+            return run
+    raise SystemExit(f"no finished `kiln run` on profile {profile!r} ran all {stages} stages: `kiln run --force`")
+
+
+def stage_rows(client, parent) -> list[dict]:
+    rows = []
+    for run in sorted(children_of(client, parent), key=lambda r: r.info.start_time):
+        metrics = run.data.metrics
+        total = metrics.get("stage_seconds", (run.info.end_time - run.info.start_time) / 1000)
+        phases = {name: sum(metrics.get(k, 0.0) for k in keys) for name, keys in PHASES.items()}
+        phases = {k: round(v, 1) for k, v in phases.items() if v > 0}
+        rows.append(
+            {
+                "stage": run.info.run_name,
+                "seconds": round(total, 1),
+                "wall_seconds": round((run.info.end_time - run.info.start_time) / 1000, 1),
+                **{f"{k}_seconds": v for k, v in phases.items()},
+                "other_seconds": round(max(total - sum(phases.values()), 0.0), 1),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.json")
+    args = parser.parse_args()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    from flows.dvc_graph import dvc_stage_names
+
+    parent = newest_full_run(client, args.profile, len(dvc_stage_names(ROOT)))
+    rows = stage_rows(client, parent)
+    costs = sorted(
+        (
+            (row["stage"], key.removesuffix("_seconds"), value)
+            for row in rows
+            for key, value in row.items()
+            if key.endswith("_seconds") and key != "wall_seconds"
+        ),
+        key=lambda c: -c[2],
+    )
+    phase_totals: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_seconds") and key != "wall_seconds":
+                phase_totals[key.removesuffix("_seconds")] = round(
+                    phase_totals.get(key.removesuffix("_seconds"), 0) + value, 1
+                )
+    result = {
+        "command": "python benchmarks/bench_stages.py " + " ".join(sys.argv[1:]),
+        "what": "per stage of the newest finished `kiln run` over every stage: its own seconds, split by the "
+        "phase timings it logs; `other` is data loading, evaluation (perplexity, FID, mAP), checkpoints and "
+        "tracking, which the stages do not time apart yet",
+        "kiln_run": {
+            "run_id": parent.info.run_id,
+            "profile": args.profile,
+            "commit": parent.data.tags.get("mlflow.source.git.commit", ""),
+            "started": datetime.fromtimestamp(parent.info.start_time / 1000, UTC).isoformat(),
+            "wall_minutes": round((parent.info.end_time - parent.info.start_time) / 60000, 1),
+        },
+        "stages_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "phase_totals_seconds": phase_totals,
+        "largest_costs": [{"stage": s, "phase": p, "seconds": v} for s, p, v in costs[:5]],
+        "stages": rows,
+    }
+    print(
+        json.dumps(
+            {k: result[k] for k in ("kiln_run", "stages_seconds", "phase_totals_seconds", "largest_costs")}, indent=2
+        )
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
