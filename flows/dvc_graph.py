@@ -39,9 +39,9 @@ def _open_repo(root: Path) -> Repo:
 def hold_repo_lock(root: Path) -> Iterator[None]:
     """Hold DVC's repo lock (`.dvc/tmp/lock`) for a whole `kiln run`, as `dvc repro` holds it for its own.
     A `dvc exp run` started meanwhile then stops at once with DVC's "Unable to acquire lock", before it
-    writes its `-S` params into the workspace, instead of interleaving with the run; `dvc repro` and
-    `dvc status` wait likewise. Raises RepoBusy when another DVC process holds it now (after DVC's own
-    retries, about 3 s). This process's DVC calls reuse the held lock."""
+    writes its `-S` params into the workspace, instead of interleaving with the run; so do `dvc repro`
+    and `dvc status` (after DVC's own ~3 s of retries). Raises RepoBusy when another DVC process holds it
+    now. This process's DVC calls reuse the held lock."""
     from dvc.lock import LockError
 
     repo = Repo(str(root))
