@@ -31,12 +31,6 @@ LONGEST_FIRST = (
     "tests/pipeline/test_text_pipeline.py",
     "tests/pipeline/test_image_pipeline.py",
     "tests/faults/test_bad_input.py",
-    "tests/pipeline/test_add_stage.py",
-    "tests/pipeline/test_torchrun_stage.py",
-    "tests/pipeline/test_controlnet_pipeline.py",
-    "tests/pipeline/test_nflow_pipeline.py",
-    "tests/pipeline/test_ldm_text_pipeline.py",
-    "tests/pipeline/test_ops.py",
 )
 
 
