@@ -3,9 +3,12 @@ with Canny edge maps of the images as the condition, then scored by how well sam
 between the condition and the edges of the sample) with and without the control, next to FID.
 
 The edge maps of every split are a stage output (data/models/controlnet/edges/<split>.npy), so what the
-network was conditioned on can be inspected. The evaluation takes the first `fid.samples` test images: their
-edge maps are the conditions, their labels the labels; the base model alone samples from the same labels and
-the same initial noise, so the control is the only difference.
+network was conditioned on can be inspected. The evaluation takes the first `fid.samples` val images (all 270 on
+the built-in data): their edge maps are the conditions, their labels the labels; the base model alone samples
+from the same labels and the same initial noise, so the control is the only difference. FID is against the test
+split's statistics. Conditions from the test images themselves would let the control copy the very images FID
+compares with, crediting it with a match the base model cannot have; val is in neither the reference nor the
+training data.
 """
 
 from __future__ import annotations
@@ -221,11 +224,11 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     )
     save_controlnet(out / "model.pt", model.controlnet, meta=image_meta(root))
 
-    evaluator = FIDEvaluator.load(root, fid_cfg, device)
-    x_test, y_test, c_test = data["test"]
-    n = min(fid_cfg.samples, len(x_test))
-    labels, conditions = y_test[:n], c_test[:n]
-    x_T = torch.randn((n, *x_test.shape[1:]), generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    evaluator = FIDEvaluator.load(root, fid_cfg, device)  # test statistics
+    x_cond, y_cond, c_cond = data["val"]  # held-out conditions: in neither the FID reference nor training
+    n = min(fid_cfg.samples, len(x_cond))
+    labels, conditions = y_cond[:n], c_cond[:n]
+    x_T = torch.randn((n, *x_cond.shape[1:]), generator=torch.Generator().manual_seed(seed + 1)).to(device)
     sample_start = time.perf_counter()
     controlled = sample(process, model, x_T, labels, conditions, eval_cfg, fid_cfg.batch_size)
     alone = sample(process, model, x_T, labels, None, eval_cfg, fid_cfg.batch_size)
@@ -242,6 +245,8 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
         "fid_floor": evaluator.floor,
         "fid_ceiling": evaluator.ceiling,
         "fid_samples": report["fid_samples"],
+        "fid_reference_images": report["fid_reference_images"],
+        "condition_images": float(n),  # val images whose edges and labels condition both samplings
         "class_accuracy": report["class_accuracy"],
         "class_accuracy_base": report_base["class_accuracy"],
         "edge_f1_control": float(f1_control.mean()),

@@ -41,6 +41,8 @@ def test_controlnet_metrics_outputs_and_mlflow(project, first_run):
         assert 0 <= report[key] <= 1, key
     assert report["edge_f1_control_exact"] <= report["edge_f1_control"]  # a tolerance only adds matches
     assert report["fid_samples"] == 40 and report["trainable_parameters"] > 0
+    # Held-out conditions: 40 val images' edges, scored against all 360 test images (not their own source).
+    assert report["condition_images"] == 40 and report["fid_reference_images"] == 360
     out = project / "data/models/controlnet"
     for split, n in (("train", 1167), ("val", 270), ("test", 360)):
         edges = np.load(out / "edges" / f"{split}.npy")
