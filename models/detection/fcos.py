@@ -6,8 +6,9 @@ distances (l, t, r, b) to the four sides of a box, and a "centerness" that down-
 far from an object's centre. Read top to bottom:
 
 1. Backbone: C4 (stride 16) and C5 (stride 32), models/detection/backbones.py.
-2. Neck, a two-level FPN (Lin et al. 2017): P5 = 1x1(C5); P4 = 1x1(C4) + upsample(P5); each smoothed by a
-   depthwise-separable 3x3. (FCOS uses P3-P7; these inputs are small, two levels suffice.)
+2. Neck, a two-level FPN (Lin et al. 2017): P5 = 1x1(C5); P4 = 1x1(C4) + upsample(P5); each level that has a
+   head (step 4) smoothed by a depthwise-separable 3x3. (FCOS uses P3-P7; these inputs are small, two levels
+   suffice.)
 3. Head, shared across levels (section 3.1, figure 2): a classification and a regression tower of
    depthwise-separable 3x3 convs with GroupNorm; class logits (C, prior 0.01), distances
    exp(scale_l * x) * s_l with a learnable scale per level, centerness from the regression tower.
@@ -15,9 +16,12 @@ far from an object's centre. Read top to bottom:
    centre sampling, lies within radius * s_l of the box centre), when max(l, t, r, b) falls in the
    level's range (P4: (0, boundary], P5: (boundary, inf)); among several, the smallest box wins. The
    paper's ranges end each level at 8 strides (P3 64, P4 128, P5 256 px, section 3.2), so the default
-   boundary is 8 * 16 = 128 px, and P4 also takes what P3 would (there is no P3 here). On small objects that
-   leaves P5 without positives, as FCOS does on COCO's small objects; a boundary that split the positives
-   evenly between the levels instead cost more than half the AP50 of the default profile.
+   boundary is 8 * 16 = 128 px, and P4 also takes what P3 would (there is no P3 here). The levels follow the
+   data: a level whose range starts at or beyond the largest training box side (`max_box_size`, filled from
+   the training annotations) could never receive a positive, so it gets no head output and the level below
+   takes the open range. On the built-in scenes (digits up to 60 px) that leaves P4 alone, P5 still feeding
+   it through the top-down path. Moving the boundary down until P5 got positives instead cost more than half
+   the AP50 of the default profile.
    centerness* = sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) (eq. 3).
 5. Loss (eq. 2): sigmoid focal loss (Lin et al. 2017) over all locations / #positives; GIoU loss
    (Rezatofighi et al. 2019) on positives weighted by centerness*; BCE on centerness at positives.
@@ -54,6 +58,9 @@ class FCOSConfig:
     # max(l, t, r, b) up to this goes to P4 (stride 16), beyond to P5: 8 strides of P4 (section 3.2).
     level_boundary: float = 128.0
     center_sampling_radius: float = 1.5  # in strides; 0: any location inside the box
+    # Largest side of a training box, derived from the data (tasks/detection/detectors.py); no max(l, t, r, b)
+    # reaches it, so a level whose range starts there would only ever learn background.
+    max_box_size: float = math.inf
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     score_threshold: float = 0.05
@@ -80,6 +87,14 @@ class FCOSConfig:
             v = getattr(self, name)
             if not _is_number(v) or not 0 < v <= 1:
                 raise ValueError(f"one_stage.{name} must be in (0, 1], got {v!r}")
+        v = self.max_box_size
+        if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v) or v <= 0:
+            raise ValueError(f"one_stage.max_box_size must be a number > 0 (inf: no limit), got {v!r}")
+
+    @property
+    def num_levels(self) -> int:
+        """P4 alone when no training box reaches beyond P4's range, else P4 and P5."""
+        return 2 if self.max_box_size > self.level_boundary else 1
 
 
 def _is_number(x: object) -> bool:
@@ -138,14 +153,16 @@ def assign_targets(
     center_sampling_radius: float,
 ) -> tuple[Tensor, Tensor]:
     """Step 4 for one image: class targets (N,) (num_classes = background) and matched boxes (N, 4), over
-    the locations of both levels (`points`, P4 then P5, each (n_l, 2))."""
+    the locations of every level built (`points`, P4 then P5 when there is one, each (n_l, 2)). Level ranges:
+    P4 (0, boundary], P5 (boundary, inf); the last level built takes everything above its start."""
     pts = torch.cat(points)  # (N, 2)
     stride = torch.cat(
         [torch.full((len(p),), float(s), dtype=pts.dtype, device=pts.device) for p, s in zip(points, strides)]
     )  # (N,)
-    n4, n5 = len(points[0]), len(points[1])
-    lo = torch.cat([torch.full((n4,), 0.0), torch.full((n5,), level_boundary)]).to(pts)  # (N,)
-    hi = torch.cat([torch.full((n4,), level_boundary), torch.full((n5,), math.inf)]).to(pts)
+    starts = (0.0, level_boundary)[: len(points)]
+    ends = (*starts[1:], math.inf)
+    lo = torch.cat([torch.full((len(p),), a) for p, a in zip(points, starts)]).to(pts)  # (N,)
+    hi = torch.cat([torch.full((len(p),), b) for p, b in zip(points, ends)]).to(pts)
     if len(gt) == 0:
         background = torch.full((len(pts),), num_classes, dtype=torch.long, device=pts.device)
         return background, pts.new_zeros(len(pts), 4)
@@ -195,16 +212,18 @@ class FCOS(nn.Module):
         d = cfg.neck_channels
         self.lat4 = nn.Conv2d(self.backbone.out_channels["C4"], d, 1)
         self.lat5 = nn.Conv2d(self.backbone.out_channels["C5"], d, 1)
-        self.smooth4, self.smooth5 = _sep_conv(d, d), _sep_conv(d, d)
-        self.head = FCOSHead(d, cfg.num_classes, cfg.head_convs, num_levels=2)
-        self.strides = (self.backbone.strides["C4"], self.backbone.strides["C5"])
+        self.smooth4 = _sep_conv(d, d)
+        # P5 only feeds P4 top-down when it has no range of its own (cfg.num_levels == 1).
+        self.smooth5 = _sep_conv(d, d) if cfg.num_levels == 2 else None
+        self.head = FCOSHead(d, cfg.num_classes, cfg.head_convs, num_levels=cfg.num_levels)
+        self.strides = (self.backbone.strides["C4"], self.backbone.strides["C5"])[: cfg.num_levels]
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | Detections:
         B, _, H, W = images.shape
         c4, c5 = self.backbone(images)
         p5 = self.lat5(c5)  # (B, d, H/32, W/32)
         p4 = self.lat4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")  # (B, d, H/16, W/16)
-        levels = [self.smooth4(p4), self.smooth5(p5)]
+        levels = [self.smooth4(p4)] + ([self.smooth5(p5)] if self.smooth5 is not None else [])
         outs = [self.head(f, i, s) for i, (f, s) in enumerate(zip(levels, self.strides))]
         points = [locations(f.shape[2], f.shape[3], s, f.dtype, f.device) for f, s in zip(levels, self.strides)]
         if targets is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,9 @@ def read_split(root: Path, split: str) -> Split:
 
 
 def derived_detector_fields(name: str):
-    """What `open_stage` fills into a detector's config from the data: classes and input size."""
+    """What `open_stage` fills into a detector's config from the data: classes and input size, and for the
+    one-stage detector the largest training box side, which decides the FPN levels it builds (models/detection/
+    fcos.py: a level no box can reach would never get a positive)."""
 
     def derive(root: Path) -> dict[str, dict[str, Any]]:
         coco = json.loads((root / SCENES_DIR / "train" / "annotations.json").read_text())
@@ -88,7 +91,10 @@ def derived_detector_fields(name: str):
                 f"{root / SCENES_DIR}: the detectors need square images of one size, found {sorted(sizes)}"
             )
         size = next(iter(sizes))[0]
-        return {name: {"num_classes": len(coco["categories"]), "input_size": size}}
+        fields: dict[str, Any] = {"num_classes": len(coco["categories"]), "input_size": size}
+        if name == "one_stage":
+            fields["max_box_size"] = float(max((max(a["bbox"][2:]) for a in coco["annotations"]), default=math.inf))
+        return {name: fields}
 
     return derive
 
