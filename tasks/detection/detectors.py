@@ -365,7 +365,10 @@ SPECS = [
         items=DETECTOR_NAMES,
         sections=lambda item: {"model": (item, DETECTORS[item][0])},
         derive=lambda root, item: derived_detector_fields(item)(root),
-        placeholders={name: {"num_classes": 1, "input_size": 32} for name in DETECTORS},
+        placeholders={
+            name: {"num_classes": 1, "input_size": 32} | ({"max_box_size": 32.0} if name == "one_stage" else {})
+            for name in DETECTORS
+        },
     ),
     StageSpec(name="map", family="detection", task=map_task, seeded=False),
 ]
