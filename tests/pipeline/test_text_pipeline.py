@@ -125,15 +125,19 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
     sample = client.download_artifacts(run.info.run_id, "sample.txt")
     assert Path(sample).read_text().startswith("<s>")
     compare = json.loads((project / "data/metrics/lm_compare.json").read_text())
+    models = ["unigram", "kn2", "kn3", *(m.split("@")[1] for m in LMS)]
     assert set(compare) == {
-        "unigram_test_perplexity",
-        "kn2_test_perplexity",
-        "kn3_test_perplexity",
-        *(f"{m.split('@')[1]}_test_perplexity" for m in LMS),
+        *(f"{m}_test_perplexity{end}" for m in models for end in ("", "_ci_low", "_ci_high")),
         *(f"{m.split('@')[1]}_test_perplexity_stream" for m in LMS),
     }
+    for m in models:  # the bootstrap interval over test sentences holds the stage's own point estimate
+        assert compare[f"{m}_test_perplexity_ci_low"] <= compare[f"{m}_test_perplexity"]
+        assert compare[f"{m}_test_perplexity"] <= compare[f"{m}_test_perplexity_ci_high"]
+    assert compare["mamba_test_perplexity"] == results["test_perplexity"]
     table = (project / "data/plots/lm_compare.csv").read_text().splitlines()
     assert table[0].split(",")[:4] == ["model", "family", "test_perplexity", "test_perplexity_stream"]
+    pairs = (project / "data/plots/lm_compare_pairs.csv").read_text().splitlines()
+    assert pairs[0].startswith("pair,better,worse,log_perplexity_difference,ci_low,ci_high,significant")
     scored = json.loads(
         sh(
             project, "kiln", "score", "--json", "--model", "mamba", "--model", "ngram", "the object is returned ."
