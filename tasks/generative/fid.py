@@ -46,10 +46,13 @@ class FIDConfig:
     samples: int  # generated images per FID; well above the feature dimension
     batch_size: int  # images per sampling / feature batch
     inception_weights: str  # empty: the fid_net features; else a local InceptionV3 state_dict (2048-d pool3)
+    bound_draws: int  # random draws of `samples` train (floor) and noise (ceiling) images the bounds average
 
     def __post_init__(self) -> None:
         if self.samples < 2 or self.batch_size < 1:
             raise ValueError(f"samples must be >= 2 and batch_size >= 1, got {self.samples}, {self.batch_size}")
+        if self.bound_draws < 2:
+            raise ValueError(f"bound_draws must be >= 2 (the bounds report a spread), got {self.bound_draws}")
 
 
 # ------------------------------------------------------------------------- FID network stage
@@ -181,6 +184,56 @@ def features_of(extractor: nn.Module, x: Tensor, batch_size: int) -> np.ndarray:
     ).numpy()
 
 
+@dataclass(frozen=True)
+class FIDBounds:
+    """The FID scale of a reference split at the generators' sample size: mean and std over draws."""
+
+    floor: float  # FID(n random train images, reference): what a perfect generator scores with n samples
+    floor_std: float
+    ceiling: float  # FID(n uniform-noise images, reference)
+    ceiling_std: float
+    samples: int  # n
+    draws: int
+
+    def metrics(self, prefix: str = "fid_") -> dict[str, float]:
+        return {
+            f"{prefix}floor": self.floor,
+            f"{prefix}floor_std": self.floor_std,
+            f"{prefix}ceiling": self.ceiling,
+            f"{prefix}ceiling_std": self.ceiling_std,
+            f"{prefix}bound_samples": float(self.samples),
+            f"{prefix}bound_draws": float(self.draws),
+        }
+
+
+def fid_bounds(
+    extractor: nn.Module, train: Tensor, reference: FeatureStats, fid_cfg: FIDConfig, seed: int
+) -> FIDBounds:
+    """Floor and ceiling at n = `fid_cfg.samples` images, the size generators are scored at. FID is biased
+    upward at small n (the covariance estimate's error adds to the distance; Chong & Forsyth 2020, "Effectively
+    Unbiased FID"), so a floor from all the train images sits below what a perfect generator scores with n
+    samples. Each draw takes n train images without replacement (train shares no image with the reference
+    split) and n fresh uniform-noise images; the bounds are the mean and sample std over the draws."""
+    n = min(fid_cfg.samples, len(train))
+    train_f = features_of(extractor, train, fid_cfg.batch_size)  # (N, d), once for every draw
+    generator = torch.Generator().manual_seed(seed)
+    floors, ceilings = [], []
+    for _ in range(fid_cfg.bound_draws):
+        rows = torch.randperm(len(train), generator=generator)[:n].numpy()
+        floors.append(frechet_distance_from_stats(feature_statistics(train_f[rows]), reference).fid)
+        noise = torch.rand((n, *train.shape[1:]), generator=generator) * 2 - 1
+        noise_f = features_of(extractor, noise, fid_cfg.batch_size)
+        ceilings.append(frechet_distance_from_stats(feature_statistics(noise_f), reference).fid)
+    return FIDBounds(
+        float(np.mean(floors)),
+        float(np.std(floors, ddof=1)),
+        float(np.mean(ceilings)),
+        float(np.std(ceilings, ddof=1)),
+        n,
+        fid_cfg.bound_draws,
+    )
+
+
 @dataclass
 class FIDEvaluator:
     """FID of images (model range, [-1, 1]) against one split's reference statistics (test unless told:
@@ -190,15 +243,21 @@ class FIDEvaluator:
     classifier: FIDNet
     reference: FeatureStats  # the reference split's features
     batch_size: int
-    floor: float  # FID(train split, reference split): what a perfect generator would score
-    ceiling: float  # FID(uniform noise, reference split)
+    bounds: FIDBounds  # floor and ceiling against the reference split, at the generators' sample size
     split: str = "test"  # the reference split
+
+    @property
+    def floor(self) -> float:
+        return self.bounds.floor
+
+    @property
+    def ceiling(self) -> float:
+        return self.bounds.ceiling
 
     @classmethod
     def load(cls, root: Path, fid_cfg: FIDConfig, device: torch.device, split: str = "test") -> FIDEvaluator:
-        """The evaluator against `split` ("test" or "val"). The test floor and ceiling are the fid_net stage's;
-        for another split they are computed here the same way (train split, and uniform noise of
-        `fid_cfg.samples` images with seed 0, against that split)."""
+        """The evaluator against `split` ("test" or "val"). The test bounds are the fid_net stage's; for val
+        they are computed here the same way (`fid_bounds`, seed 0)."""
         if split not in ("test", "val"):
             raise ValueError(f"FID reference split must be 'test' or 'val', got {split!r}")
         extractor = fid_extractor(root, fid_cfg, device)
@@ -206,18 +265,19 @@ class FIDEvaluator:
         images = read_images(root, split).pixels
         reference = feature_statistics(features_of(extractor, to_model_range(images), fid_cfg.batch_size))
         if split == "test":
-            bounds = json.loads((root / METRICS_DIR / "fid_net.json").read_text())
-            floor, ceiling = bounds["fid_floor"], bounds["fid_ceiling"]
+            saved = json.loads((root / METRICS_DIR / "fid_net.json").read_text())
+            bounds = FIDBounds(
+                saved["fid_floor"],
+                saved["fid_floor_std"],
+                saved["fid_ceiling"],
+                saved["fid_ceiling_std"],
+                int(saved["fid_bound_samples"]),
+                int(saved["fid_bound_draws"]),
+            )
         else:
             train = to_model_range(read_images(root, "train").pixels)
-            floor = frechet_distance_from_stats(
-                feature_statistics(features_of(extractor, train, fid_cfg.batch_size)), reference
-            ).fid
-            noise = torch.rand((fid_cfg.samples, *images.shape[1:]), generator=torch.Generator().manual_seed(0)) * 2 - 1
-            ceiling = frechet_distance_from_stats(
-                feature_statistics(features_of(extractor, noise, fid_cfg.batch_size)), reference
-            ).fid
-        return cls(extractor, classifier, reference, fid_cfg.batch_size, floor, ceiling, split)
+            bounds = fid_bounds(extractor, train, reference, fid_cfg, seed=0)
+        return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds, split)
 
     def fid(self, x: Tensor) -> FIDResult:
         return frechet_distance_from_stats(
@@ -233,8 +293,7 @@ class FIDEvaluator:
         result = self.fid(x)
         out = {
             "fid": result.fid,
-            "fid_floor": self.floor,
-            "fid_ceiling": self.ceiling,
+            **self.bounds.metrics(),
             "fid_samples": float(result.n_a),
             "fid_reference_images": float(result.n_b),
             "fid_feature_dim": float(result.feature_dim),
@@ -268,33 +327,32 @@ def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
         cfg, train_cfg, splits, seed=seed, device=device, checkpoint=out / "checkpoint.pt", run=run
     )
     save_model(out / "model.pt", "fid_net", cfg, model, meta=image_meta(root))
-    # The FID scale of this dataset: a perfect generator scores about the floor (train vs test, both real),
-    # noise scores the ceiling. Both use the extractor the generators are scored with.
+    # The FID scale of this dataset at the generators' sample size: a perfect generator scores about the floor
+    # (real train images vs test), noise scores the ceiling. Both use the extractor the generators are scored with.
     extractor = fid_extractor(root, fid_cfg, device)
-    test = features_of(extractor, to_model_range(splits["test"].pixels), fid_cfg.batch_size)
-    train_f = features_of(extractor, to_model_range(splits["train"].pixels), fid_cfg.batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand((fid_cfg.samples, *splits["test"].pixels.shape[1:]), generator=generator) * 2 - 1
-    noise_f = features_of(extractor, noise, fid_cfg.batch_size)
-    test_stats = feature_statistics(test)
-    floor = frechet_distance_from_stats(feature_statistics(train_f), test_stats)
-    ceiling = frechet_distance_from_stats(feature_statistics(noise_f), test_stats)
+    test_stats = feature_statistics(features_of(extractor, to_model_range(splits["test"].pixels), fid_cfg.batch_size))
+    train = to_model_range(splits["train"].pixels)
+    bounds = fid_bounds(extractor, train, test_stats, fid_cfg, seed)
+    # The old floor, every train image against test: kept to show the small-sample bias it hid.
+    every_train = frechet_distance_from_stats(
+        feature_statistics(features_of(extractor, train, fid_cfg.batch_size)), test_stats
+    )
     metrics.update(
         {
-            "fid_floor": floor.fid,
-            "fid_floor_train_images": float(floor.n_a),
-            "fid_ceiling": ceiling.fid,
-            "fid_ceiling_noise_images": float(ceiling.n_a),
-            "fid_reference_images": float(floor.n_b),
-            "fid_feature_dim": float(floor.feature_dim),
+            **bounds.metrics(),
+            "fid_floor_all_train": every_train.fid,
+            "fid_floor_all_train_images": float(every_train.n_a),
+            "fid_reference_images": float(every_train.n_b),
+            "fid_feature_dim": float(every_train.feature_dim),
         }
     )
     write_json(root / METRICS_DIR / "fid_net.json", metrics)
     run.log_metrics(metrics)
     print(
-        f"fid_net: test accuracy {metrics['test_accuracy']:.4f}; FID floor (train vs test) {floor.fid:.3f}, "
-        f"ceiling (noise vs test) {ceiling.fid:.1f}, {floor.feature_dim}-d features, "
-        f"{floor.n_b} test images"
+        f"fid_net: test accuracy {metrics['test_accuracy']:.4f}; at n = {bounds.samples}: FID floor (train vs test) "
+        f"{bounds.floor:.3f} ± {bounds.floor_std:.3f}, ceiling (noise vs test) {bounds.ceiling:.1f} ± "
+        f"{bounds.ceiling_std:.1f} over {bounds.draws} draws (every train image: {every_train.fid:.3f}); "
+        f"{every_train.feature_dim}-d features, {every_train.n_b} test images"
     )
     return metrics
 

@@ -55,7 +55,10 @@ def test_empty_sweep_is_an_error():
 def test_fid_reference_split_must_be_val_or_test(tmp_path):
     with pytest.raises(ValueError, match="'test' or 'val'"):
         FIDEvaluator.load(
-            tmp_path, FIDConfig(samples=8, batch_size=4, inception_weights=""), torch.device("cpu"), "train"
+            tmp_path,
+            FIDConfig(samples=8, batch_size=4, inception_weights="", bound_draws=2),
+            torch.device("cpu"),
+            "train",
         )
 
 

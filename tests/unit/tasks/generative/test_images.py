@@ -163,13 +163,19 @@ def test_fid_extractor_loads_user_inception_weights(tmp_path):
     reference = InceptionV3Pool3(normalize_input=False)
     torch.save({**reference.state_dict(), "fc.weight": torch.zeros(3, 2048)}, weights)  # a full net's head is dropped
     extractor = fid_extractor(
-        tmp_path, FIDConfig(samples=10, batch_size=4, inception_weights=weights.name), torch.device("cpu")
+        tmp_path,
+        FIDConfig(samples=10, batch_size=4, inception_weights=weights.name, bound_draws=2),
+        torch.device("cpu"),
     )
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(extractor(x), reference(x))
     with pytest.raises(FileNotFoundError, match="fid.inception_weights"):
-        fid_extractor(tmp_path, FIDConfig(samples=10, batch_size=4, inception_weights="nope.pth"), torch.device("cpu"))
+        fid_extractor(
+            tmp_path,
+            FIDConfig(samples=10, batch_size=4, inception_weights="nope.pth", bound_draws=2),
+            torch.device("cpu"),
+        )
 
 
 # ------------------------------------------------------------------ bad user data: one line, named
