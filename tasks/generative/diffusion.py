@@ -33,7 +33,7 @@ from models.generative.dit import DiT, DiTConfig
 from models.generative.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from models.generative.sde import SDE, SDEConfig, build_sde
 from models.generative.unet import UNet, UNetConfig
-from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, check_fid_net, image_meta
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, check_fid_net, draw_spread, image_meta
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.generative.vae import latent_model_meta, load_vae, read_latents
 from tasks.io import atomic_path, write_json
@@ -363,6 +363,35 @@ def sweep_samplers(
     return sweep
 
 
+def headline_spread(
+    process: Process,
+    model: nn.Module,
+    space: DataSpace,
+    evaluator: FIDEvaluator,
+    sweep: Sweep,
+    sampler: str,
+    fid_cfg: FIDConfig,
+    seed: int,
+) -> dict[str, float]:
+    """The headline FID over `fid_cfg.headline_draws` independent sample sets: the sweep's own (seed + 1) and
+    more with seeds seed + 1 + 100 k, same labels, sampler and steps. One sample set's FID moves with its noise
+    by more than some of the differences the sweep shows; the spread says by how much."""
+    fids = [sweep.headline["fid"]]
+    for k in range(1, fid_cfg.headline_draws):
+        images, _ = sample_images(
+            process,
+            model,
+            space,
+            sweep.labels,
+            sampler=sampler,
+            steps=None if sampler == "ode" else int(sweep.headline["headline_steps"]),
+            seed=seed + 1 + 100 * k,
+            batch_size=fid_cfg.batch_size,
+        )
+        fids.append(evaluator.fid(images).fid)
+    return draw_spread(fids)
+
+
 def fid_steps_figure(name: str, rows: list[dict], floor: float, ceiling: float):
     import matplotlib
 
@@ -508,6 +537,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         name, process, model, space, evaluator, step_counts, fid_cfg, seed, spec.samplers, spec.headline
     )
     rows, images, labels, headline = sweep.rows, sweep.images, sweep.labels, sweep.headline
+    spread = headline_spread(process, model, space, evaluator, sweep, spec.headline, fid_cfg, seed)
     samplers = list(spec.samplers)
     if spec.compare_with is not None and compare_cfg is not None:
         # The same latent space, noise and step counts: the network and the process are what differ.
@@ -528,6 +558,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         samplers.append(f"{spec.compare_with}_ddim")
     metrics = {
         **headline,
+        **spread,
         "headline_sampler": spec.headline,
         "train_seconds": result.train_seconds,
         "train_images_per_s": result.items_per_second,
@@ -553,6 +584,8 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     run.set_tags({"kiln.headline": f"{spec.headline} sampler at {metrics['headline_steps']} steps"})
     print(
         f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
+        f"{spread['fid_mean']:.3f} [{spread['fid_ci_low']:.3f}, {spread['fid_ci_high']:.3f}] over "
+        f"{int(spread['fid_draws'])} sample sets; "
         f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
         f"class accuracy {headline['class_accuracy']:.3f}"
     )

@@ -47,12 +47,15 @@ class FIDConfig:
     batch_size: int  # images per sampling / feature batch
     inception_weights: str  # empty: the fid_net features; else a local InceptionV3 state_dict (2048-d pool3)
     bound_draws: int  # random draws of `samples` train (floor) and noise (ceiling) images the bounds average
+    headline_draws: int  # independent sample sets a generator's headline FID is reported over (mean, 95 % CI)
 
     def __post_init__(self) -> None:
         if self.samples < 2 or self.batch_size < 1:
             raise ValueError(f"samples must be >= 2 and batch_size >= 1, got {self.samples}, {self.batch_size}")
         if self.bound_draws < 2:
             raise ValueError(f"bound_draws must be >= 2 (the bounds report a spread), got {self.bound_draws}")
+        if self.headline_draws < 1:
+            raise ValueError(f"headline_draws must be >= 1, got {self.headline_draws}")
 
 
 # ------------------------------------------------------------------------- FID network stage
@@ -232,6 +235,25 @@ def fid_bounds(
         n,
         fid_cfg.bound_draws,
     )
+
+
+def draw_spread(fids: list[float], prefix: str = "fid") -> dict[str, float]:
+    """Mean, sample std and the 95 % Student-t interval of the mean of FIDs of independent sample sets
+    (`{prefix}_draws`, `_mean`, `_std`, `_ci_low`, `_ci_high`). One draw has no spread: std and the interval's
+    half-width are NaN, so a reader never takes a single draw for a measured interval."""
+    from scipy import stats
+
+    n = len(fids)
+    mean = float(np.mean(fids))
+    std = float(np.std(fids, ddof=1)) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    return {
+        f"{prefix}_draws": float(n),
+        f"{prefix}_mean": mean,
+        f"{prefix}_std": std,
+        f"{prefix}_ci_low": mean - half,
+        f"{prefix}_ci_high": mean + half,
+    }
 
 
 @dataclass

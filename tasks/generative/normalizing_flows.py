@@ -31,7 +31,14 @@ from models.generative.realnvp import (
     realnvp_loss,
 )
 from models.generative.unet import UNet, UNetConfig
-from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, derived_image_fields, image_meta
+from tasks.generative.fid import (
+    FIDConfig,
+    FIDEvaluator,
+    check_fid_net,
+    derived_image_fields,
+    draw_spread,
+    image_meta,
+)
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, NFLOW_DIR
@@ -274,9 +281,15 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     images, speed = sample_images(flow, fid_cfg.samples, fid_cfg.batch_size, seed=seed + 1)
     report = evaluator.report(images, None)
+    # The headline FID over independent sample sets (seed + 1 + 100 k): its spread from the sampling noise.
+    more = [
+        evaluator.fid(sample_images(flow, fid_cfg.samples, fid_cfg.batch_size, seed=seed + 1 + 100 * k)[0]).fid
+        for k in range(1, fid_cfg.headline_draws)
+    ]
     metrics: dict[str, Any] = {
         **likelihood,
         **report,
+        **draw_spread([report["fid"], *more]),
         **speed,
         "train_seconds": result.train_seconds,
         "train_images_per_s": result.items_per_second,

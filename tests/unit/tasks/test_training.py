@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.training import NonFiniteLoss, TrainConfig, learning_rate, make_optimizer, train
+from tasks.training import NonFiniteLoss, TrainConfig, WeightEMA, learning_rate, make_optimizer, train
 
 CFG = TrainConfig(
     steps=12,
@@ -133,3 +133,75 @@ def test_config_validation_names_the_field():
 def test_non_finite_float_fields_are_rejected(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be a finite number, got {value!r}"):
         replace(CFG, **{field: value})
+
+
+# ------------------------------------------------------------------------------------------ weight EMA
+
+
+def test_ema_rate_warms_up_to_the_decay():
+    ema = WeightEMA(nn.Linear(2, 1), decay=0.999)
+    rates = []
+    for n in (0, 90, 100_000):
+        ema.updates = n
+        rates.append(ema.rate())
+    assert rates == [pytest.approx(0.1), pytest.approx(0.91), 0.999]
+
+
+def test_ema_update_equals_its_formula_twin():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    fast, ref = WeightEMA(model, 0.9), WeightEMA(model, 0.9)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(6, 4))  # moves the batch-norm running statistics (buffers: copied, not averaged)
+        fast.update(model)
+        ref.update_ref(model)
+    for a, b in zip(fast.model.state_dict().values(), ref.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fast.model[1].running_mean, model[1].running_mean)
+
+
+def test_ema_by_hand_on_a_scalar():
+    """d_0 = 0.1, d_1 = 2/11: two updates from w0 through w1 and w2."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightEMA(model, 0.5)
+    for w in (3.0, 5.0):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update(model)
+    first = 0.1 * 1.0 + 0.9 * 3.0
+    assert float(ema.model.weight) == pytest.approx(2 / 11 * first + 9 / 11 * 5.0)
+
+
+def test_training_with_ema_evaluates_and_returns_the_average(tmp_path):
+    cfg = replace(CFG, ema_decay=0.9)
+    raw, raw_result = run(CFG)
+    averaged, result = run(cfg)
+    assert raw_result.weights == "raw" and result.weights == "ema"
+    # Same steps (the EMA draws no random numbers), then the average replaces the weights.
+    assert not torch.equal(averaged.weight, raw.weight)
+    assert result.history[-1]["w_norm"] == pytest.approx(float(averaged.weight.detach().norm()))
+    # An interrupted EMA run resumes both the weights and their average.
+    checkpoint = tmp_path / "checkpoint.pt"
+    _, default_loss = regression()
+    calls = {"n": 0}
+
+    def dies_at_step_8(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("killed")
+        return default_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, checkpoint, {"run": 1}, dies_at_step_8)
+    resumed, again = run(cfg, checkpoint, {"run": 1})
+    assert again.resumed_from == 6 and torch.equal(resumed.weight, averaged.weight)
+
+
+def test_ema_decay_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        replace(CFG, ema_decay=1.0)

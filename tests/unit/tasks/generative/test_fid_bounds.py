@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.generative.fid import feature_statistics, frechet_distance_from_stats
-from tasks.generative.fid import FIDConfig, fid_bounds
+from tasks.generative.fid import FIDConfig, draw_spread, fid_bounds
 
 
 class Flatten(nn.Module):
@@ -33,7 +33,7 @@ def same_distribution():
 
 
 def config(samples: int, draws: int = 5) -> FIDConfig:
-    return FIDConfig(samples=samples, batch_size=64, inception_weights="", bound_draws=draws)
+    return FIDConfig(samples=samples, batch_size=64, inception_weights="", bound_draws=draws, headline_draws=1)
 
 
 def test_floor_at_small_n_is_above_the_floor_from_every_train_image(same_distribution):
@@ -73,3 +73,16 @@ def test_sample_size_is_capped_by_the_train_split(same_distribution):
 def test_fewer_than_two_draws_is_refused():
     with pytest.raises(ValueError, match="bound_draws must be >= 2"):
         config(10, draws=1)
+
+
+def test_draw_spread_is_the_t_interval_of_the_mean():
+    spread = draw_spread([1.0, 2.0, 3.0])
+    half = 4.302652729749464 / np.sqrt(3)  # t(0.975, 2 df) * std 1 / sqrt(3)
+    assert spread == pytest.approx(
+        {"fid_draws": 3.0, "fid_mean": 2.0, "fid_std": 1.0, "fid_ci_low": 2.0 - half, "fid_ci_high": 2.0 + half}
+    )
+
+
+def test_one_draw_reports_no_interval():
+    spread = draw_spread([0.5])
+    assert spread["fid_mean"] == 0.5 and np.isnan(spread["fid_std"]) and np.isnan(spread["fid_ci_low"])

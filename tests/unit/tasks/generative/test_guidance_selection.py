@@ -56,7 +56,7 @@ def test_fid_reference_split_must_be_val_or_test(tmp_path):
     with pytest.raises(ValueError, match="'test' or 'val'"):
         FIDEvaluator.load(
             tmp_path,
-            FIDConfig(samples=8, batch_size=4, inception_weights="", bound_draws=2),
+            FIDConfig(samples=8, batch_size=4, inception_weights="", bound_draws=2, headline_draws=1),
             torch.device("cpu"),
             "train",
         )

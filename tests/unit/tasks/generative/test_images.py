@@ -164,7 +164,7 @@ def test_fid_extractor_loads_user_inception_weights(tmp_path):
     torch.save({**reference.state_dict(), "fc.weight": torch.zeros(3, 2048)}, weights)  # a full net's head is dropped
     extractor = fid_extractor(
         tmp_path,
-        FIDConfig(samples=10, batch_size=4, inception_weights=weights.name, bound_draws=2),
+        FIDConfig(samples=10, batch_size=4, inception_weights=weights.name, bound_draws=2, headline_draws=1),
         torch.device("cpu"),
     )
     x = torch.rand(2, 1, 16, 16) * 2 - 1
@@ -173,7 +173,7 @@ def test_fid_extractor_loads_user_inception_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="fid.inception_weights"):
         fid_extractor(
             tmp_path,
-            FIDConfig(samples=10, batch_size=4, inception_weights="nope.pth", bound_draws=2),
+            FIDConfig(samples=10, batch_size=4, inception_weights="nope.pth", bound_draws=2, headline_draws=1),
             torch.device("cpu"),
         )
 
