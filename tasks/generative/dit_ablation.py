@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from prefect import task
@@ -23,7 +24,7 @@ from tasks.generative.diffusion import (
     sample_images,
     vae_space,
 )
-from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, derived_image_fields
+from tasks.generative.fid import FIDConfig, FIDEvaluator, balanced_labels, derived_image_fields, draw_spread
 from tasks.generative.images import read_images, to_model_range
 from tasks.generative.vae import fit_vae
 from tasks.io import atomic_path, write_json
@@ -102,9 +103,15 @@ def ablation_figure(rows: list[dict], floor: float):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
-    ax.barh([r["variant"] for r in rows], [r["fid"] for r in rows])
+    mean = np.array([r["fid_mean"] for r in rows])
+    # 95 % interval over sample sets; NaN (one draw) draws no bar.
+    err = np.nan_to_num(np.array([[m - r["fid_ci_low"], r["fid_ci_high"] - m] for m, r in zip(mean, rows)]).T)
+    ax.barh([r["variant"] for r in rows], mean, xerr=err, capsize=3)
     ax.axvline(floor, color="gray", linestyle="--", label=f"FID floor {floor:.2f}")
-    ax.set(xlabel="FID vs test (lower is better)", title="DiT-RF: SD3 design choices, one at a time")
+    ax.set(
+        xlabel="FID vs test, mean and 95 % interval over sample sets (lower is better)",
+        title="DiT-RF: SD3 design choices, one at a time",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -172,10 +179,27 @@ def dit_ablation_task(ctx: StageContext, inputs: DiTAblationInputs) -> dict[str,
             batch_size=fid_cfg.batch_size,
         )
         report = evaluator.report(images, labels)
+        # The same model sampled again with fresh noise (seed + 1 + 100 k): the FID's spread over sample sets.
+        more = [
+            evaluator.fid(
+                sample_images(
+                    process,
+                    model,
+                    space,
+                    labels,
+                    sampler="euler",
+                    steps=cfg.sample_steps,
+                    seed=seed + 1 + 100 * k,
+                    batch_size=fid_cfg.batch_size,
+                )[0]
+            ).fid
+            for k in range(1, fid_cfg.headline_draws)
+        ]
         rows.append(
             {
                 "variant": variant,
                 "fid": report["fid"],
+                **draw_spread([report["fid"], *more]),
                 "class_accuracy": report["class_accuracy"],
                 "latent_channels": space.sample_shape[0],
                 "train_seconds": result.train_seconds,
