@@ -1,6 +1,6 @@
 """How many threads a stage's torch may use: the cores this process is allowed (CPU affinity and the
-cgroup's CPU quota), shared among the stages `kiln run` runs at once, less the cores that other work keeps
-busy. Two cores shared by a two-thread torch and one busy process make every OpenMP barrier wait for a
+cgroup's CPU quota), shared among the stages `kiln run` runs at once at the start, less the cores that other
+work (the other stages included, once they run) keeps busy. Two cores shared by a two-thread torch and one busy process make every OpenMP barrier wait for a
 descheduled thread, and training slows to a fraction of what one thread reaches
 (benchmarks/bench_threads.py). So the count is looked at again while training (`ThreadGovernor.tick`).
 OpenMP's passive wait policy was measured as well and left out: it cost a third or more of idle throughput.
@@ -133,20 +133,24 @@ class ThreadGovernor:
             return self._set(self.fixed)
         first = LoadSample.now(self.cpus)
         time.sleep(self.window_s)
-        return self._look(first)
+        # The stages a run starts together are still importing during this first look, so their load is
+        # not seen yet: the share among `max_parallel` stages is the cap.
+        return self._look(first, parallel_stages())
 
     def tick(self) -> None:
         """Cheap when not due; call it once per training step."""
         if self.fixed or self._last is None or time.monotonic() - self._checked < self.interval_s:
             return
-        self._look(self._last)
+        # From then on the other stages' load is measured like any other work's, so a stage left running
+        # alone (the end of a branch, the pipeline's tail) takes the cores the finished stages gave back.
+        self._look(self._last, 1)
 
-    def _look(self, since: LoadSample) -> int:
+    def _look(self, since: LoadSample, parallel: int) -> int:
         now = LoadSample.now(self.cpus)
         cores = allowed_cores(self.cpus, cgroup_quota())
         cores = min(cores, env_cap() or cores)
         self._last, self._checked = now, time.monotonic()
-        return self._set(threads_for(cores, parallel_stages(), since.others_busy(now)))
+        return self._set(threads_for(cores, parallel, since.others_busy(now)))
 
     def _set(self, n: int) -> int:
         # A stage that never imports torch (the n-gram model) is not made to load it.

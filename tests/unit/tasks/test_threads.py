@@ -95,3 +95,24 @@ def test_omp_num_threads_is_a_ceiling(monkeypatch):
         assert ThreadGovernor(window_s=0.01).start() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_parallel_share_caps_the_first_look_only(monkeypatch):
+    """Started as one of two stages: one of two cores. Later, with no other work measured, both."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(threads.PARALLEL_ENV, "2")
+    monkeypatch.setattr(threads, "allowed_cores", lambda cpus, quota: 2)
+    monkeypatch.setattr(LoadSample, "others_busy", lambda self, later: 0.0)
+    try:
+        governor = ThreadGovernor(window_s=0.0, interval_s=0.0)
+        assert governor.start() == 1 and torch.get_num_threads() == 1
+        governor.tick()
+        assert governor.threads == 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr(LoadSample, "others_busy", lambda self, later: 1.0)  # the other stage, one thread
+        governor.tick()
+        assert governor.threads == 1
+    finally:
+        torch.set_num_threads(before)
