@@ -97,6 +97,8 @@ def phash(pixels: np.ndarray) -> np.ndarray:
     small = rows @ gray @ cols.T  # (N, 32, 32)
     d = dct_matrix(HASH_SIDE)[:HASH_KEEP]  # (8, 32): only the rows of the frequencies kept
     coef = (d @ small @ d.T).reshape(n, -1)  # (N, 64), row-major: coef[:, 0] is the DC term
+    # Round-off (the matmuls' summation order) must not set bits: a flat image's AC terms are 0 exactly.
+    coef = np.round(coef, 6)
     bits = coef > np.median(coef[:, 1:], axis=1, keepdims=True)  # the DC term's mean would outweigh the rest
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
