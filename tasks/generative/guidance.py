@@ -44,6 +44,7 @@ from tasks.generative.fid import (
     balanced_labels,
     check_fid_net,
     derived_image_fields,
+    draw_spread,
     image_meta,
 )
 from tasks.generative.images import write_png
@@ -195,6 +196,34 @@ class GuidanceInputs:
     fid: FIDConfig
 
 
+def guided_against_unguided(
+    kind: str,
+    scale: float,
+    first_fid: float,
+    draw: Callable[[float, int], Tensor],
+    evaluator: FIDEvaluator,
+    seed: int,
+    fid_cfg: FIDConfig,
+) -> dict[str, float]:
+    """Test FID of the chosen scale over `fid_cfg.headline_draws` sample sets (seeds seed + 2 + 100 k; the first
+    is `first_fid`) and of scale 0 (no guidance) with the same seeds, so each pair shares its initial noise;
+    the chosen scale's mean and 95 % interval, and the paired t-interval of the difference (chosen minus
+    unguided): `{kind}_beats_unguided` is 1 when that interval lies below 0, 0 when it contains 0 (not
+    significant) or lies above it. With one draw there is no interval and the flag is 0."""
+    seeds = [seed + 2 + 100 * k for k in range(fid_cfg.headline_draws)]
+    guided = [first_fid] + [evaluator.fid(draw(scale, s)).fid for s in seeds[1:]]
+    unguided = guided if scale == 0.0 else [evaluator.fid(draw(0.0, s)).fid for s in seeds]
+    difference = draw_spread([g - u for g, u in zip(guided, unguided)], prefix="diff")
+    return {
+        **draw_spread(guided, prefix=f"{kind}_selected_test_fid"),
+        **draw_spread(unguided, prefix=f"{kind}_unguided_test_fid"),
+        f"{kind}_minus_unguided_test_fid_mean": difference["diff_mean"],
+        f"{kind}_minus_unguided_test_fid_ci_low": difference["diff_ci_low"],
+        f"{kind}_minus_unguided_test_fid_ci_high": difference["diff_ci_high"],
+        f"{kind}_beats_unguided": float(difference["diff_ci_high"] < 0),
+    }
+
+
 @task(name="guidance", cache_policy=NO_CACHE)
 def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]:
     root, run, seed, device_name = ctx.root, ctx.run, ctx.seed, ctx.device
@@ -271,8 +300,8 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
         part = [r for r in rows if r["guidance"] == kind]
         chosen = select_on_validation(part)
         selected[kind] = chosen["scale"]
-        # Test, once, for the chosen scale only, with fresh samples (seed + 2): the samples that won on val
-        # would carry their luck over to test.
+        # Test, for the chosen scale only, with fresh samples (seed + 2): the samples that won on val would
+        # carry their luck over to test.
         images, _ = sample(make(chosen["scale"]), seed + 2)
         test = test_evaluator.report(images, labels)
         metrics[f"{kind}_selected_scale"] = chosen["scale"]
@@ -280,6 +309,15 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
         metrics[f"{kind}_selected_val_class_accuracy"] = chosen["val_class_accuracy"]
         metrics[f"{kind}_selected_test_fid"] = test["fid"]
         metrics[f"{kind}_selected_test_class_accuracy"] = test["class_accuracy"]
+        metrics |= guided_against_unguided(
+            kind,
+            chosen["scale"],
+            test["fid"],
+            lambda scale, k: sample(make(scale), k)[0],
+            test_evaluator,
+            seed,
+            fid_cfg,
+        )
         print(
             f"guidance: {kind} selected on val: scale {chosen['scale']:g}; test FID {test['fid']:.3f}, "
             f"class accuracy {test['class_accuracy']:.3f}"
