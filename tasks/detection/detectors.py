@@ -1,5 +1,6 @@
-"""Detection tasks: `detector@{thundernet,one_stage}` (train, predict the test split), `map` (COCO
-evaluation of both), `onnx` (export with NMS inside, onnxruntime parity, int8, latency, registry).
+"""Detection tasks: `detector@{thundernet,one_stage}` (train, predict the test split); the stages after it,
+`map` (COCO evaluation of both, tasks/detection/map.py) and `onnx` (export with NMS inside, onnxruntime parity,
+int8, latency, registry: onnx_export.py), have modules of their own and import from this one.
 
 Predictions travel between stages as COCO result records (image_id, category_id, bbox xywh, score), so any
 stage can be inspected or replaced by another tool; predictions_test.json holds them under `predictions`,
@@ -24,12 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from models.detection.boxes import Detections
-from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
+from models.detection.coco_eval import evaluate_coco
 from models.detection.detectors import DETECTORS, build_detector, to_model_input
 from tasks.detection.scenes import labels_digest, load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
-from tasks.spec import NoInputs, StageContext, StageSpec
+from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
@@ -257,14 +258,6 @@ def read_checked_predictions(root: Path, name: str, split: Split) -> list[dict[s
     return records
 
 
-def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
-    return {
-        **{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
-        "per_class_ap": {str(c): float(result.per_class_ap[c]) for c in result.cat_ids},
-        "per_class_ap50": {str(c): float(result.per_class_ap50[c]) for c in result.cat_ids},
-    }
-
-
 # -------------------------------------------------------------------------------------- tasks
 
 
@@ -313,49 +306,6 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
     return metrics
 
 
-def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=120)
-    for name, (recall, precision) in curves.items():
-        ax.plot(recall, precision, label=name)
-    ax.set(xlabel="recall", ylabel="precision", title="Test precision-recall at IoU 0.5", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-@task(name="map", cache_policy=NO_CACHE)
-def map_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
-    root, run = ctx.root, ctx.run
-    test = read_split(root, "test")
-    summaries, curves, rows = {}, {}, []
-    predictions = {name: read_checked_predictions(root, name, test) for name in DETECTOR_NAMES}
-    for name in DETECTOR_NAMES:
-        result = evaluate_coco(test.coco, predictions[name])
-        summaries[name] = coco_summary(result)
-        recall, precision = result.pr_curve(iou=0.5)
-        curves[name] = (recall, precision)
-        rows += [{"detector": name, "recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]
-    write_json(root / METRICS_DIR / "map.json", summaries)
-    with atomic_path(root / PLOTS_DIR / "pr_curve.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics = {f"{name}_{stat}": summaries[name][stat] for name in DETECTOR_NAMES for stat in STAT_NAMES}
-    run.log_metrics(metrics)
-    run.log_figure(pr_figure(curves), "plots/pr_curve.png")
-    run.log_text(json.dumps(summaries, indent=2) + "\n", "map.json")
-    for name in DETECTOR_NAMES:
-        print(
-            f"{name}: AP {summaries[name]['AP']:.3f}  AP50 {summaries[name]['AP50']:.3f}  "
-            f"AP75 {summaries[name]['AP75']:.3f}  AR100 {summaries[name]['AR100']:.3f}"
-        )
-    return metrics
-
-
 SPECS = [
     StageSpec(
         name="detector",
@@ -370,5 +320,4 @@ SPECS = [
             for name in DETECTORS
         },
     ),
-    StageSpec(name="map", family="detection", task=map_task, seeded=False),
 ]

@@ -41,6 +41,11 @@ def test_map_metrics_are_coco_summaries_of_both_detectors(project, first_run):
             assert -1.0 <= summary_[key] <= 1.0
         assert set(summary_["per_class_ap"]) == {str(c) for c in range(1, 11)}
         assert all(-1.0 <= v <= 1.0 for v in summary_["per_class_ap"].values())
+        for stat in ("AP", "AP50"):  # bootstrap over the test images
+            assert -1.0 <= summary_[f"{stat}_ci_low"] <= summary_[f"{stat}_ci_high"] <= 1.0
+    pairs = (project / "data/plots/map_pairs.csv").read_text().splitlines()
+    assert pairs[0] == "pair,a,b,stat,difference,ci_low,ci_high,significant"
+    assert [row.split(",")[3] for row in pairs[1:]] == ["AP", "AP50"]
 
 
 def test_onnx_stage_reports_parity_int8_and_latency(project, first_run):

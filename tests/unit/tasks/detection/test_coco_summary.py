@@ -1,4 +1,4 @@
-"""tasks/detection/detectors.py `coco_summary`, the record the `map` stage writes to data/metrics/map.json:
+"""tasks/detection/map.py `coco_summary`, the record the `map` stage writes to data/metrics/map.json:
 each per-class value is that class's AP from pycocotools, not its id."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.detection.coco_eval import evaluate_coco
-from tasks.detection.detectors import coco_summary
+from tasks.detection.map import coco_summary
 from tests.unit.models.detection.test_coco_eval import NO_GT_CAT, per_class_ap, run_pycocotools, synthetic
 
 

@@ -1,0 +1,156 @@
+"""`map`: COCO evaluation of both detectors' test predictions (models/detection/coco_eval.py), with paired
+bootstrap intervals over the test images.
+
+The point estimates are the COCO figures of the whole test split. For the intervals the test images are drawn
+with replacement, `map.resamples` times; each resample is a COCO dataset of its own in which an image drawn
+twice counts as two images (models/detection/coco_bootstrap.py), and both detectors are evaluated on the same
+resamples (models/bootstrap.py). The stage reports each detector's percentile interval of AP and AP50 and the
+interval of the paired difference between the detectors. The intervals cover the choice of test images, not
+training-seed variance.
+
+This stage has its own module, apart from `detector@*` in detectors.py, so that a change to the evaluation
+does not make the trained detectors stale.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.bootstrap import BootstrapConfig, interval, percentile_interval, resample_indices
+from models.detection.coco_bootstrap import detection_columns, image_ids, resample_images
+from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
+from tasks.detection.detectors import DETECTOR_NAMES, read_checked_predictions, read_split
+from tasks.io import atomic_path, write_json
+from tasks.layout import METRICS_DIR, PLOTS_DIR
+from tasks.spec import StageContext, StageSpec
+
+INTERVAL_STATS = ("AP", "AP50")  # the figures the report compares; indices into STAT_NAMES below
+_STAT_INDEX = [STAT_NAMES.index(s) for s in INTERVAL_STATS]
+
+
+def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
+    return {
+        **{name: float(v) for name, v in zip(STAT_NAMES, result.stats)},
+        "per_class_ap": {str(c): float(result.per_class_ap[c]) for c in result.cat_ids},
+        "per_class_ap50": {str(c): float(result.per_class_ap50[c]) for c in result.cat_ids},
+    }
+
+
+def bootstrap_stats(
+    gt: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], cfg: BootstrapConfig, seed: int
+) -> dict[str, np.ndarray]:
+    """Detector -> (B, len(INTERVAL_STATS)): its AP and AP50 on each resample of the test images, the same
+    resamples for every detector."""
+    columns = {name: detection_columns(records) for name, records in predictions.items()}
+    draws = resample_indices(len(image_ids(gt)), cfg.resamples, seed)  # (B, I)
+    out = {name: np.zeros((cfg.resamples, len(INTERVAL_STATS))) for name in predictions}
+    for b, draw in enumerate(draws):
+        for name, dets in columns.items():
+            sample_gt, sample_dets = resample_images(gt, dets, draw)
+            out[name][b] = evaluate_coco(sample_gt, sample_dets).stats[_STAT_INDEX]
+    return out
+
+
+def add_intervals(
+    summaries: dict[str, dict[str, Any]], samples: dict[str, np.ndarray], level: float
+) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    """The summaries with `<stat>_ci_low/_ci_high` for INTERVAL_STATS, and the pairs' table: the first
+    detector minus each other one, per stat, with its paired interval (0 inside it: not significant)."""
+    out = {}
+    for name, summary in summaries.items():
+        low, high = percentile_interval(samples[name], level)
+        out[name] = dict(summary)
+        for k, stat in enumerate(INTERVAL_STATS):
+            out[name][f"{stat}_ci_low"], out[name][f"{stat}_ci_high"] = float(low[k]), float(high[k])
+    names = list(summaries)
+    rows = []
+    for other in names[1:]:
+        a, b = names[0], other
+        for k, stat in enumerate(INTERVAL_STATS):
+            diff = interval(summaries[a][stat] - summaries[b][stat], samples[a][:, k] - samples[b][:, k], level)
+            rows.append(
+                {
+                    "pair": f"{a} - {b}",
+                    "a": a,
+                    "b": b,
+                    "stat": stat,
+                    "difference": diff.point,
+                    "ci_low": diff.low,
+                    "ci_high": diff.high,
+                    "significant": diff.significant,
+                }
+            )
+    return out, pd.DataFrame(rows)
+
+
+def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=120)
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set(xlabel="recall", ylabel="precision", title="Test precision-recall at IoU 0.5", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class MapInputs:
+    map: BootstrapConfig
+
+
+@task(name="map", cache_policy=NO_CACHE)
+def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
+    root, run, cfg = ctx.root, ctx.run, inputs.map
+    test = read_split(root, "test")
+    summaries, curves, rows = {}, {}, []
+    predictions = {name: read_checked_predictions(root, name, test) for name in DETECTOR_NAMES}
+    for name in DETECTOR_NAMES:
+        result = evaluate_coco(test.coco, predictions[name])
+        summaries[name] = coco_summary(result)
+        recall, precision = result.pr_curve(iou=0.5)
+        curves[name] = (recall, precision)
+        rows += [{"detector": name, "recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]
+    started = time.perf_counter()
+    samples = bootstrap_stats(test.coco, predictions, cfg, ctx.seed)
+    bootstrap_seconds = time.perf_counter() - started
+    summaries, pairs = add_intervals(summaries, samples, cfg.level)
+    write_json(root / METRICS_DIR / "map.json", summaries)
+    with atomic_path(root / PLOTS_DIR / "pr_curve.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    with atomic_path(root / PLOTS_DIR / "map_pairs.csv") as tmp:
+        pairs.to_csv(tmp, index=False)
+    stats = [*STAT_NAMES, *(f"{s}_ci_{end}" for s in INTERVAL_STATS for end in ("low", "high"))]
+    metrics = {f"{name}_{stat}": summaries[name][stat] for name in DETECTOR_NAMES for stat in stats}
+    run.log_metrics({**metrics, "bootstrap_seconds": bootstrap_seconds})
+    run.log_figure(pr_figure(curves), "plots/pr_curve.png")
+    run.log_text(json.dumps(summaries, indent=2) + "\n", "map.json")
+    run.log_artifact(root / PLOTS_DIR / "map_pairs.csv", "plots")
+    for name in DETECTOR_NAMES:
+        s = summaries[name]
+        print(
+            f"{name}: AP {s['AP']:.3f} [{s['AP_ci_low']:.3f}, {s['AP_ci_high']:.3f}]  "
+            f"AP50 {s['AP50']:.3f} [{s['AP50_ci_low']:.3f}, {s['AP50_ci_high']:.3f}]  "
+            f"AP75 {s['AP75']:.3f}  AR100 {s['AR100']:.3f}"
+        )
+    for p in pairs.itertuples():
+        verdict = "significant" if p.significant else "not significant"
+        print(f"{p.pair} {p.stat}: {p.difference:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}] ({verdict})")
+    print(f"bootstrap: {cfg.resamples} resamples of {len(test.image_ids)} test images in {bootstrap_seconds:.1f} s")
+    return metrics
+
+
+SPEC = StageSpec(name="map", family="detection", task=map_task, inputs=MapInputs)
