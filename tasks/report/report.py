@@ -6,12 +6,18 @@ DVC has.
 Sections: language-model perplexity; image generators' FID with the floor and noise ceiling, the
 guidance trade-off and the SD3 ablations; detection mAP and latency. A family whose metrics are missing
 is left out of the report and named at its end.
+
+Comparisons carry their 95 % intervals where the stages computed them: `value [low, high]`. Two models are
+ranked only when the paired interval of their difference excludes 0; otherwise the pair is marked "n.s."
+(not significant) and the report says the data cannot tell them apart. Where a table has no such test (the
+image generators), the report says so beside it instead of implying a ranking.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +63,35 @@ class Report:
 # The LM table's columns (markdown: `<s>` in code, or it would open a strikethrough).
 LM_SENTENCE_COLUMN = "test perplexity (context from each sentence's `<s>`, as the n-gram)"
 LM_STREAM_COLUMN = "stream context"
+NOT_SIGNIFICANT = "n.s."
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def with_interval(value: float, low: str | float | None, high: str | float | None, fmt: str = ".2f") -> str:
+    """`value [low, high]`, or the value alone where the stage computed no interval."""
+    if low in (None, "") or high in (None, ""):
+        return f"{value:{fmt}}"
+    return f"{value:{fmt}} [{float(low):{fmt}}, {float(high):{fmt}}]"
+
+
+def _significant(row: dict[str, str]) -> bool:
+    return str(row["significant"]).strip().lower() == "true"
+
+
+def ranking_line(ranked: list[str], pairs: list[dict[str, str]]) -> str:
+    """The models from lowest to highest point estimate, `<` between neighbours whose paired difference is
+    significant and `~` (n.s.) where it is not, or where the pair was not tested."""
+    tested = {(p["better"], p["worse"]): _significant(p) for p in pairs}
+    out = ranked[:1]
+    for a, b in zip(ranked, ranked[1:]):
+        out += ["<" if tested.get((a, b)) else "~", b]
+    return " ".join(out)
 
 
 def language_models(root: Path, report: Report) -> None:
@@ -64,30 +99,87 @@ def language_models(root: Path, report: Report) -> None:
     if not compare.is_file():
         report.missing.append("language models")
         return
-    with open(compare, newline="") as f:
-        rows = [
-            (r["model"], float(r["test_perplexity"]), r.get("test_perplexity_stream") or "") for r in csv.DictReader(f)
-        ]
-    table = [
-        f"| model | {LM_SENTENCE_COLUMN} | {LM_STREAM_COLUMN} |",
-        "|---|---:|---:|",
-        *(f"| {m} | {p:.2f} | {f'{float(q):.2f}' if q else ''} |" for m, p, q in rows),
-    ]
-    report.sections.append(
+    rows = _csv_rows(compare)
+    table = [f"| model | {LM_SENTENCE_COLUMN} | {LM_STREAM_COLUMN} |", "|---|---:|---:|"]
+    for r in rows:
+        cell = with_interval(
+            float(r["test_perplexity"]), r.get("test_perplexity_ci_low"), r.get("test_perplexity_ci_high")
+        )
+        stream = r.get("test_perplexity_stream") or ""
+        table.append(f"| {r['model']} | {cell} | {f'{float(stream):.2f}' if stream else ''} |")
+    text = (
         "## Language models\n\nPerplexity on the shared test sentences (lower is better). The first column is "
-        "like for like: every model scores each sentence with the context from its `<s>` only, as the "
+        "like for like: every model scores each test sentence with the context from its `<s>` only, as the "
         "Kneser-Ney model does. The stream-context column (neural LMs only) scores the continuous test stream "
-        "with sliding windows whose context crosses sentence boundaries.\n\n"
-        + "\n".join(table)
-        + "\n\n![](lm_perplexity.png)"
+        "with sliding windows whose context crosses sentence boundaries.\n\n" + "\n".join(table)
     )
+    pairs = _csv_rows(root / PLOTS_DIR / "lm_compare_pairs.csv")
+    if "test_perplexity_ci_low" in rows[0]:
+        text += (
+            "\n\nIn brackets: the 95 % percentile interval over bootstrap resamples of the test sentences "
+            "(`params/lm.yaml: lm_compare.resamples`), the same resamples for every model. It covers the choice of "
+            "test sentences only, not training-seed variance (one trained model per LM). The per-model intervals "
+            "overlap widely because sentences differ far more from each other than the models do; whether two "
+            "models differ is read from the paired interval of their difference below, not from the overlap."
+        )
+    ppl = {r["model"]: float(r["test_perplexity"]) for r in rows}
+    ranked = sorted(ppl, key=ppl.get)
+    if pairs:
+        lines = [
+            "| comparison | difference in log-perplexity, worse minus better [95 % interval] | verdict |",
+            "|---|---:|---|",
+        ]
+        for p in pairs:
+            cell = with_interval(float(p["log_perplexity_difference"]), p["ci_low"], p["ci_high"], "+.3f")
+            verdict = f"{p['better']} lower" if _significant(p) else f"{NOT_SIGNIFICANT} (not significant)"
+            lines.append(f"| {p['worse']} vs {p['better']} | {cell} | {verdict} |")
+        text += (
+            "\n\nPaired comparisons: the neighbours of the ranking by point estimate, and the largest Kneser-Ney "
+            f"order against each neural LM. A pair whose interval contains 0 is {NOT_SIGNIFICANT}: the test set "
+            "cannot tell the two apart, and the report does not rank them.\n\n"
+            + "\n".join(lines)
+            + f"\n\nRanking (lowest perplexity first; `<` significant, `~` {NOT_SIGNIFICANT}): "
+            + ranking_line(ranked, pairs)
+        )
+    report.sections.append(text + "\n\n![](lm_perplexity.png)")
     fig, ax = _figure()
-    ax.barh([m for m, _, _ in rows][::-1], [p for _, p, _ in rows][::-1])
+    names = [r["model"] for r in rows][::-1]
+    values = [ppl[m] for m in names]
+    err = None
+    if "test_perplexity_ci_low" in rows[0]:
+        by_name = {r["model"]: r for r in rows}
+        err = [
+            [ppl[m] - float(by_name[m]["test_perplexity_ci_low"]) for m in names],
+            [float(by_name[m]["test_perplexity_ci_high"]) - ppl[m] for m in names],
+        ]
+    ax.barh(names, values, xerr=err, capsize=2)
     ax.set(xscale="log", xlabel="test perplexity (context from each sentence's <s>)", title="Language models")
     fig.tight_layout()
     report.figures["lm_perplexity.png"] = fig
-    best = min(rows, key=lambda r: r[1])  # like for like: context from each sentence's <s>
-    report.headline.append(f"language models: best test perplexity {best[1]:.2f} ({best[0]})")
+    best = ranked[0]  # like for like: context from each sentence's <s>
+    line = f"language models: lowest test perplexity {ppl[best]:.2f} ({best})"
+    tie = next((p for p in pairs if p["better"] == best and p["worse"] == ranked[1]), None) if len(ranked) > 1 else None
+    if tie is not None and not _significant(tie):
+        line += f", not significantly below {ranked[1]} ({ppl[ranked[1]]:.2f})"
+    report.headline.append(line)
+
+
+# Said beside every table of generators: their figures carry no test of one generator against another.
+GENERATORS_UNRANKED = (
+    "Not a ranking: no paired test between generators is computed here, and no interval covers training "
+    "seeds (one trained model each). Where a row has an interval, it is the spread of the FID over independent "
+    "sample sets of that one model; a row marked single draw has none, and a difference smaller than the "
+    "sampling noise of FID can go either way."
+)
+
+
+def draws_cell(m: dict) -> str:
+    """`mean [low, high] (n sets)` of a generator's FID over independent sample sets, or `single draw`."""
+    low, high = m.get("fid_ci_low"), m.get("fid_ci_high")
+    finite = all(isinstance(v, int | float) and math.isfinite(v) for v in (low, high))
+    if not finite or "fid_mean" not in m:
+        return "single draw"
+    return f"{m['fid_mean']:.3f} [{low:.3f}, {high:.3f}] ({int(m.get('fid_draws', 0))} sets)"
 
 
 def generator_rows(root: Path) -> list[tuple[str, dict]]:
@@ -112,17 +204,22 @@ def image_generation(root: Path, report: Report) -> None:
         report.missing.append("image generation")
         return
     floor, ceiling = rows[0][1]["fid_floor"], rows[0][1]["fid_ceiling"]
-    table = ["| generator | FID | class accuracy | bits/dim | note |", "|---|---:|---:|---:|---|"]
+    table = [
+        "| generator | FID | over sample sets: mean [95 % interval] | class accuracy | bits/dim | note |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for name, m in rows:
         note = f"{m.get('headline_sampler', '')} {int(m['headline_steps'])} steps" if "headline_steps" in m else ""
         acc = f"{m['class_accuracy']:.3f}" if "class_accuracy" in m else ""
         bpd = f"{m['test_bpd']:.3f}" if "test_bpd" in m else ""
-        table.append(f"| {name} | {m['fid']:.3f} | {acc} | {bpd} | {note} |")
+        table.append(f"| {name} | {m['fid']:.3f} | {draws_cell(m)} | {acc} | {bpd} | {note} |")
     text = (
         f"## Image generation\n\nFID against the test split: floor (train split vs test split) {floor:.3f}, "
         f"noise ceiling (uniform noise vs test split) {ceiling:.1f}. ControlNet's samples are conditioned on the "
         "test images' edge maps, so its FID is not comparable with the others'.\n\n"
         + "\n".join(table)
+        + "\n\n"
+        + GENERATORS_UNRANKED
         + "\n\n![](fid.png)"
     )
     fig, ax = _figure()
@@ -136,7 +233,8 @@ def image_generation(root: Path, report: Report) -> None:
     # ControlNet samples copy the test images' own edge maps, so its FID is not comparable with the others'.
     best = min((r for r in rows if r[0] != "controlnet"), key=lambda r: r[1]["fid"])
     report.headline.append(
-        f"image generators: best FID {best[1]['fid']:.3f} ({best[0]}); floor {floor:.3f}, noise ceiling {ceiling:.1f}"
+        f"image generators: lowest FID {best[1]['fid']:.3f} ({best[0]}, not tested against the others); "
+        f"floor {floor:.3f}, noise ceiling {ceiling:.1f}"
     )
 
     guidance = root / PLOTS_DIR / "guidance.csv"
@@ -203,15 +301,22 @@ def image_generation(root: Path, report: Report) -> None:
             f"| {name} | " + " | ".join(f"{fids[s]:.3f}" if s in fids else "" for s in steps) + " |"
             for name, fids in by_sampler.items()
         ]
-        text += "\n\n### DiT-RF against the UNet DDPM at equal steps (FID)\n\n" + "\n".join(lines)
+        text += (
+            "\n\n### DiT-RF against the UNet DDPM at equal steps (FID)\n\nOne sample set per cell: no interval, "
+            "so a small difference between two cells may be sampling noise.\n\n" + "\n".join(lines)
+        )
     ablation = _read(root / METRICS_DIR / "dit_ablation.json")
     if ablation:
-        lines = ["| variant | FID | class accuracy | latent channels |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {r['variant']} | {r['fid']:.3f} | {r['class_accuracy']:.3f} | {r['latent_channels']} |"
-            for r in ablation["variants"]
+        lines = [
+            "| variant | FID | over sample sets: mean [95 % interval] | class accuracy | latent channels |",
+            "|---|---:|---:|---:|---:|",
         ]
-        text += "\n\n### DiT-RF: SD3 design choices, one at a time\n\n" + "\n".join(lines)
+        for r in ablation["variants"]:
+            cells = [f"{r['fid']:.3f}", draws_cell(r), f"{r['class_accuracy']:.3f}", str(r["latent_channels"])]
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        text += (
+            "\n\n### DiT-RF: SD3 design choices, one at a time\n\n" + GENERATORS_UNRANKED + "\n\n" + "\n".join(lines)
+        )
     report.sections.append(text)
 
 
@@ -229,22 +334,51 @@ def detection(root: Path, report: Report) -> None:
         o = onnx.get(name, {})
         lat = [o.get(k, {}).get("p50_ms") for k in ("latency_torch", "latency_onnx_fp32", "latency_onnx_int8")]
         cells = " | ".join(f"{v:.2f}" if v is not None else "" for v in lat)
-        table.append(f"| {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f} | {m['AR100']:.3f} | {cells} |")
-    report.sections.append(
-        "## Detection\n\nCOCO metrics on the test scenes; batch-1 latency.\n\n"
-        + "\n".join(table)
-        + "\n\n![](detection.png)"
-    )
+        ap, ap50 = (with_interval(m[s], m.get(f"{s}_ci_low"), m.get(f"{s}_ci_high"), ".3f") for s in ("AP", "AP50"))
+        table.append(f"| {name} | {ap} | {ap50} | {m['AP75']:.3f} | {m['AR100']:.3f} | {cells} |")
+    text = "## Detection\n\nCOCO metrics on the test scenes; batch-1 latency.\n\n" + "\n".join(table)
+    if any("AP_ci_low" in m for m in summaries.values()):
+        text += (
+            "\n\nIn brackets: the 95 % percentile interval over bootstrap resamples of the test images "
+            "(`params/detection.yaml: map.resamples`; an image drawn twice counts as two), the same resamples for "
+            "both detectors. It covers the choice of test images only, not training-seed variance (one trained "
+            "model per detector)."
+        )
+    pairs = _csv_rows(root / PLOTS_DIR / "map_pairs.csv")
+    if pairs:
+        lines = ["| comparison | stat | difference [95 % interval] | verdict |", "|---|---|---:|---|"]
+        for p in pairs:
+            cell = with_interval(float(p["difference"]), p["ci_low"], p["ci_high"], "+.3f")
+            higher = p["a"] if float(p["difference"]) > 0 else p["b"]
+            verdict = f"{higher} higher" if _significant(p) else f"{NOT_SIGNIFICANT} (not significant)"
+            lines.append(f"| {p['a']} minus {p['b']} | {p['stat']} | {cell} | {verdict} |")
+        text += (
+            "\n\nPaired differences over the same resamples. A difference whose interval contains 0 is "
+            f"{NOT_SIGNIFICANT}: the test images cannot tell the detectors apart on that figure.\n\n" + "\n".join(lines)
+        )
+    report.sections.append(text + "\n\n![](detection.png)")
     fig, ax = _figure()
     names = list(summaries)
-    ax.bar(names, [summaries[n]["AP50"] for n in names], label="AP50")
-    ax.bar(names, [summaries[n]["AP"] for n in names], label="AP@[.5:.95]")
+    for stat, label in (("AP50", "AP50"), ("AP", "AP@[.5:.95]")):
+        values = [summaries[n][stat] for n in names]
+        err = None
+        if all(f"{stat}_ci_low" in summaries[n] for n in names):
+            err = [
+                [summaries[n][stat] - summaries[n][f"{stat}_ci_low"] for n in names],
+                [summaries[n][f"{stat}_ci_high"] - summaries[n][stat] for n in names],
+            ]
+        ax.bar(names, values, yerr=err, capsize=3, label=label)
     ax.set(ylim=(0, 1), ylabel="test", title="Detectors")
     ax.legend(fontsize=7)
     fig.tight_layout()
     report.figures["detection.png"] = fig
     best = max(summaries, key=lambda n: summaries[n]["AP50"])
-    report.headline.append(f"detectors: best AP50 {summaries[best]['AP50']:.3f} ({best})")
+    line = f"detectors: highest AP50 {summaries[best]['AP50']:.3f} ({best})"
+    tie = next((p for p in pairs if p["stat"] == "AP50" and best in (p["a"], p["b"]) and not _significant(p)), None)
+    if tie is not None:
+        other = tie["b"] if tie["a"] == best else tie["a"]
+        line += f", not significantly above {other} ({summaries[other]['AP50']:.3f})"
+    report.headline.append(line)
 
 
 SECTIONS: list[Callable[[Path, Report], None]] = [language_models, image_generation, detection]

@@ -1,0 +1,119 @@
+"""The report's comparison tables carry the stages' intervals as `value [low, high]` and rank two models only
+when the paired interval of their difference excludes 0; the others are marked n.s."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.report.report import build_report, draws_cell, ranking_line
+
+
+def _write(root, relative, text):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+LM_TABLE = (
+    ("model,family,test_perplexity,test_perplexity_stream,parameters,test_perplexity_ci_low,test_perplexity_ci_high\n")
+    + """unigram,ngram,86.4,,,61.6,133.0
+kn5,ngram,14.72,,,8.66,29.27
+lstm,neural,14.45,14.32,433311.0,8.45,28.97
+mamba,neural,20.12,19.69,532224.0,11.15,43.94
+"""
+)
+LM_PAIRS = """pair,better,worse,log_perplexity_difference,ci_low,ci_high,significant,why
+kn5 vs lstm,lstm,kn5,0.0186,-0.0156,0.0472,False,adjacent in the ranking; kn5 against the neural LMs
+mamba vs kn5,kn5,mamba,0.3128,0.2381,0.4193,True,adjacent in the ranking; kn5 against the neural LMs
+unigram vs mamba,mamba,unigram,1.4576,1.0930,1.7217,True,adjacent in the ranking
+"""
+MAP = {
+    "thundernet": {
+        "AP": 0.448,
+        "AP50": 0.618,
+        "AP75": 0.555,
+        "AR100": 0.681,
+        "AP_ci_low": 0.431,
+        "AP_ci_high": 0.472,
+        "AP50_ci_low": 0.596,
+        "AP50_ci_high": 0.647,
+    },
+    "one_stage": {
+        "AP": 0.464,
+        "AP50": 0.6175,
+        "AP75": 0.559,
+        "AR100": 0.730,
+        "AP_ci_low": 0.447,
+        "AP_ci_high": 0.490,
+        "AP50_ci_low": 0.597,
+        "AP50_ci_high": 0.647,
+    },
+}
+MAP_PAIRS = """pair,a,b,stat,difference,ci_low,ci_high,significant
+thundernet - one_stage,thundernet,one_stage,AP,-0.016,-0.035,-0.002,True
+thundernet - one_stage,thundernet,one_stage,AP50,0.0005,-0.026,0.026,False
+"""
+
+
+def test_language_models_show_intervals_and_do_not_rank_what_is_not_significant(tmp_path):
+    _write(tmp_path, "data/plots/lm_compare.csv", LM_TABLE)
+    _write(tmp_path, "data/plots/lm_compare_pairs.csv", LM_PAIRS)
+    report = build_report(tmp_path)
+    text = report.markdown()
+    assert "| kn5 | 14.72 [8.66, 29.27] |  |" in text and "| lstm | 14.45 [8.45, 28.97] | 14.32 |" in text
+    assert "| kn5 vs lstm | +0.019 [-0.016, +0.047] | n.s. (not significant) |" in text
+    assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text
+    assert "lstm ~ kn5 < mamba < unigram" in text
+    assert "not training-seed variance" in text
+    assert (
+        report.headline[0]
+        == "language models: lowest test perplexity 14.45 (lstm), not significantly below kn5 (14.72)"
+    )
+
+
+def test_detection_shows_intervals_and_the_paired_difference(tmp_path):
+    _write(tmp_path, "data/metrics/map.json", json.dumps(MAP))
+    _write(tmp_path, "data/plots/map_pairs.csv", MAP_PAIRS)
+    report = build_report(tmp_path)
+    text = report.markdown()
+    assert "| thundernet | 0.448 [0.431, 0.472] | 0.618 [0.596, 0.647] | 0.555 | 0.681 |  |  |  |" in text
+    assert "| thundernet minus one_stage | AP | -0.016 [-0.035, -0.002] | one_stage higher |" in text
+    assert "| thundernet minus one_stage | AP50 | +0.001 [-0.026, +0.026] | n.s. (not significant) |" in text
+    assert (
+        report.headline[-1] == "detectors: highest AP50 0.618 (thundernet), not significantly above one_stage (0.618)"
+    )
+
+
+def test_tables_without_intervals_show_the_values_alone(tmp_path):
+    # Metrics from before the stages computed intervals: the values, no brackets, no pairs, no claim.
+    _write(tmp_path, "data/plots/lm_compare.csv", "model,family,test_perplexity\nkn5,ngram,10.9\nlstm,neural,11.2\n")
+    _write(
+        tmp_path,
+        "data/metrics/map.json",
+        json.dumps({"thundernet": {"AP": 0.5, "AP50": 0.6, "AP75": 0.55, "AR100": 0.7}}),
+    )
+    report = build_report(tmp_path)
+    text = report.markdown()
+    assert "| kn5 | 10.90 |  |" in text and "[" not in text.split("## Language models")[1].split("![]")[0]
+    assert "| thundernet | 0.500 | 0.600 | 0.550 | 0.700 |" in text and "Paired" not in text
+    assert report.headline == [
+        "language models: lowest test perplexity 10.90 (kn5)",
+        "detectors: highest AP50 0.600 (thundernet)",
+    ]
+
+
+def test_ranking_line_and_generator_draws():
+    pairs = [
+        {"better": "a", "worse": "b", "significant": "True"},
+        {"better": "b", "worse": "c", "significant": "False"},
+    ]
+    assert ranking_line(["a", "b", "c", "d"], pairs) == "a < b ~ c ~ d"  # c, d untested: not ranked
+    assert draws_cell({"fid": 1.0}) == "single draw"
+    assert (
+        draws_cell({"fid": 1.0, "fid_mean": 1.1, "fid_ci_low": float("nan"), "fid_ci_high": float("nan")})
+        == "single draw"
+    )
+    assert (
+        draws_cell({"fid_mean": 1.1, "fid_ci_low": 0.9, "fid_ci_high": 1.3, "fid_draws": 3.0})
+        == "1.100 [0.900, 1.300] (3 sets)"
+    )
