@@ -230,7 +230,7 @@ def sentence_scores(
     check_vocab_digest(
         root, ngram_dir / "model.arpa", digest.read_text().strip() if digest.is_file() else None, "ngram"
     )
-    order = inputs.ngram.order
+    order = int(ngram["order"])  # the orders the stage reported (its params may have moved since)
     frames = [pd.read_parquet(ngram_dir / f"counts_{n}.parquet") for n in range(1, order + 1)]
     scores = {}
     for n, s in ngram_sentence_scores(kn.counts_from_frames(frames, len(vocab)), inputs.ngram, test).items():
