@@ -25,6 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import Tensor
 
+from models.bootstrap import interval, ratio_resamples, resample_indices
 from models.generative.controlnet import (
     ControlledUNet,
     ControlNet,
@@ -35,7 +36,7 @@ from models.generative.controlnet import (
 from models.generative.ddpm import DiffusionConfig, GaussianDiffusion
 from models.generative.unet import UNet
 from tasks.generative.diffusion import load_generator
-from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, image_meta
+from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, draw_spread, image_meta
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import CONTROLNET_DIR, METRICS_DIR, SPLITS
@@ -239,9 +240,25 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     f1_base = edge_f1(edges_base, conditions, eval_cfg.f1_tolerance)
     report = evaluator.report(controlled, labels)
     report_base = evaluator.report(alone, labels)
+    # Spread: more sample sets (initial noise seed + 1 + 100 k), each shared by the controlled and the base
+    # sampling, so the FID difference is paired; and a bootstrap over the condition images for edge F1.
+    fids, fids_base = [report["fid"]], [report_base["fid"]]
+    for k in range(1, fid_cfg.headline_draws):
+        g = torch.Generator().manual_seed(seed + 1 + 100 * k)
+        noise = torch.randn((n, *x_cond.shape[1:]), generator=g).to(device)
+        fids.append(evaluator.fid(sample(process, model, noise, labels, conditions, eval_cfg, fid_cfg.batch_size)).fid)
+        fids_base.append(evaluator.fid(sample(process, model, noise, labels, None, eval_cfg, fid_cfg.batch_size)).fid)
+    f1_gain = (f1_control - f1_base).double().numpy()  # (n,) per condition image
+    gain = interval(f1_gain.mean(), ratio_resamples(f1_gain, np.ones(n), resample_indices(n, 1000, seed)))
     metrics: dict[str, Any] = {
         "fid": report["fid"],
         "fid_base": report_base["fid"],
+        **draw_spread(fids),
+        **draw_spread(fids_base, prefix="fid_base"),
+        **draw_spread([a - b for a, b in zip(fids, fids_base)], prefix="fid_control_minus_base"),
+        "edge_f1_control_minus_base": gain.point,
+        "edge_f1_control_minus_base_ci_low": gain.low,
+        "edge_f1_control_minus_base_ci_high": gain.high,
         "fid_floor": evaluator.floor,
         "fid_ceiling": evaluator.ceiling,
         "fid_samples": report["fid_samples"],
