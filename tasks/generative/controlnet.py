@@ -251,6 +251,7 @@ def controlnet_task(ctx: StageContext, inputs: ControlNetInputs) -> dict[str, fl
     f1_gain = (f1_control - f1_base).double().numpy()  # (n,) per condition image
     gain = interval(f1_gain.mean(), ratio_resamples(f1_gain, np.ones(n), resample_indices(n, 1000, seed)))
     metrics: dict[str, Any] = {
+        "ema_decay": train_cfg.ema_decay,  # the weights every number here comes from (0: the trained ones)
         "fid": report["fid"],
         "fid_base": report_base["fid"],
         **draw_spread(fids),

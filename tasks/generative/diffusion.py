@@ -558,6 +558,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         samplers.append(f"{spec.compare_with}_ddim")
     metrics = {
         **headline,
+        "ema_decay": train_cfg.ema_decay,  # the weights every number here comes from (0: the trained ones)
         **spread,
         "headline_sampler": spec.headline,
         "train_seconds": result.train_seconds,

@@ -210,6 +210,7 @@ def dit_ablation_task(ctx: StageContext, inputs: DiTAblationInputs) -> dict[str,
             f"({cfg.train_steps} steps, {cfg.sample_steps} Euler steps)"
         )
     metrics: dict[str, Any] = {
+        "ema_decay": train_cfg.ema_decay,  # every variant's weights (0: the trained ones)
         "fid_floor": evaluator.floor,
         "fid_ceiling": evaluator.ceiling,
         "variants": rows,

@@ -235,6 +235,7 @@ def ldm_text_task(ctx: StageContext, inputs: LdmTextInputs) -> dict[str, float]:
     evaluator = FIDEvaluator.load(root, fid_cfg, device)
     labels = balanced_labels(fid_cfg.samples, evaluator.classifier.cfg.num_classes)
     metrics: dict[str, Any] = {
+        "ema_decay": train_cfg.ema_decay,  # the weights every number here comes from (0: the trained ones)
         "fid_floor": evaluator.floor,
         "fid_ceiling": evaluator.ceiling,
         "guidance_scale": cfg.guidance_scale,

@@ -288,6 +288,7 @@ def nflow_task(ctx: StageContext, inputs: NFlowInputs) -> dict[str, float]:
     ]
     metrics: dict[str, Any] = {
         **likelihood,
+        "ema_decay": train_cfg.ema_decay,  # the weights every number here comes from (0: the trained ones)
         **report,
         **draw_spread([report["fid"], *more]),
         **speed,

@@ -164,13 +164,16 @@ def language_models(root: Path, report: Report) -> None:
     report.headline.append(line)
 
 
-# Said beside every table of generators: their figures carry no test of one generator against another.
+# Said beside every table of generators: what their intervals cover, and how far a ranking goes.
 GENERATORS_UNRANKED = (
-    "Not a ranking: no paired test between generators is computed here, and no interval covers training "
-    "seeds (one trained model each). Where a row has an interval, it is the spread of the FID over independent "
-    "sample sets of that one model; a row marked single draw has none, and a difference smaller than the "
-    "sampling noise of FID can go either way."
+    "Intervals: the spread of one trained model's FID over independent sample sets (95 % Student-t interval of "
+    "the mean); no interval covers training seeds (one trained model each). Generators are ranked by that mean "
+    f"only where their intervals do not overlap; overlapping neighbours are marked `~` ({NOT_SIGNIFICANT}). A row "
+    "marked single draw has no interval and is not ranked."
 )
+
+
+DRAW_KEYS = ("draws", "mean", "std", "ci_low", "ci_high")  # tasks/generative/fid.py: draw_spread
 
 
 def draws_cell(m: dict) -> str:
@@ -180,6 +183,25 @@ def draws_cell(m: dict) -> str:
     if not finite or "fid_mean" not in m:
         return "single draw"
     return f"{m['fid_mean']:.3f} [{low:.3f}, {high:.3f}] ({int(m.get('fid_draws', 0))} sets)"
+
+
+def overlap_ranking(rows: list[tuple[str, dict]]) -> str:
+    """Names by mean FID over sample sets, `<` between neighbours whose intervals are disjoint, `~` where they
+    overlap (not significant). Rows without a finite interval are left out."""
+    ranked = sorted(
+        (r for r in rows if all(math.isfinite(r[1].get(k, math.nan)) for k in ("fid_ci_low", "fid_ci_high"))),
+        key=lambda r: r[1]["fid_mean"],
+    )
+    out = [ranked[0][0]] if ranked else []
+    for (_, a), (name, b) in zip(ranked, ranked[1:]):
+        out += ["<" if a["fid_ci_high"] < b["fid_ci_low"] else "~", name]
+    return " ".join(out)
+
+
+def weights_cell(m: dict) -> str:
+    """Which weights a generator's numbers come from: the EMA (`*_train.ema_decay` > 0) or the trained ones."""
+    decay = m.get("ema_decay")
+    return f"EMA {decay:g}" if isinstance(decay, int | float) and decay > 0 else "raw"
 
 
 def generator_rows(root: Path) -> list[tuple[str, dict]]:
@@ -203,39 +225,58 @@ def image_generation(root: Path, report: Report) -> None:
     if not rows:
         report.missing.append("image generation")
         return
-    floor, ceiling = rows[0][1]["fid_floor"], rows[0][1]["fid_ceiling"]
+    first = rows[0][1]
+    floor, ceiling = first["fid_floor"], first["fid_ceiling"]
     table = [
-        "| generator | FID | over sample sets: mean [95 % interval] | class accuracy | bits/dim | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| generator | FID | over sample sets: mean [95 % interval] | class accuracy | bits/dim | weights | note |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for name, m in rows:
         note = f"{m.get('headline_sampler', '')} {int(m['headline_steps'])} steps" if "headline_steps" in m else ""
         acc = f"{m['class_accuracy']:.3f}" if "class_accuracy" in m else ""
         bpd = f"{m['test_bpd']:.3f}" if "test_bpd" in m else ""
-        table.append(f"| {name} | {m['fid']:.3f} | {draws_cell(m)} | {acc} | {bpd} | {note} |")
+        table.append(f"| {name} | {m['fid']:.3f} | {draws_cell(m)} | {acc} | {bpd} | {weights_cell(m)} | {note} |")
+    if "fid_floor_std" in first:
+        bounds = (
+            f"floor (FID of {first['fid_bound_samples']:.0f} random train images vs test, the generators' sample "
+            f"size; mean ± std over {first['fid_bound_draws']:.0f} draws) {floor:.3f} ± {first['fid_floor_std']:.3f}, "
+            f"noise ceiling (as many uniform-noise images) {ceiling:.1f} ± {first['fid_ceiling_std']:.1f}"
+        )
+    else:
+        bounds = f"floor (train split vs test split) {floor:.3f}, noise ceiling (uniform noise vs test) {ceiling:.1f}"
+    order = overlap_ranking([r for r in rows if r[0].startswith(("diffusion@", "nflow@"))])
     text = (
-        f"## Image generation\n\nFID against the test split: floor (train split vs test split) {floor:.3f}, "
-        f"noise ceiling (uniform noise vs test split) {ceiling:.1f}. ControlNet's samples are conditioned on the "
-        "test images' edge maps, so its FID is not comparable with the others'.\n\n"
+        f"## Image generation\n\nFID against the test split: {bounds}. `ldm_text` is scored on held-out caption "
+        "templates and `controlnet` on the val images' edge maps (held out from training and from the FID "
+        "reference), with as many samples as val has images, so neither is in the ranking below. The weights "
+        "column says which weights every number of that row comes from: an exponential moving average of the "
+        "training weights (decay `*_train.ema_decay`) or the trained weights themselves.\n\n"
         + "\n".join(table)
         + "\n\n"
         + GENERATORS_UNRANKED
+        + (f"\n\nRanking (lowest mean FID first): {order}" if order else "")
         + "\n\n![](fid.png)"
     )
     fig, ax = _figure()
-    ax.barh([n for n, _ in rows][::-1], [m["fid"] for _, m in rows][::-1])
+    means = [m.get("fid_mean", m["fid"]) for _, m in rows][::-1]
+    err = [
+        [mean - m.get("fid_ci_low", mean) for mean, (_, m) in zip(means, rows[::-1])],
+        [m.get("fid_ci_high", mean) - mean for mean, (_, m) in zip(means, rows[::-1])],
+    ]
+    err = [[v if math.isfinite(v) else 0.0 for v in side] for side in err]  # a single draw: no bar
+    ax.barh([n for n, _ in rows][::-1], means, xerr=err, capsize=2)
     ax.axvline(floor, color="gray", linestyle="--", label=f"floor {floor:.2f}")
     ax.axvline(ceiling, color="red", linestyle=":", label=f"noise ceiling {ceiling:.0f}")
     ax.set(xscale="log", xlabel="FID vs test (log)", title="Image generators")
     ax.legend(fontsize=7)
     fig.tight_layout()
     report.figures["fid.png"] = fig
-    # ControlNet samples copy the test images' own edge maps, so its FID is not comparable with the others'.
-    best = min((r for r in rows if r[0] != "controlnet"), key=lambda r: r[1]["fid"])
-    report.headline.append(
-        f"image generators: lowest FID {best[1]['fid']:.3f} ({best[0]}, not tested against the others); "
-        f"floor {floor:.3f}, noise ceiling {ceiling:.1f}"
-    )
+    # ControlNet and the text model are scored on other conditions and sample counts than the rest.
+    best = min((r for r in rows if r[0] not in ("controlnet", "ldm_text")), key=lambda r: r[1]["fid"])
+    line = f"image generators: lowest FID {best[1]['fid']:.3f} ({best[0]})"
+    if order:
+        line += f"; by mean over sample sets, {order}"
+    report.headline.append(f"{line}; floor {floor:.3f}, noise ceiling {ceiling:.1f}")
 
     guidance = root / PLOTS_DIR / "guidance.csv"
     if guidance.is_file():
@@ -268,12 +309,47 @@ def image_generation(root: Path, report: Report) -> None:
                 f"{chosen[f'{k}_selected_test_class_accuracy']:.3f} |"
                 for k in tested
             ]
+        paired = [k for k in kinds if f"{k}_minus_unguided_test_fid_mean" in chosen]
+        if paired:
+            lines += [
+                "",
+                "| guidance | selected scale | test FID, mean [95 %] | unguided (scale 0) | selected minus unguided "
+                "[95 %, paired] | verdict |",
+                "|---|---:|---:|---:|---:|---|",
+            ]
+            for k in paired:
+                diff = with_interval(
+                    chosen[f"{k}_minus_unguided_test_fid_mean"],
+                    chosen[f"{k}_minus_unguided_test_fid_ci_low"],
+                    chosen[f"{k}_minus_unguided_test_fid_ci_high"],
+                    "+.3f",
+                )
+                low, high = (chosen[f"{k}_minus_unguided_test_fid_ci_{e}"] for e in ("low", "high"))
+                if chosen[f"{k}_selected_scale"] == 0:
+                    verdict = "selected no guidance"
+                elif not (math.isfinite(low) and math.isfinite(high)):
+                    verdict = "single draw: untested"
+                elif high < 0:
+                    verdict = "guidance lowers FID"
+                elif low > 0:
+                    verdict = "guidance raises FID"
+                else:
+                    verdict = f"{NOT_SIGNIFICANT} (not significant)"
+                cells = [
+                    f"{chosen[f'{k}_selected_scale']:g}",
+                    draws_cell({f"fid_{e}": chosen[f"{k}_selected_test_fid_{e}"] for e in DRAW_KEYS}),
+                    draws_cell({f"fid_{e}": chosen[f"{k}_unguided_test_fid_{e}"] for e in DRAW_KEYS}),
+                    diff,
+                    verdict,
+                ]
+                lines.append(f"| {k} | " + " | ".join(cells) + " |")
         val_images = chosen.get("val_fid_reference_images")
         note = f" ({val_images:.0f} val images)" if val_images else ""
         text += (
             "\n\n### Guidance scale (DDPM)\n\nThe sweep is scored against the val split"
             + note
-            + "; each kind's scale is selected by val FID and only that scale is scored on test.\n\n"
+            + "; each kind's scale is selected by val FID and only that scale is scored on test, over independent "
+            "sample sets, each paired with an unguided set from the same initial noise.\n\n"
             + "\n".join(lines)
             + "\n\n![](guidance.png)"
         )
@@ -304,6 +380,34 @@ def image_generation(root: Path, report: Report) -> None:
         text += (
             "\n\n### DiT-RF against the UNet DDPM at equal steps (FID)\n\nOne sample set per cell: no interval, "
             "so a small difference between two cells may be sampling noise.\n\n" + "\n".join(lines)
+        )
+    control = _read(root / METRICS_DIR / "controlnet.json")
+    if control and "fid_control_minus_base_mean" in control:
+        fid_diff = with_interval(
+            control["fid_control_minus_base_mean"],
+            control["fid_control_minus_base_ci_low"],
+            control["fid_control_minus_base_ci_high"],
+            "+.3f",
+        )
+        f1_gain = with_interval(
+            control["edge_f1_control_minus_base"],
+            control["edge_f1_control_minus_base_ci_low"],
+            control["edge_f1_control_minus_base_ci_high"],
+            "+.3f",
+        )
+        lines = [
+            "| | with control | base alone | control minus base [95 %] |",
+            "|---|---:|---:|---:|",
+            f"| FID vs test, mean over sample sets | {draws_cell(control)} | "
+            f"{draws_cell({f'fid_{e}': control[f'fid_base_{e}'] for e in DRAW_KEYS})} | {fid_diff} |",
+            f"| edge F1 (1 px tolerance) | {control['edge_f1_control']:.3f} | {control['edge_f1_base']:.3f} "
+            f"| {f1_gain} |",
+        ]
+        text += (
+            f"\n\n### ControlNet (held-out conditions)\n\nConditioned on the edge maps of "
+            f"{control['condition_images']:.0f} val images, which neither the training data nor the FID reference "
+            "hold; the base model samples the same labels from the same noise. The FID difference is paired over "
+            "sample sets, the edge-F1 interval is a bootstrap over the condition images.\n\n" + "\n".join(lines)
         )
     ablation = _read(root / METRICS_DIR / "dit_ablation.json")
     if ablation:

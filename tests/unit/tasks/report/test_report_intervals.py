@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.report.report import build_report, draws_cell, ranking_line
+from tasks.report.report import build_report, draws_cell, overlap_ranking, ranking_line, weights_cell
 
 
 def _write(root, relative, text):
@@ -117,3 +117,70 @@ def test_ranking_line_and_generator_draws():
         draws_cell({"fid_mean": 1.1, "fid_ci_low": 0.9, "fid_ci_high": 1.3, "fid_draws": 3.0})
         == "1.100 [0.900, 1.300] (3 sets)"
     )
+
+
+def test_generators_rank_only_where_sample_set_intervals_do_not_overlap():
+    rows = [
+        ("diffusion@a", {"fid_mean": 1.0, "fid_ci_low": 0.9, "fid_ci_high": 1.1}),
+        ("diffusion@b", {"fid_mean": 1.05, "fid_ci_low": 0.95, "fid_ci_high": 1.15}),  # overlaps a
+        ("nflow@c", {"fid_mean": 2.0, "fid_ci_low": 1.8, "fid_ci_high": 2.2}),  # clear of b
+        ("nflow@d", {"fid_mean": 0.5, "fid_ci_low": float("nan"), "fid_ci_high": float("nan")}),  # one draw
+    ]
+    assert overlap_ranking(rows) == "diffusion@a ~ diffusion@b < nflow@c"
+    assert weights_cell({"ema_decay": 0.999}) == "EMA 0.999" and weights_cell({"ema_decay": 0.0}) == "raw"
+
+
+def test_guidance_and_controlnet_show_their_paired_comparisons(tmp_path):
+    spread = {"draws": 3.0, "mean": 2.0, "std": 0.1, "ci_low": 1.8, "ci_high": 2.2}
+    guidance = {
+        "classifier_selected_scale": 4.0,
+        "classifier_selected_test_fid": 2.1,
+        "classifier_selected_test_class_accuracy": 0.9,
+        **{f"classifier_selected_test_fid_{k}": v for k, v in spread.items()},
+        **{
+            f"classifier_unguided_test_fid_{k}": v + (1.0 if k != "draws" and k != "std" else 0)
+            for k, v in spread.items()
+        },
+        "classifier_minus_unguided_test_fid_mean": -1.0,
+        "classifier_minus_unguided_test_fid_ci_low": -1.2,
+        "classifier_minus_unguided_test_fid_ci_high": -0.8,
+    }
+    (tmp_path / "data/metrics/diffusion").mkdir(parents=True)
+    (tmp_path / "data/plots").mkdir(parents=True)
+    (tmp_path / "data/metrics/guidance.json").write_text(json.dumps(guidance))
+    (tmp_path / "data/plots/guidance.csv").write_text(
+        "guidance,scale,val_fid,val_class_accuracy,nfe,sample_seconds,selected\n"
+        "classifier,0.0,3.0,0.5,25,1,False\nclassifier,4.0,2.0,0.9,25,1,True\n"
+    )
+    (tmp_path / "data/metrics/diffusion/ddpm.json").write_text(
+        json.dumps({"fid": 1.0, "fid_floor": 0.3, "fid_ceiling": 200.0, "ema_decay": 0.999})
+    )
+    control = {
+        "fid": 1.5,
+        "fid_base": 1.2,
+        "fid_floor": 0.3,
+        "fid_ceiling": 200.0,
+        "condition_images": 270.0,
+        "edge_f1_control": 0.96,
+        "edge_f1_base": 0.89,
+        "edge_f1_control_minus_base": 0.07,
+        "edge_f1_control_minus_base_ci_low": 0.06,
+        "edge_f1_control_minus_base_ci_high": 0.08,
+        **{f"fid_{k}": v for k, v in spread.items()},
+        **{f"fid_base_{k}": v for k, v in spread.items()},
+        "fid_control_minus_base_mean": 0.3,
+        "fid_control_minus_base_ci_low": -0.1,
+        "fid_control_minus_base_ci_high": 0.7,
+    }
+    (tmp_path / "data/metrics/controlnet.json").write_text(json.dumps(control))
+    text = build_report(tmp_path).markdown()
+    assert (
+        "| classifier | 4 | 2.000 [1.800, 2.200] (3 sets) | 3.000 [2.800, 3.200] (3 sets) "
+        "| -1.000 [-1.200, -0.800] | guidance lowers FID |" in text
+    )
+    assert (
+        "| FID vs test, mean over sample sets | 2.000 [1.800, 2.200] (3 sets) | 2.000 [1.800, 2.200] (3 sets) "
+        "| +0.300 [-0.100, +0.700] |" in text
+    )
+    assert "| edge F1 (1 px tolerance) | 0.960 | 0.890 | +0.070 [+0.060, +0.080] |" in text
+    assert "| diffusion@ddpm | 1.000 | single draw |  |  | EMA 0.999 |  |" in text
