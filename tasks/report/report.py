@@ -485,7 +485,42 @@ def detection(root: Path, report: Report) -> None:
     report.headline.append(line)
 
 
-SECTIONS: list[Callable[[Path, Report], None]] = [language_models, image_generation, detection]
+def contamination(root: Path, report: Report) -> None:
+    """What each split shares with train, from the corpus stage and the two audit stages."""
+    corpus = _read(root / METRICS_DIR / "corpus.json")
+    images = _read(root / METRICS_DIR / "image_audit.json")
+    scenes = _read(root / METRICS_DIR / "scene_audit.json")
+    if not (corpus or images or scenes):
+        report.missing.append("contamination audits")
+        return
+    lines = ["| data | split | compared | found in train | share |", "|---|---|---:|---:|---:|"]
+    if corpus:
+        for split in ("val", "test"):
+            removed = corpus.get(f"removed_{split}_sentences", 0.0)
+            lines.append(
+                f"| text | {split} | {corpus[f'{split}_sentences'] + removed:.0f} sentences | {removed:.0f} removed "
+                f"(verbatim in an earlier split) | {corpus[f'{split}_sentences_in_train_share']:.4f} left |"
+            )
+        share = corpus.get("test_word_13grams_in_train_share")
+        if share is not None:
+            lines.append(f"| text | test | 13-grams with a word | | {share:.4f} |")
+    for data, metrics, unit in (("images", images, "images"), ("scene digits", scenes, "digits")):
+        for split in ("val", "test") if metrics else ():
+            n = metrics[f"{split}_{unit}_audited"]
+            for kind in ("exact", "near"):
+                hits = metrics[f"{split}_{unit}_{kind}_in_train"]
+                share = metrics[f"{split}_{unit}_{kind}_in_train_share"]
+                lines.append(f"| {data} | {split} | {n:.0f} {unit} | {hits:.0f} {kind} | {share:.4f} |")
+    report.sections.append(
+        "## Splits and contamination\n\nWhat val and test share with train. Text: sentences found verbatim in an "
+        "earlier split are removed by the corpus stage (train keeps its copy), and the share of test 13-grams "
+        "with a word seen in train is audited. Images and the digits the scenes are drawn from: identical pixels "
+        "(exact) or a 64-bit perceptual hash within the audit's Hamming threshold (near, exact included).\n\n"
+        + "\n".join(lines)
+    )
+
+
+SECTIONS: list[Callable[[Path, Report], None]] = [language_models, image_generation, detection, contamination]
 
 
 def profile_line(root: Path) -> list[str]:

@@ -83,7 +83,7 @@ def test_report_collects_every_family_and_names_what_is_missing(tmp_path):
     assert "floor (train split vs test split) 0.250, noise ceiling (uniform noise vs test) 219.0" in text
     assert "| classifier_free | 2 | 2.450 | 1.000 | yes |" in text
     assert "| sampler | 1 steps | 2 steps |" in text and "| ldm_ddim | 72.200 | 59.500 |" in text
-    assert "_Not in this report (no metrics yet): detection._" in text
+    assert "_Not in this report (no metrics yet): detection, contamination audits._" in text
     assert set(report.figures) == {"lm_perplexity.png", "fid.png", "guidance.png"}
     assert report.headline[1] == (
         "image generators: lowest FID 0.640 (diffusion@ddpm); floor 0.250, noise ceiling 219.0"
@@ -138,3 +138,23 @@ def test_report_html_is_one_page_with_its_tables_and_plots_inline():
     assert "<table>" in html and "<td>kn5</td>" in html and "<h1>Kiln report</h1>" in html
     assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in html
     assert 'src="fid.png"' not in html  # no link left that MLflow's artifact view cannot follow
+
+
+def test_report_lists_the_contamination_audits(tmp_path):
+    from tasks.report.report import build_report
+
+    corpus = {"val_sentences": 330.0, "removed_val_sentences": 130.0, "val_sentences_in_train_share": 0.0}
+    corpus |= {"test_sentences": 326.0, "removed_test_sentences": 164.0, "test_sentences_in_train_share": 0.0}
+    corpus |= {"test_word_13grams_in_train_share": 0.0041}
+    images = {
+        f"{split}_images_{k}": v
+        for split in ("val", "test")
+        for k, v in (("audited", 10.0), ("exact_in_train", 1.0), ("exact_in_train_share", 0.1))
+        + (("near_in_train", 2.0), ("near_in_train_share", 0.2))
+    }
+    _write(tmp_path, "data/metrics/corpus.json", json.dumps(corpus))
+    _write(tmp_path, "data/metrics/image_audit.json", json.dumps(images))
+    text = build_report(tmp_path).markdown()
+    assert "| text | test | 490 sentences | 164 removed (verbatim in an earlier split) | 0.0000 left |" in text
+    assert "| text | test | 13-grams with a word | | 0.0041 |" in text
+    assert "| images | test | 10 images | 2 near | 0.2000 |" in text and "scene digits" not in text
