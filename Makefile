@@ -3,6 +3,17 @@ PYTHON      ?= python3
 VENV        ?= .venv
 # The CPU torch wheel. With a GPU: `make run CONSTRAINTS=` (any torch) or your own pin file.
 CONSTRAINTS ?= constraints.txt
+# The lock (`make lock` writes it): every package of .[dev] at one version, with the hashes of its files, so
+# every install of this kind of machine gets the same bytes. It pins the CPU torch of constraints.txt, so it
+# applies only with that file: `CONSTRAINTS=` or another pin file (a CUDA torch) installs without it, as does
+# `LOCK=`.
+LOCK        ?= $(if $(filter constraints.txt,$(CONSTRAINTS)),requirements.lock,)
+# `make lock`: uv resolves (pinned here so a relock is the same program); the CPU torch wheel of
+# constraints.txt comes from this machine kind's wheelhouse; UPGRADE=1 moves every pin to the newest release
+# (otherwise the pins of the existing lock are kept and only what pyproject.toml or constraints.txt changed moves).
+UV_VERSION  ?= 0.13.9
+WHEELHOUSE  ?= /opt/wheels
+UPGRADE     ?=
 PROFILE     ?=
 # Background servers on loopback (pid, log and data files under $(SERVICES)); see README, Operations.
 SERVICES     ?= .services
@@ -13,9 +24,21 @@ SUDO         := $(if $(filter 0,$(shell id -u)),,sudo)
 BIN         := $(abspath $(VENV))/bin
 PIP_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export PATH := $(BIN):$(PATH)
+# tests/test_lock.py compares the installed versions with the lock unless this is empty (installed without it).
+export KILN_LOCK := $(LOCK)
 
-.PHONY: install install-dev run test lint bench bench-stages ui status clean services postgresql chromium prefect-server mlflow-server services-stop
+.PHONY: install install-dev lock run test lint bench bench-stages ui status clean services postgresql chromium prefect-server mlflow-server services-stop
 
+ifneq ($(LOCK),)
+# The lock holds .[dev] whole (one lock, one set of versions), so both stamps come from one install. Kiln
+# itself goes in without dependencies (they are all in the lock) and without build isolation: the lock's
+# setuptools builds it, so nothing unhashed is downloaded.
+$(VENV)/.installed $(VENV)/.installed-dev &: pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(VENV)/.installed $(VENV)/.installed-dev
+else
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e .
@@ -26,9 +49,20 @@ $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
 	touch $(VENV)/.installed $@
+endif
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# Rewrites requirements.lock from pyproject.toml (.[dev]) and constraints.txt, for Python 3.11 on x86_64 Linux,
+# with the hashes of every file the index offers for each pinned version (and the wheelhouse's torch). Commit
+# it with the change that needed it; the next `make install` reinstalls from it.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c constraints.txt --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(addprefix --find-links ,$(WHEELHOUSE)) \
+	  $(if $(UPGRADE),--upgrade,) --custom-compile-command 'make lock' --quiet -o requirements.lock
 
 # The main job: every stage of dvc.yaml on built-in data, then where to look.
 run: install
