@@ -1,8 +1,9 @@
 """How many threads a stage's torch may use: the cores this process is allowed (CPU affinity and the
 cgroup's CPU quota), shared among the stages `kiln run` runs at once at the start, less the cores that other
-work (the other stages included, once they run) keeps busy. Two cores shared by a two-thread torch and one busy process make every OpenMP barrier wait for a
-descheduled thread, and training slows to a fraction of what one thread reaches
-(benchmarks/bench_threads.py). So the count is looked at again while training (`ThreadGovernor.tick`).
+work (the other stages included, once they run) keeps busy. Two cores shared by a two-thread torch and one
+busy process make every OpenMP barrier wait for a descheduled thread, and training slows to a fraction of
+what one thread reaches (benchmarks/bench_threads.py). So the count is looked at again while training
+(`ThreadGovernor.tick`).
 OpenMP's passive wait policy was measured as well and left out: it cost a third or more of idle throughput.
 
 `runtime.threads` > 0 fixes the count and turns all of this off; OMP_NUM_THREADS, when set, is a ceiling.

@@ -128,22 +128,42 @@ def digit_pools(labels: np.ndarray, cfg: ScenesConfig) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------ composition
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) weights of 1-D linear interpolation with half-pixel centres (align_corners=False)."""
+def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D linear interpolation with half-pixel centres (align_corners=False): for each output position the two
+    input indices it reads and their float32 weights."""
     src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = (src - lo).astype(np.float32)
-    m = np.zeros((n_out, n_in), dtype=np.float32)
-    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(m, (np.arange(n_out), hi), frac)
-    return m
+    return lo, hi, np.float32(1.0) - frac, frac
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a (h, w) float image, equal to torch's F.interpolate(mode="bilinear",
-    align_corners=False) without antialiasing (the tests hold the two equal)."""
-    return _interp_matrix(height, image.shape[0]) @ image.astype(np.float32) @ _interp_matrix(width, image.shape[1]).T
+    align_corners=False) without antialiasing (the tests hold the two equal).
+
+    Two taps per output pixel, weighted elementwise: the same float32 operations in the same order on every
+    CPU. The interpolation-matrix form (`resize_bilinear_ref`) goes through BLAS, whose kernel numpy picks per
+    CPU; an FMA kernel rounds differently, which moved 9 pixels of 2,000 scenes by one gray level between
+    machines and made the scenes' bytes differ."""
+    image = image.astype(np.float32)
+    lo, hi, w_lo, w_hi = _taps(height, image.shape[0])
+    rows = image[lo] * w_lo[:, None] + image[hi] * w_hi[:, None]  # (height, w)
+    lo, hi, w_lo, w_hi = _taps(width, image.shape[1])
+    return rows[:, lo] * w_lo + rows[:, hi] * w_hi  # (height, width)
+
+
+def resize_bilinear_ref(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`resize_bilinear` as two matrix products with the (n_out, n_in) interpolation matrices."""
+
+    def matrix(n_out: int, n_in: int) -> np.ndarray:
+        lo, hi, w_lo, w_hi = _taps(n_out, n_in)
+        m = np.zeros((n_out, n_in), dtype=np.float32)
+        np.add.at(m, (np.arange(n_out), lo), w_lo)
+        np.add.at(m, (np.arange(n_out), hi), w_hi)
+        return m
+
+    return matrix(height, image.shape[0]) @ image.astype(np.float32) @ matrix(width, image.shape[1]).T
 
 
 def ink_box(patch: np.ndarray) -> tuple[int, int, int, int] | None:

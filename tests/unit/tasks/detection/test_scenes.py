@@ -21,6 +21,7 @@ from tasks.detection.scenes import (
     load_digit_images,
     load_split,
     resize_bilinear,
+    resize_bilinear_ref,
     validate_coco,
     write_scenes,
 )
@@ -69,6 +70,7 @@ def test_resize_matches_torch_interpolate():
             0, 0
         ].numpy()
         np.testing.assert_allclose(ours, ref, atol=1e-5)
+        np.testing.assert_allclose(ours, resize_bilinear_ref(image, h, w), atol=1e-6)
 
 
 def test_pools_are_disjoint_stratified_and_complete(digits):
