@@ -125,6 +125,7 @@ def test_report_header_gives_profile_commit_and_date(tmp_path, repo_root):
     assert lines[2].startswith("Profile: smoke (seconds-sized"), lines[2]
     assert lines[3] == f"Commit: {sha}  ", lines[3]
     assert re.fullmatch(r"Generated: \d{4}-\d\d-\d\d \d\d:\d\d UTC  ", lines[4]), lines[4]
+    assert lines[5].startswith("Reruns: the data splits and their audits are bit-identical"), lines[5]
 
 
 def test_report_html_is_one_page_with_its_tables_and_plots_inline():
