@@ -1,12 +1,13 @@
 """Where a whole `kiln run` spends its time, stage by stage, from what the stages logged to MLflow.
 
 Reads the newest finished `kiln run` parent run over every stage (`targets: all`) of a profile from the
-project's tracking store, and its 28 stage runs: each stage's `stage_seconds` (its own work, without
+project's tracking store, and its stage runs: each stage's `stage_seconds` (its own work, without
 orchestration) and the phase timings the stages log (`train_seconds`; `sample_seconds`,
 `train_sample_seconds`, `heldout_sample_seconds`, `likelihood_seconds`, `encode_seconds`). The remainder of
 a stage is data loading, evaluation (perplexity, FID, mAP), checkpoints and tracking together: the stages
 do not time those apart yet, and `guidance` and `dit_ablation` log no `train_seconds`, so their training
-is in "other" too. Writes the table and the five largest costs.
+is in "other" too. Writes the table and the five largest costs, and with `--compare OLD.json` (an earlier
+output of this script) the wall time and each stage's seconds beside that run's.
 
     .venv/bin/kiln run --force && .venv/bin/python benchmarks/bench_stages.py   # measure, then read
 """
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.json")
+    parser.add_argument("--compare", type=Path, help="an earlier output of this script: the run to compare with")
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -127,8 +129,30 @@ def main() -> None:
             {k: result[k] for k in ("kiln_run", "stages_seconds", "phase_totals_seconds", "largest_costs")}, indent=2
         )
     )
+    if args.compare:
+        result["compared_with"] = comparison(json.loads(args.compare.read_text()), result, args.compare)
+        print(json.dumps({k: v for k, v in result["compared_with"].items() if k != "stages"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def comparison(before: dict, after: dict, path: Path) -> dict:
+    """Wall time and each stage's own seconds of two outputs of this script, and the change in percent."""
+    old = {r["stage"]: r["seconds"] for r in before["stages"]}
+    new = {r["stage"]: r["seconds"] for r in after["stages"]}
+    wall_before, wall_after = before["kiln_run"]["wall_minutes"], after["kiln_run"]["wall_minutes"]
+    return {
+        "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+        "kiln_run": before["kiln_run"],
+        "wall_minutes_before": wall_before,
+        "wall_minutes_after": wall_after,
+        "wall_change_percent": round(100 * (wall_after - wall_before) / wall_before, 1),
+        "stages_seconds_before": before["stages_seconds"],
+        "stages_seconds_after": after["stages_seconds"],
+        "stages": [
+            {"stage": s, "seconds_before": old.get(s), "seconds_after": new.get(s)} for s in dict.fromkeys([*old, *new])
+        ],
+    }
 
 
 if __name__ == "__main__":
