@@ -209,20 +209,40 @@ class FIDBounds:
         }
 
 
+def stratified_rows(train_labels: np.ndarray, per_class: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """Rows of train images, `per_class[c]` of class c drawn without replacement, class by class."""
+    rows = []
+    for c, k in enumerate(per_class):
+        members = np.flatnonzero(train_labels == c)
+        if k > len(members):
+            raise ValueError(f"the floor needs {k} train images of class {c}, the train split has {len(members)}")
+        rows.append(members[torch.randperm(len(members), generator=generator)[:k].numpy()])
+    return np.concatenate(rows)
+
+
 def fid_bounds(
-    extractor: nn.Module, train: Tensor, reference: FeatureStats, fid_cfg: FIDConfig, seed: int
+    extractor: nn.Module,
+    train: Tensor,
+    train_labels: np.ndarray,
+    num_classes: int,
+    reference: FeatureStats,
+    fid_cfg: FIDConfig,
+    seed: int,
 ) -> FIDBounds:
     """Floor and ceiling at n = `fid_cfg.samples` images, the size generators are scored at. FID is biased
     upward at small n (the covariance estimate's error adds to the distance; Chong & Forsyth 2020, "Effectively
     Unbiased FID"), so a floor from all the train images sits below what a perfect generator scores with n
     samples. Each draw takes n train images without replacement (train shares no image with the reference
-    split) and n fresh uniform-noise images; the bounds are the mean and sample std over the draws."""
+    split) with the class counts the generators sample (`balanced_labels`): a plain random subset's class
+    shares wander from the reference's and add their own distance, which put the floor above the generators'
+    FIDs. The ceiling takes n fresh uniform-noise images; the bounds are the mean and sample std over the draws."""
     n = min(fid_cfg.samples, len(train))
+    per_class = np.bincount(balanced_labels(n, num_classes).numpy(), minlength=num_classes)
     train_f = features_of(extractor, train, fid_cfg.batch_size)  # (N, d), once for every draw
     generator = torch.Generator().manual_seed(seed)
     floors, ceilings = [], []
     for _ in range(fid_cfg.bound_draws):
-        rows = torch.randperm(len(train), generator=generator)[:n].numpy()
+        rows = stratified_rows(np.asarray(train_labels), per_class, generator)
         floors.append(frechet_distance_from_stats(feature_statistics(train_f[rows]), reference).fid)
         noise = torch.rand((n, *train.shape[1:]), generator=generator) * 2 - 1
         noise_f = features_of(extractor, noise, fid_cfg.batch_size)
@@ -297,8 +317,9 @@ class FIDEvaluator:
                 int(saved["fid_bound_draws"]),
             )
         else:
-            train = to_model_range(read_images(root, "train").pixels)
-            bounds = fid_bounds(extractor, train, reference, fid_cfg, seed=0)
+            train = read_images(root, "train")
+            pixels = to_model_range(train.pixels)
+            bounds = fid_bounds(extractor, pixels, train.labels, len(train.classes), reference, fid_cfg, seed=0)
         return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds, split)
 
     def fid(self, x: Tensor) -> FIDResult:
@@ -354,7 +375,9 @@ def fid_net_task(ctx: StageContext, inputs: FIDNetInputs) -> dict[str, float]:
     extractor = fid_extractor(root, fid_cfg, device)
     test_stats = feature_statistics(features_of(extractor, to_model_range(splits["test"].pixels), fid_cfg.batch_size))
     train = to_model_range(splits["train"].pixels)
-    bounds = fid_bounds(extractor, train, test_stats, fid_cfg, seed)
+    bounds = fid_bounds(
+        extractor, train, splits["train"].labels, len(splits["train"].classes), test_stats, fid_cfg, seed
+    )
     # The old floor, every train image against test: kept to show the small-sample bias it hid.
     every_train = frechet_distance_from_stats(
         feature_statistics(features_of(extractor, train, fid_cfg.batch_size)), test_stats

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.generative.fid import feature_statistics, frechet_distance_from_stats
-from tasks.generative.fid import FIDConfig, draw_spread, fid_bounds
+from tasks.generative.fid import FIDConfig, draw_spread, fid_bounds, stratified_rows
 
 
 class Flatten(nn.Module):
@@ -32,6 +32,9 @@ def same_distribution():
     return train, feature_statistics(reference.flatten(1).double().numpy())
 
 
+LABELS = np.arange(600) % 2  # two classes of 300 train images each
+
+
 def config(samples: int, draws: int = 5) -> FIDConfig:
     return FIDConfig(samples=samples, batch_size=64, inception_weights="", bound_draws=draws, headline_draws=1)
 
@@ -39,7 +42,7 @@ def config(samples: int, draws: int = 5) -> FIDConfig:
 def test_floor_at_small_n_is_above_the_floor_from_every_train_image(same_distribution):
     train, reference = same_distribution
     every = frechet_distance_from_stats(feature_statistics(train.flatten(1).double().numpy()), reference).fid
-    small = fid_bounds(Flatten(), train, reference, config(20), seed=0)
+    small = fid_bounds(Flatten(), train, LABELS, 2, reference, config(20), seed=0)
     assert small.samples == 20 and small.draws == 5
     assert small.floor > 2 * every  # the finite-sample bias the old all-train floor hid
     assert small.floor_std > 0 and small.ceiling > 10 * small.floor  # uniform noise on [-1, 1] is far off
@@ -47,13 +50,15 @@ def test_floor_at_small_n_is_above_the_floor_from_every_train_image(same_distrib
 
 def test_bounds_are_the_mean_and_std_of_the_draws_and_seeded(same_distribution):
     train, reference = same_distribution
-    a = fid_bounds(Flatten(), train, reference, config(50, draws=3), seed=7)
-    assert a == fid_bounds(Flatten(), train, reference, config(50, draws=3), seed=7)
-    # The same draws by hand: a subset of 50 train images then 50 noise images per draw, one generator.
+    a = fid_bounds(Flatten(), train, LABELS, 2, reference, config(50, draws=3), seed=7)
+    assert a == fid_bounds(Flatten(), train, LABELS, 2, reference, config(50, draws=3), seed=7)
+    # The same draws by hand: 25 train images of each class then 50 noise images per draw, one generator.
     g = torch.Generator().manual_seed(7)
     floors, ceilings = [], []
     for _ in range(3):
-        rows = torch.randperm(len(train), generator=g)[:50]
+        rows = np.concatenate(
+            [np.flatnonzero(LABELS == c)[torch.randperm(300, generator=g)[:25].numpy()] for c in (0, 1)]
+        )
         floors.append(
             frechet_distance_from_stats(feature_statistics(train[rows].flatten(1).double().numpy()), reference).fid
         )
@@ -67,7 +72,7 @@ def test_bounds_are_the_mean_and_std_of_the_draws_and_seeded(same_distribution):
 
 def test_sample_size_is_capped_by_the_train_split(same_distribution):
     train, reference = same_distribution
-    assert fid_bounds(Flatten(), train[:30], reference, config(100, draws=2), seed=0).samples == 30
+    assert fid_bounds(Flatten(), train[:30], LABELS[:30], 2, reference, config(100, draws=2), seed=0).samples == 30
 
 
 def test_fewer_than_two_draws_is_refused():
@@ -86,3 +91,11 @@ def test_draw_spread_is_the_t_interval_of_the_mean():
 def test_one_draw_reports_no_interval():
     spread = draw_spread([0.5])
     assert spread["fid_mean"] == 0.5 and np.isnan(spread["fid_std"]) and np.isnan(spread["fid_ci_low"])
+
+
+def test_the_floor_draws_each_class_in_the_generators_counts():
+    labels = np.array([0] * 5 + [1] * 7 + [2] * 4)
+    rows = stratified_rows(labels, np.array([2, 3, 4]), torch.Generator().manual_seed(0))
+    assert np.bincount(labels[rows], minlength=3).tolist() == [2, 3, 4] and len(set(rows.tolist())) == 9
+    with pytest.raises(ValueError, match="needs 5 train images of class 2, the train split has 4"):
+        stratified_rows(labels, np.array([1, 1, 5]), torch.Generator().manual_seed(0))
