@@ -159,6 +159,7 @@ def check_stage(root: Path, stage: DvcStage, index: dict[str, Path]) -> list[str
         spec, item = get_spec(stage.name)
     except KeyError as err:
         return problems + [str(err.args[0])]
+    item = spec.split_item(item)[0]  # a replicate reads its item's sections
     package = spec.task.__module__.split(".")[1]
     if package != spec.family:
         problems.append(f"spec family {spec.family!r} differs from its package tasks/{package}/")

@@ -20,8 +20,8 @@ from tasks.params import (
     section_from_dict,
     section_index,
 )
-from tasks.runtime import RuntimeConfig
-from tasks.spec import StageSpec, split_stage_name
+from tasks.runtime import RuntimeConfig, repo_root
+from tasks.spec import ReplicatesConfig, StageSpec, split_stage_name
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 FAMILIES = ("text", "generative", "detection", "report")  # the family packages under tasks/ (and models/)
@@ -34,10 +34,10 @@ class UnknownStage(KeyError):
 
 
 def _spec_names(path: Path) -> list[str]:
-    """The `name=` literals of the `StageSpec(...)` calls in one module's source."""
+    """The `name=` literals of the `StageSpec(...)` and `replicated(...)` calls in one module's source."""
     names = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "StageSpec":
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("StageSpec", "replicated"):
             for kw in node.keywords:
                 if kw.arg == "name":
                     if not isinstance(kw.value, ast.Constant) or not isinstance(kw.value.value, str):
@@ -62,14 +62,23 @@ def spec_modules() -> dict[str, str]:
 
 def _module_specs(module: str) -> list[StageSpec]:
     mod = importlib.import_module(module)
-    specs = [mod.SPEC] if hasattr(mod, "SPEC") else list(getattr(mod, "SPECS", []))
+    specs = list(mod.SPECS) if hasattr(mod, "SPECS") else [getattr(mod, "SPEC", None)]
     return [s for s in specs if isinstance(s, StageSpec)]
 
 
+def replicate_numbers(spec: StageSpec, params_dir: Path | None = None) -> list[int]:
+    """The replicate numbers `params/replicates.yaml` lists for a replicated stage (as dvc.yaml's matrix
+    reads them); [] for any other stage."""
+    if not spec.replicates:
+        return []
+    params_dir = params_dir or repo_root() / "params"
+    return list(getattr(load_section(params_dir, "replicates", ReplicatesConfig), spec.replicates))
+
+
 def runnable_names() -> list[str]:
-    """Every `kiln stage` name, foreach items expanded (`lm@lstm`), without importing the task modules
-    of stages without items; the items of a foreach come from its spec."""
-    return [name for spec in all_specs() for name in spec.stage_names()]
+    """Every `kiln stage` name, foreach and matrix items expanded (`lm@lstm`, `lm_replicate@lstm-1`); the
+    items of a foreach come from its spec, a replicated stage's numbers from the params."""
+    return [name for spec in all_specs() for name in spec.stage_names(replicate_numbers(spec))]
 
 
 def unknown_stage(name: str, known: list[str], kind: str = "stage", kinds: str = "stages") -> UnknownStage:
@@ -85,6 +94,10 @@ def get_spec(name: str) -> tuple[StageSpec, str]:
     base, item = split_stage_name(name)
     module = spec_modules().get(base)
     spec = next((s for s in _module_specs(module) if s.name == base), None) if module else None
+    if spec is not None and spec.replicates:
+        if name not in spec.stage_names(replicate_numbers(spec)):
+            raise unknown_stage(name, runnable_names())
+        return spec, item
     if spec is None or (item not in spec.items if spec.items else item):
         raise unknown_stage(name, runnable_names())
     return spec, item

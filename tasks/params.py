@@ -292,10 +292,11 @@ def overlay_keys(overlay: dict[str, dict[str, dict[str, Any]]]) -> set[tuple[str
 
 
 def _keep_style(old: Any, value: Any) -> Any:
-    """A list replacing a `[a, b]` list stays on one line, so switching back restores the file exactly."""
+    """A list replacing a `[a, b]` list (or a `[]`, whose style ruamel does not record) stays on one line, so
+    switching back restores the file exactly."""
     if isinstance(value, list) and isinstance(old, CommentedSeq):
         seq = CommentedSeq(value)
-        if old.fa.flow_style():
+        if old.fa.flow_style() or not old:
             seq.fa.set_flow_style()
         return seq
     return value

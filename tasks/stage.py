@@ -42,6 +42,8 @@ def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
     with those params; data-derived fields come from `spec.derive(root, item)`."""
     env = stage_env()
     name = f"{spec.name}@{item}" if item else spec.name
+    item, replicate = spec.split_item(item)  # `lstm-2` of a replicated stage: item `lstm`, seed + 2
+    seed = env.runtime.seed + replicate
     derived = spec.derive(env.root, item) if spec.derive else {}
     index = section_index(env.params_dir)
     fields = spec.section_types(item)
@@ -50,13 +52,15 @@ def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
         for field, (section, cls) in fields.items()
     }
     inputs = spec.inputs(**configs)
-    seed_everything(env.runtime.seed)
+    seed_everything(seed)
     threads.govern(env.runtime.threads)
     params = {k: v for field, cfg in configs.items() for k, v in as_flat_dict(cfg, f"{fields[field][0]}.").items()}
     params["runtime.seed"] = env.runtime.seed
+    if spec.replicates:
+        params |= {"replicate": replicate, "seed": seed}
 
     def context(run: Any) -> StageContext:
-        return StageContext(env.root, item, env.runtime.seed, env.runtime.device, run)
+        return StageContext(env.root, item, seed, env.runtime.device, run, replicate)
 
     if torchrun_rank():  # `torchrun ... kiln stage NAME`: one MLflow run for the job, rank 0's
         yield OpenStage(env, context(OtherRank()), inputs)

@@ -30,7 +30,7 @@ from models.detection.detectors import DETECTORS, build_detector, to_model_input
 from tasks.detection.scenes import labels_digest, load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
-from tasks.spec import StageContext, StageSpec
+from tasks.spec import StageContext, StageSpec, replicated
 from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
@@ -278,7 +278,8 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
         run.log_input(
             table, source=str(root / SCENES_DIR / split / "annotations.json"), name=f"scenes-{split}", context=split
         )
-    out_dir = root / DETECTOR_DIR / name
+    instance = ctx.instance  # where the outputs go: `thundernet`, or `thundernet-2` for a replicate
+    out_dir = root / DETECTOR_DIR / instance
     fit = fit_detector(
         name,
         model_cfg,
@@ -293,31 +294,32 @@ def detector_task(ctx: StageContext, inputs: DetectorInputs) -> dict[str, float]
     meta = detector_meta(splits["train"])
     save_model(out_dir / "model.pt", name, model_cfg, fit.model, meta=meta)
     write_predictions(out_dir / "predictions_test.json", fit.test_predictions, meta)
-    write_json(root / METRICS_DIR / "detector" / f"{name}.json", fit.results())
-    with atomic_path(root / PLOTS_DIR / "detector" / f"{name}.csv") as tmp:
+    write_json(root / METRICS_DIR / "detector" / f"{instance}.json", fit.results())
+    with atomic_path(root / PLOTS_DIR / "detector" / f"{instance}.csv") as tmp:
         pd.DataFrame(fit.train.history).to_csv(tmp, index=False)
     metrics = fit.metrics()
     run.log_metrics(metrics)
-    run.log_artifact(root / PLOTS_DIR / "detector" / f"{name}.csv", "plots")
+    run.log_artifact(root / PLOTS_DIR / "detector" / f"{instance}.csv", "plots")
     print(
-        f"detector@{name}: val AP50 {fit.val_ap50:.3f} ({fit.parameters:,} parameters, "
+        f"{instance} (seed {seed}): val AP50 {fit.val_ap50:.3f} ({fit.parameters:,} parameters, "
         f"{fit.train.items_per_second:.1f} images/s)"
     )
     return metrics
 
 
-SPECS = [
-    StageSpec(
-        name="detector",
-        family="detection",
-        task=detector_task,
-        inputs=DetectorInputs,
-        items=DETECTOR_NAMES,
-        sections=lambda item: {"model": (item, DETECTORS[item][0])},
-        derive=lambda root, item: derived_detector_fields(item)(root),
-        placeholders={
-            name: {"num_classes": 1, "input_size": 32} | ({"max_box_size": 32.0} if name == "one_stage" else {})
-            for name in DETECTORS
-        },
-    ),
-]
+SPEC = StageSpec(
+    name="detector",
+    family="detection",
+    task=detector_task,
+    inputs=DetectorInputs,
+    items=DETECTOR_NAMES,
+    sections=lambda item: {"model": (item, DETECTORS[item][0])},
+    derive=lambda root, item: derived_detector_fields(item)(root),
+    placeholders={
+        name: {"num_classes": 1, "input_size": 32} | ({"max_box_size": 32.0} if name == "one_stage" else {})
+        for name in DETECTORS
+    },
+)
+# The same training with seeds runtime.seed + r, r from `replicates.detector`: `detector_replicate@thundernet-1`.
+REPLICATE_SPEC = replicated(SPEC, name="detector_replicate", replicates="detector")
+SPECS = [SPEC, REPLICATE_SPEC]

@@ -5,8 +5,12 @@ The point estimates are the COCO figures of the whole test split. For the interv
 with replacement, `map.resamples` times; each resample is a COCO dataset of its own in which an image drawn
 twice counts as two images (models/detection/coco_bootstrap.py), and both detectors are evaluated on the same
 resamples (models/bootstrap.py). The stage reports each detector's percentile interval of AP and AP50 and the
-interval of the paired difference between the detectors. The intervals cover the choice of test images, not
-training-seed variance.
+interval of the paired difference between the detectors. Those intervals cover the choice of test images, not
+training-seed variance: for that, each detector's replicates (`detector_replicate@<name>-<r>`, seeds
+runtime.seed + r for r in `replicates.detector`) are evaluated too, and AP and AP50 are reported as the mean
+over the seeds with a 95 % Student-t interval (models/seeds.py), `<stat>_seed_*`. The pairs' table says
+whether the two detectors' seed intervals are apart (`seed_separated`); the report ranks them only if both
+the paired bootstrap and the seeds agree.
 
 This stage has its own module, apart from `detector@*` in detectors.py, so that a change to the evaluation
 does not make the trained detectors stale.
@@ -27,10 +31,11 @@ from prefect.cache_policies import NO_CACHE
 from models.bootstrap import BootstrapConfig, interval, percentile_interval, resample_indices
 from models.detection.coco_bootstrap import detection_columns, image_ids, resample_images
 from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
+from models.seeds import SeedSummary, seed_summary, separated
 from tasks.detection.detectors import DETECTOR_NAMES, read_checked_predictions, read_split
 from tasks.io import atomic_path, write_json
 from tasks.layout import METRICS_DIR, PLOTS_DIR
-from tasks.spec import StageContext, StageSpec
+from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
 
 INTERVAL_STATS = ("AP", "AP50")  # the figures the report compares; indices into STAT_NAMES below
 _STAT_INDEX = [STAT_NAMES.index(s) for s in INTERVAL_STATS]
@@ -107,9 +112,46 @@ def pr_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]):
     return fig
 
 
+def seed_stats(per_seed: list[dict[str, Any]]) -> dict[str, SeedSummary]:
+    """Stat -> its summary over one detector's seeds (COCO summaries, the main stage's first)."""
+    return {stat: seed_summary([s[stat] for s in per_seed]) for stat in INTERVAL_STATS}
+
+
+def add_seed_figures(summary: dict[str, Any], seeds: dict[str, SeedSummary], seed_list: list[int]) -> dict[str, Any]:
+    """`summary` with `<stat>_seeds`, `_by_seed` and, from two seeds up, `_seed_mean/_std/_ci_low/_ci_high`
+    (one seed has no spread: no NaN goes into a metrics file)."""
+    out = dict(summary)
+    for stat, s in seeds.items():
+        out[f"{stat}_seeds"] = s.n
+        out[f"{stat}_by_seed"] = {str(seed): v for seed, v in zip(seed_list, s.values)}
+        if s.n > 1:
+            out |= {f"{stat}_seed_mean": s.mean, f"{stat}_seed_std": s.std}
+            out |= {f"{stat}_seed_ci_low": s.low, f"{stat}_seed_ci_high": s.high}
+    return out
+
+
+def seed_rows(seeds: dict[str, dict[str, SeedSummary]]) -> pd.DataFrame:
+    """The seeds plot's table: one row per detector and stat, mean and interval over the seeds."""
+    rows = [
+        {
+            "row": f"{name} {stat}",
+            "detector": name,
+            "stat": stat,
+            "seeds": s.n,
+            "seed_mean": s.mean,
+            "seed_ci_low": s.low,
+            "seed_ci_high": s.high,
+        }
+        for name, stats in seeds.items()
+        for stat, s in stats.items()
+    ]
+    return pd.DataFrame(rows)
+
+
 @dataclass(frozen=True)
 class MapInputs:
     map: BootstrapConfig
+    replicates: ReplicatesConfig  # which detector_replicate@* predictions to evaluate beside the main ones
 
 
 @task(name="map", cache_policy=NO_CACHE)
@@ -118,6 +160,11 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
     test = read_split(root, "test")
     summaries, curves, rows = {}, {}, []
     predictions = {name: read_checked_predictions(root, name, test) for name in DETECTOR_NAMES}
+    replicates = inputs.replicates.detector  # read first: a missing replicate fails before the bootstrap
+    replicate_predictions = {
+        name: [read_checked_predictions(root, replicate_name(name, r), test) for r in replicates]
+        for name in DETECTOR_NAMES
+    }
     for name in DETECTOR_NAMES:
         result = evaluate_coco(test.coco, predictions[name])
         summaries[name] = coco_summary(result)
@@ -128,12 +175,25 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
     samples = bootstrap_stats(test.coco, predictions, cfg, ctx.seed)
     bootstrap_seconds = time.perf_counter() - started
     summaries, pairs = add_intervals(summaries, samples, cfg.level)
+    # Training-seed variance: the replicates' test predictions, each scored on the whole test split.
+    seeds, seed_list = {}, inputs.replicates.seeds("detector", ctx.seed)
+    for name in DETECTOR_NAMES:
+        per_seed = [summaries[name]] + [
+            coco_summary(evaluate_coco(test.coco, records)) for records in replicate_predictions[name]
+        ]
+        seeds[name] = seed_stats(per_seed)
+        summaries[name] = add_seed_figures(summaries[name], seeds[name], seed_list)
+    pairs["seed_separated"] = [separated(seeds[p.a][p.stat], seeds[p.b][p.stat]) for p in pairs.itertuples()]
     write_json(root / METRICS_DIR / "map.json", summaries)
     with atomic_path(root / PLOTS_DIR / "pr_curve.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     with atomic_path(root / PLOTS_DIR / "map_pairs.csv") as tmp:
         pairs.to_csv(tmp, index=False)
+    with atomic_path(root / PLOTS_DIR / "detector_seeds.csv") as tmp:
+        seed_rows(seeds).to_csv(tmp, index=False)
     stats = [*STAT_NAMES, *(f"{s}_ci_{end}" for s in INTERVAL_STATS for end in ("low", "high"))]
+    if replicates:
+        stats += [f"{s}_seed_{k}" for s in INTERVAL_STATS for k in ("mean", "std", "ci_low", "ci_high")]
     metrics = {f"{name}_{stat}": summaries[name][stat] for name in DETECTOR_NAMES for stat in stats}
     run.log_metrics({**metrics, "bootstrap_seconds": bootstrap_seconds})
     run.log_figure(pr_figure(curves), "plots/pr_curve.png")
@@ -146,9 +206,14 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
             f"AP50 {s['AP50']:.3f} [{s['AP50_ci_low']:.3f}, {s['AP50_ci_high']:.3f}]  "
             f"AP75 {s['AP75']:.3f}  AR100 {s['AR100']:.3f}"
         )
+    for name in DETECTOR_NAMES:
+        for stat, sd in seeds[name].items():
+            if sd.n > 1:
+                print(f"{name} {stat} over {sd.n} seeds: {sd.mean:.3f} [{sd.low:.3f}, {sd.high:.3f}] ({sd.values})")
     for p in pairs.itertuples():
         verdict = "significant" if p.significant else "not significant"
-        print(f"{p.pair} {p.stat}: {p.difference:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}] ({verdict})")
+        over_seeds = {None: "", True: "; seed intervals apart", False: "; seed intervals overlap"}[p.seed_separated]
+        print(f"{p.pair} {p.stat}: {p.difference:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}] ({verdict}{over_seeds})")
     print(f"bootstrap: {cfg.resamples} resamples of {len(test.image_ids)} test images in {bootstrap_seconds:.1f} s")
     return metrics
 

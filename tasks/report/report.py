@@ -8,9 +8,10 @@ guidance trade-off and the SD3 ablations; detection mAP and latency. A family wh
 is left out of the report and named at its end.
 
 Comparisons carry their 95 % intervals where the stages computed them: `value [low, high]`. Two models are
-ranked only when the paired interval of their difference excludes 0; otherwise the pair is marked "n.s."
-(not significant) and the report says the data cannot tell them apart. Where a table has no such test (the
-image generators), the report says so beside it instead of implying a ranking.
+ranked only when the paired interval of their difference excludes 0 and, where they were trained with several
+seeds (`params/replicates.yaml`), their intervals over seeds do not overlap; otherwise the pair is marked
+"n.s." (not significant) and the report says the data cannot tell them apart. Where a table has no such test
+(the image generators), the report says so beside it instead of implying a ranking.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Report:
 LM_SENTENCE_COLUMN = "test perplexity (context from each sentence's `<s>`, as the n-gram)"
 LM_STREAM_COLUMN = "stream context"
 NOT_SIGNIFICANT = "n.s."
+LM_SEEDS_COLUMN = "over seeds, mean [95 %]"
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -81,7 +83,26 @@ def with_interval(value: float, low: str | float | None, high: str | float | Non
 
 
 def _significant(row: dict[str, str]) -> bool:
-    return str(row["significant"]).strip().lower() == "true"
+    """A pair's difference stands: its paired bootstrap interval excludes 0, and its two seed intervals do not
+    overlap where the stage had replicates (`seed_separated` empty: no seed replicates to consult)."""
+    seeds = str(row.get("seed_separated") or "").strip().lower()
+    return str(row["significant"]).strip().lower() == "true" and seeds != "false"
+
+
+def verdict_cell(row: dict[str, str], winner: str, how: str) -> str:
+    """`<winner> <how>`, or n.s. with the reason: the test set cannot tell them apart, or the seeds cannot."""
+    if _significant(row):
+        return f"{winner} {how}"
+    if str(row["significant"]).strip().lower() == "true":
+        return f"{NOT_SIGNIFICANT} (seed intervals overlap)"
+    return f"{NOT_SIGNIFICANT} (not significant)"
+
+
+def seeds_cell(mean: str | float | None, low: str | float | None, high: str | float | None, n: Any, fmt: str) -> str:
+    """`mean [low, high] (n seeds)` over training seeds, or `1 seed` where there were no replicates."""
+    if n in (None, "") or int(float(n)) < 2 or low in (None, ""):
+        return "1 seed"
+    return f"{with_interval(float(mean), low, high, fmt)} ({int(float(n))} seeds)"  # type: ignore[arg-type]
 
 
 def ranking_line(ranked: list[str], pairs: list[dict[str, str]]) -> str:
@@ -100,13 +121,31 @@ def language_models(root: Path, report: Report) -> None:
         report.missing.append("language models")
         return
     rows = _csv_rows(compare)
-    table = [f"| model | {LM_SENTENCE_COLUMN} | {LM_STREAM_COLUMN} |", "|---|---:|---:|"]
+    seeded = "seeds" in rows[0]
+    table = [
+        f"| model | {LM_SENTENCE_COLUMN} | {LM_STREAM_COLUMN} |" + (f" {LM_SEEDS_COLUMN} |" if seeded else ""),
+        "|---|---:|---:|" + ("---:|" if seeded else ""),
+    ]
     for r in rows:
         cell = with_interval(
             float(r["test_perplexity"]), r.get("test_perplexity_ci_low"), r.get("test_perplexity_ci_high")
         )
         stream = r.get("test_perplexity_stream") or ""
-        table.append(f"| {r['model']} | {cell} | {f'{float(stream):.2f}' if stream else ''} |")
+        line = f"| {r['model']} | {cell} | {f'{float(stream):.2f}' if stream else ''} |"
+        if seeded:
+            over = (
+                "deterministic"
+                if r["family"] == "ngram"
+                else seeds_cell(
+                    r["test_perplexity_seed_mean"],
+                    r["test_perplexity_seed_ci_low"],
+                    r["test_perplexity_seed_ci_high"],
+                    r["seeds"],
+                    ".2f",
+                )
+            )
+            line += f" {over} |"
+        table.append(line)
     text = (
         "## Language models\n\nPerplexity on the shared test sentences (lower is better). The first column is "
         "like for like: every model scores each test sentence with the context from its `<s>` only, as the "
@@ -118,9 +157,16 @@ def language_models(root: Path, report: Report) -> None:
         text += (
             "\n\nIn brackets: the 95 % percentile interval over bootstrap resamples of the test sentences "
             "(`params/lm.yaml: lm_compare.resamples`), the same resamples for every model. It covers the choice of "
-            "test sentences only, not training-seed variance (one trained model per LM). The per-model intervals "
+            "test sentences only, not training-seed variance. The per-model intervals "
             "overlap widely because sentences differ far more from each other than the models do; whether two "
             "models differ is read from the paired interval of their difference below, not from the overlap."
+        )
+    if seeded:
+        text += (
+            "\n\nOver seeds: the mean test perplexity of the model trained with seed `runtime.seed` (`lm@*`, the "
+            "first column) and again with `runtime.seed + r` for each r in `params/replicates.yaml: replicates.lm` "
+            "(`lm_replicate@*`), with the 95 % Student-t interval of that mean. It covers what retraining with "
+            "another seed changes; the Kneser-Ney estimate has no seed."
         )
     ppl = {r["model"]: float(r["test_perplexity"]) for r in rows}
     ranked = sorted(ppl, key=ppl.get)
@@ -131,12 +177,12 @@ def language_models(root: Path, report: Report) -> None:
         ]
         for p in pairs:
             cell = with_interval(float(p["log_perplexity_difference"]), p["ci_low"], p["ci_high"], "+.3f")
-            verdict = f"{p['better']} lower" if _significant(p) else f"{NOT_SIGNIFICANT} (not significant)"
-            lines.append(f"| {p['worse']} vs {p['better']} | {cell} | {verdict} |")
+            lines.append(f"| {p['worse']} vs {p['better']} | {cell} | {verdict_cell(p, p['better'], 'lower')} |")
         text += (
             "\n\nPaired comparisons: the neighbours of the ranking by point estimate, and the largest Kneser-Ney "
             f"order against each neural LM. A pair whose interval contains 0 is {NOT_SIGNIFICANT}: the test set "
-            "cannot tell the two apart, and the report does not rank them.\n\n"
+            "cannot tell the two apart, and the report does not rank them. Nor does it where the two models' "
+            "intervals over seeds overlap: retraining could change the order.\n\n"
             + "\n".join(lines)
             + f"\n\nRanking (lowest perplexity first; `<` significant, `~` {NOT_SIGNIFICANT}): "
             + ranking_line(ranked, pairs)
@@ -430,23 +476,41 @@ def detection(root: Path, report: Report) -> None:
         report.missing.append("detection")
         return
     onnx = _read(root / METRICS_DIR / "onnx.json") or {}
+    seeded = any("AP_seeds" in m for m in summaries.values())
     table = [
-        "| detector | AP | AP50 | AP75 | AR100 | eager p50 ms | onnxruntime p50 ms | int8 p50 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| detector | AP | AP50 | AP75 | AR100 | eager p50 ms | onnxruntime p50 ms | int8 p50 ms |"
+        + (" AP over seeds | AP50 over seeds |" if seeded else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if seeded else ""),
     ]
     for name, m in summaries.items():
         o = onnx.get(name, {})
         lat = [o.get(k, {}).get("p50_ms") for k in ("latency_torch", "latency_onnx_fp32", "latency_onnx_int8")]
         cells = " | ".join(f"{v:.2f}" if v is not None else "" for v in lat)
         ap, ap50 = (with_interval(m[s], m.get(f"{s}_ci_low"), m.get(f"{s}_ci_high"), ".3f") for s in ("AP", "AP50"))
-        table.append(f"| {name} | {ap} | {ap50} | {m['AP75']:.3f} | {m['AR100']:.3f} | {cells} |")
+        line = f"| {name} | {ap} | {ap50} | {m['AP75']:.3f} | {m['AR100']:.3f} | {cells} |"
+        if seeded:
+            line += "".join(
+                " "
+                + seeds_cell(
+                    *(m.get(f"{s}_seed_{k}") for k in ("mean", "ci_low", "ci_high")), m.get(f"{s}_seeds"), ".3f"
+                )
+                + " |"
+                for s in ("AP", "AP50")
+            )
+        table.append(line)
     text = "## Detection\n\nCOCO metrics on the test scenes; batch-1 latency.\n\n" + "\n".join(table)
     if any("AP_ci_low" in m for m in summaries.values()):
         text += (
             "\n\nIn brackets: the 95 % percentile interval over bootstrap resamples of the test images "
             "(`params/detection.yaml: map.resamples`; an image drawn twice counts as two), the same resamples for "
-            "both detectors. It covers the choice of test images only, not training-seed variance (one trained "
-            "model per detector)."
+            "both detectors. It covers the choice of test images only, not training-seed variance."
+        )
+    if seeded:
+        text += (
+            " Over seeds: the mean of the detector trained with seed `runtime.seed` (`detector@*`, the first "
+            "columns) and with `runtime.seed + r` for each r in `params/replicates.yaml: replicates.detector` "
+            "(`detector_replicate@*`), each scored on the whole test split, with the 95 % Student-t interval of "
+            "that mean: what retraining with another seed changes."
         )
     pairs = _csv_rows(root / PLOTS_DIR / "map_pairs.csv")
     if pairs:
@@ -454,11 +518,11 @@ def detection(root: Path, report: Report) -> None:
         for p in pairs:
             cell = with_interval(float(p["difference"]), p["ci_low"], p["ci_high"], "+.3f")
             higher = p["a"] if float(p["difference"]) > 0 else p["b"]
-            verdict = f"{higher} higher" if _significant(p) else f"{NOT_SIGNIFICANT} (not significant)"
-            lines.append(f"| {p['a']} minus {p['b']} | {p['stat']} | {cell} | {verdict} |")
+            lines.append(f"| {p['a']} minus {p['b']} | {p['stat']} | {cell} | {verdict_cell(p, higher, 'higher')} |")
         text += (
             "\n\nPaired differences over the same resamples. A difference whose interval contains 0 is "
-            f"{NOT_SIGNIFICANT}: the test images cannot tell the detectors apart on that figure.\n\n" + "\n".join(lines)
+            f"{NOT_SIGNIFICANT}: the test images cannot tell the detectors apart on that figure. So is one whose "
+            "two intervals over seeds overlap: retraining could change the order.\n\n" + "\n".join(lines)
         )
     report.sections.append(text + "\n\n![](detection.png)")
     fig, ax = _figure()

@@ -36,7 +36,7 @@ from models.text.language_models import (
 from models.text.tokenizer import BOS_ID, EOS_ID, sentence_bounds
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
-from tasks.spec import StageContext, StageSpec
+from tasks.spec import StageContext, StageSpec, replicated
 from tasks.text.corpus import read_stream, read_vocab, vocab_digest
 from tasks.tracking import StageRun
 from tasks.training import (
@@ -340,7 +340,8 @@ class LMInputs:
 def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
     root, name, run, seed, device_name = ctx.root, ctx.item, ctx.run, ctx.seed, ctx.device
     model_cfg, train_cfg, eval_cfg = inputs.model, inputs.lm_train, inputs.lm_eval
-    corpus_dir, out_dir = root / CORPUS_DIR, root / LM_DIR / name
+    instance = ctx.instance  # where the outputs go: `lstm`, or `lstm-2` for a replicate
+    corpus_dir, out_dir = root / CORPUS_DIR, root / LM_DIR / instance
     vocab = read_vocab(corpus_dir)
     streams = {split: read_stream(corpus_dir, split) for split in ("train", "val", "test")}
     for split in ("train", "test"):
@@ -366,16 +367,16 @@ def lm_task(ctx: StageContext, inputs: LMInputs) -> dict[str, float]:
     save_model(out_dir / "model.pt", name, model_cfg, fit.model, meta={"vocab_digest": vocab_digest(vocab)})
 
     metrics = fit.metrics()
-    write_json(root / METRICS_DIR / "lm" / f"{name}.json", fit.results())
+    write_json(root / METRICS_DIR / "lm" / f"{instance}.json", fit.results())
     curve = pd.DataFrame(fit.train.history)
-    with atomic_path(root / PLOTS_DIR / "lm" / f"{name}.csv") as tmp:
+    with atomic_path(root / PLOTS_DIR / "lm" / f"{instance}.csv") as tmp:
         curve.to_csv(tmp, index=False)
     run.log_metrics(metrics)
     run.log_text(fit.sample + "\n", "sample.txt")
     run.log_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n", "model_config.json")
-    run.log_artifact(root / PLOTS_DIR / "lm" / f"{name}.csv", "plots")
+    run.log_artifact(root / PLOTS_DIR / "lm" / f"{instance}.csv", "plots")
     print(
-        f"lm@{name}: test perplexity {fit.test_perplexity:.2f} (context from each sentence's <s>), "
+        f"{instance} (seed {seed}): test perplexity {fit.test_perplexity:.2f} (context from each sentence's <s>), "
         f"{fit.test_perplexity_stream:.2f} (stream context) ({fit.parameters:,} parameters, "
         f"{fit.train.items_per_second:,.0f} tokens/s)\nsample: {fit.sample[:300]}"
     )
@@ -392,3 +393,6 @@ SPEC = StageSpec(
     derive=lambda root, item: derived_model_fields(item)(root),
     placeholders={name: {"vocab_size": 1} for name in LM_NAMES},
 )
+# The same training with seeds runtime.seed + r, r from `replicates.lm`: `lm_replicate@lstm-1`.
+REPLICATE_SPEC = replicated(SPEC, name="lm_replicate", replicates="lm")
+SPECS = [SPEC, REPLICATE_SPEC]

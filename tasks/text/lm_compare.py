@@ -11,7 +11,13 @@ model.pt) and scores every test sentence alone with the stages' own functions (`
 `POINT_RTOL`), or the stage fails: an interval is only shown around the number it belongs to. The test
 sentences are then resampled with replacement, the same resamples for every model (models/bootstrap.py),
 for each model's percentile interval and for the interval of the difference in log-perplexity of the pairs
-the report ranks. The intervals cover the choice of test sentences, not training-seed variance.
+the report ranks. Those intervals cover the choice of test sentences, not training-seed variance.
+
+Training-seed variance comes from the replicates (`lm_replicate@<model>-<r>`, seeds runtime.seed + r for r in
+`replicates.lm`): each neural LM's `test_perplexity` over its seeds, the main stage's first, as a mean with a
+95 % Student-t interval (models/seeds.py). The Kneser-Ney estimate is deterministic, a point. A pair is
+`seed_separated` when its two seed intervals are apart; the report ranks a pair only when the paired
+bootstrap and the seeds both say so.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.bootstrap import BootstrapConfig, interval, percentile_interval, ratio_resamples, resample_indices
+from models.seeds import SeedSummary, seed_summary, separated
 from models.text import ngram as kn
 from models.text.language_models import LANGUAGE_MODELS
 from models.text.tokenizer import sentence_bounds
 from tasks.errors import StaleArtefact, rerun_hint
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, NGRAM_DIR, PLOTS_DIR
-from tasks.spec import StageContext, StageSpec
+from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
 from tasks.text.corpus import read_stream, read_vocab
 from tasks.text.lm import LMEvalConfig, load_language_model_with_meta, sentence_nll
 from tasks.text.ngram import VOCAB_DIGEST_FILE
@@ -180,6 +187,35 @@ def bootstrap_tables(
     return table, pd.DataFrame(rows)
 
 
+def seed_summaries(table: pd.DataFrame, replicates: dict[str, list[dict]]) -> dict[str, SeedSummary]:
+    """Model -> its test perplexity over seeds: the neural LMs' main stage and replicates' metrics
+    (`replicates[name]`), the n-gram rows as deterministic points."""
+    out = {}
+    for row in table.itertuples():
+        if row.family == "ngram":
+            out[row.model] = seed_summary([row.test_perplexity], deterministic=True)
+        else:
+            values = [row.test_perplexity] + [m["test_perplexity"] for m in replicates[row.model]]
+            out[row.model] = seed_summary(values)
+    return out
+
+
+def add_seed_columns(
+    table: pd.DataFrame, pairs: pd.DataFrame, seeds: dict[str, SeedSummary]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The table with `seeds` and `test_perplexity_seed_mean/_ci_low/_ci_high`, the pairs with `seed_separated`
+    (None: a side has one seed of a seeded model, so seed variance is unknown)."""
+    s = [seeds[m] for m in table["model"]]
+    table = table.assign(
+        seeds=[x.n for x in s],
+        test_perplexity_seed_mean=[x.mean for x in s],
+        test_perplexity_seed_ci_low=[x.low for x in s],
+        test_perplexity_seed_ci_high=[x.high for x in s],
+    )
+    pairs = pairs.assign(seed_separated=[separated(seeds[p.better], seeds[p.worse]) for p in pairs.itertuples()])
+    return table, pairs
+
+
 def compare_figure(table: pd.DataFrame):
     import matplotlib
 
@@ -212,6 +248,7 @@ class LMCompareInputs:
     lm_compare: BootstrapConfig
     ngram: kn.NgramConfig  # to re-estimate every order from the counts exactly as `ngram` did
     lm_eval: LMEvalConfig  # the batch size the stages score with
+    replicates: ReplicatesConfig  # which lm_replicate@* metrics to pool with the main stages'
 
 
 def read_metrics(path: Path) -> dict:
@@ -252,20 +289,38 @@ def lm_compare_task(ctx: StageContext, inputs: LMCompareInputs) -> dict[str, flo
     root, run, cfg = ctx.root, ctx.run, inputs.lm_compare
     ngram = read_metrics(root / METRICS_DIR / "ngram.json")
     neural = {name: read_metrics(root / METRICS_DIR / "lm" / f"{name}.json") for name in LM_NAMES}
+    replicates = {  # read first: a missing replicate fails before the scoring
+        name: [
+            read_metrics(root / METRICS_DIR / "lm" / f"{replicate_name(name, r)}.json") for r in inputs.replicates.lm
+        ]
+        for name in LM_NAMES
+    }
     scores = sentence_scores(root, inputs, ngram, neural, resolve_device(ctx.device))
     table, pairs = bootstrap_tables(compare_table(ngram, neural), scores, cfg, ctx.seed)
-    metrics = {}
+    seeds = seed_summaries(table, replicates)
+    table, pairs = add_seed_columns(table, pairs, seeds)
+    seed_list = inputs.replicates.seeds("lm", ctx.seed)
+    metrics: dict[str, float] = {}
     for row in table.itertuples():
         metrics[f"{row.model}_test_perplexity"] = float(row.test_perplexity)
         metrics[f"{row.model}_test_perplexity_ci_low"] = float(row.test_perplexity_ci_low)
         metrics[f"{row.model}_test_perplexity_ci_high"] = float(row.test_perplexity_ci_high)
         if row.family == "neural":
             metrics[f"{row.model}_test_perplexity_stream"] = float(row.test_perplexity_stream)
-    write_json(root / METRICS_DIR / "lm_compare.json", metrics)
+            metrics[f"{row.model}_seeds"] = float(row.seeds)
+            if row.seeds > 1:  # one seed has no spread: no NaN goes into a metrics file
+                metrics[f"{row.model}_test_perplexity_seed_mean"] = float(row.test_perplexity_seed_mean)
+                metrics[f"{row.model}_test_perplexity_seed_ci_low"] = float(row.test_perplexity_seed_ci_low)
+                metrics[f"{row.model}_test_perplexity_seed_ci_high"] = float(row.test_perplexity_seed_ci_high)
+    by_seed = {name: {str(seed): v for seed, v in zip(seed_list, seeds[name].values)} for name in LM_NAMES}
+    write_json(root / METRICS_DIR / "lm_compare.json", {**metrics, "test_perplexity_by_seed": by_seed})
     with atomic_path(root / PLOTS_DIR / "lm_compare.csv") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(root / PLOTS_DIR / "lm_compare_pairs.csv") as tmp:
         pairs.to_csv(tmp, index=False)
+    seed_columns = ["model", "seeds", *(f"test_perplexity_seed_{k}" for k in ("mean", "ci_low", "ci_high"))]
+    with atomic_path(root / PLOTS_DIR / "lm_seeds.csv") as tmp:
+        table[table["family"] == "neural"][seed_columns].to_csv(tmp, index=False)
     run.log_metrics(metrics)
     run.log_figure(compare_figure(table), "plots/lm_compare.png")
     run.log_artifact(root / PLOTS_DIR / "lm_compare.csv", "plots")
@@ -273,6 +328,10 @@ def lm_compare_task(ctx: StageContext, inputs: LMCompareInputs) -> dict[str, flo
     print(table.to_string(index=False))
     print(f"\npaired bootstrap over {len(scores[table['model'][0]].tokens)} test sentences, {cfg.resamples} resamples:")
     print(pairs.drop(columns="why").to_string(index=False))
+    for name in LM_NAMES:
+        sd = seeds[name]
+        if sd.n > 1:
+            print(f"{name} over {sd.n} seeds: {sd.mean:.2f} [{sd.low:.2f}, {sd.high:.2f}] ({sd.values})")
     return metrics
 
 

@@ -129,7 +129,10 @@ def test_mamba_stage_logs_curves_sample_and_a_model_that_reloads(project, first_
     assert set(compare) == {
         *(f"{m}_test_perplexity{end}" for m in models for end in ("", "_ci_low", "_ci_high")),
         *(f"{m.split('@')[1]}_test_perplexity_stream" for m in LMS),
+        *(f"{m.split('@')[1]}_seeds" for m in LMS),  # 1 on smoke: no replicates, so no seed interval
+        "test_perplexity_by_seed",
     }
+    assert compare["mamba_seeds"] == 1
     for m in models:  # the bootstrap interval over test sentences holds the stage's own point estimate
         assert compare[f"{m}_test_perplexity_ci_low"] <= compare[f"{m}_test_perplexity"]
         assert compare[f"{m}_test_perplexity"] <= compare[f"{m}_test_perplexity_ci_high"]
@@ -229,3 +232,36 @@ def test_failed_stage_stops_dependents_and_leaves_no_partial_output(project, fir
         data.write_text(good)
     # The corpus comes back identical, so nothing downstream of it is stale.
     assert summary(kiln_run(project, TARGET).stdout) == statuses(default="up to date", corpus="ran")
+
+
+def test_seed_replicates_are_a_dvc_matrix_pooled_by_lm_compare(project, first_run):
+    """`replicates.lm: [1]` adds `lm_replicate@<model>-1` to DVC's graph (a matrix read from the params): each
+    trains with seed runtime.seed + 1 into its own outputs, lm_compare pools it with the main stage, and
+    `dvc repro` of one replicate reruns that seed alone."""
+    from ruamel.yaml import YAML
+
+    seed = int(YAML().load((project / "params/runtime.yaml").read_text())["runtime"]["seed"])
+    set_params(project, "replicates.yaml", "replicates", lm=[1])
+    replicas = [f"lm_replicate@{m}-1" for m in ("lstm", "transformer", "s4d", "mamba")]
+    listed = sh(project, "dvc", "stage", "list", "--name-only").stdout.split()
+    assert [n for n in listed if n.startswith("lm_replicate@")] == replicas
+    assert not sh(project, "kiln", "check").returncode
+    ran = summary(kiln_run(project, TARGET).stdout)
+    assert {n: ran[n] for n in replicas} == {n: "ran" for n in replicas} and ran["lm_compare"] == "ran"
+    assert ran["lm@lstm"] == "up to date"  # replicate 0 is the main stage, untouched
+    main, replica = (json.loads((project / f"data/metrics/lm/{n}.json").read_text()) for n in ("lstm", "lstm-1"))
+    assert replica["test_perplexity"] != main["test_perplexity"]  # another seed, another model
+    run = runs_of(project, "text", "lm_replicate@lstm-1")[0]
+    assert (run.data.params["seed"], run.data.params["replicate"]) == (str(seed + 1), "1")
+    compare = json.loads((project / "data/metrics/lm_compare.json").read_text())
+    pooled = [main["test_perplexity"], replica["test_perplexity"]]
+    assert compare["lstm_seeds"] == 2 and compare["lstm_test_perplexity_seed_mean"] == pytest.approx(np.mean(pooled))
+    assert compare["test_perplexity_by_seed"]["lstm"] == {str(seed): pooled[0], str(seed + 1): pooled[1]}
+    assert stale(project, TARGET) == {}
+    for out in ("model.pt", "checkpoint.pt"):  # no checkpoint to resume from: it trains again
+        (project / "data/models/lm/lstm-1" / out).unlink()
+    sh(project, "dvc", "repro", "lm_replicate@lstm-1")
+    again = json.loads((project / "data/metrics/lm/lstm-1.json").read_text())
+    # The same seed again; not bit for bit, as the thread count may differ beside other test workers.
+    assert again["test_perplexity"] == pytest.approx(replica["test_perplexity"], rel=1e-3)
+    assert stale(project, TARGET) == {}

@@ -18,7 +18,7 @@ from tasks.detection.detectors import write_predictions
 from tasks.detection.map import MapInputs, map_task
 from tasks.detection.scenes import labels_digest
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
-from tasks.spec import StageContext
+from tasks.spec import ReplicatesConfig, StageContext
 
 SIZE = 32
 CATEGORIES = [{"id": c + 1, "name": str(c)} for c in range(3)]
@@ -71,16 +71,23 @@ def with_false_alarms(coco: dict) -> list[dict]:
     return perfect(coco) + alarms
 
 
-def project(root: Path, thundernet: list[dict] | None, one_stage: list[dict] | None) -> dict:
+def project(root: Path, thundernet: list[dict] | None, one_stage: list[dict] | None, **replicates: list[dict]) -> dict:
+    """Test predictions of both detectors; `replicates` adds those of `detector_replicate@<name>` (`thundernet-1`)."""
     coco = json.loads((root / SCENES_DIR / "test" / "annotations.json").read_text())
     meta = {"labels_digest": labels_digest(coco), "input_size": str(SIZE)}
-    for name, records in (("thundernet", thundernet), ("one_stage", one_stage)):
+    named = {
+        "thundernet": thundernet,
+        "one_stage": one_stage,
+        **{"-".join(k.rsplit("_", 1)): v for k, v in replicates.items()},
+    }
+    for name, records in named.items():
         write_predictions(root / DETECTOR_DIR / name / "predictions_test.json", records, meta)
     return coco
 
 
-def run_map(root: Path, resamples: int = 100) -> tuple[dict, pd.DataFrame]:
-    map_task.fn(StageContext(root, "", 3, "cpu", NoRun()), MapInputs(BootstrapConfig(resamples=resamples)))
+def run_map(root: Path, resamples: int = 100, replicates: list[int] | None = None) -> tuple[dict, pd.DataFrame]:
+    inputs = MapInputs(BootstrapConfig(resamples=resamples), ReplicatesConfig(lm=[], detector=replicates or []))
+    map_task.fn(StageContext(root, "", 3, "cpu", NoRun()), inputs)
     summaries = json.loads((root / METRICS_DIR / "map.json").read_text())
     return summaries, pd.read_csv(root / PLOTS_DIR / "map_pairs.csv")
 
@@ -118,3 +125,57 @@ def test_identical_detectors_differ_by_exactly_zero_and_are_not_significant(root
     assert not pairs["significant"].any()
     assert summaries["one_stage"]["AP_ci_low"] < summaries["one_stage"]["AP_ci_high"]  # the images do vary
     assert run_map(root)[0] == summaries  # seeded: the same resamples again
+
+
+def shifted(records: list[dict], dx: float) -> list[dict]:
+    return [{**r, "bbox": [r["bbox"][0] + dx, *r["bbox"][1:]]} for r in records]
+
+
+def test_replicates_give_each_detector_a_t_interval_over_seeds(root):
+    """The replicates' predictions are scored on the whole split; AP over seeds is their mean with the Student-t
+    interval (scipy side by side), and a bootstrap-significant pair whose seed intervals overlap is flagged."""
+    from scipy import stats
+
+    coco = json.loads((root / SCENES_DIR / "test" / "annotations.json").read_text())
+    seeds = {
+        "thundernet": [perfect(coco), shifted(perfect(coco), 3.0), shifted(perfect(coco), 1.0)],
+        "one_stage": [with_false_alarms(coco), shifted(perfect(coco), 2.0), shifted(with_false_alarms(coco), 1.0)],
+    }
+    project(
+        root,
+        seeds["thundernet"][0],
+        seeds["one_stage"][0],
+        thundernet_1=seeds["thundernet"][1],
+        thundernet_2=seeds["thundernet"][2],
+        one_stage_1=seeds["one_stage"][1],
+        one_stage_2=seeds["one_stage"][2],
+    )
+    summaries, pairs = run_map(root, resamples=50, replicates=[1, 2])
+    for name, per_seed in seeds.items():
+        ap = [float(evaluate_coco(coco, records).stats[STAT_NAMES.index("AP")]) for records in per_seed]
+        m = summaries[name]
+        assert m["AP_seeds"] == 3 and list(m["AP_by_seed"].values()) == pytest.approx(ap)
+        assert list(m["AP_by_seed"]) == ["3", "4", "5"]  # runtime.seed 3, replicates 1 and 2
+        low, high = stats.t.interval(0.95, 2, loc=np.mean(ap), scale=stats.sem(ap))
+        assert (m["AP_seed_mean"], m["AP_seed_ci_low"], m["AP_seed_ci_high"]) == pytest.approx((np.mean(ap), low, high))
+    ap_pair = pairs.set_index("stat").loc["AP"]
+    assert ap_pair["significant"]  # on the main stages' predictions the test images tell them apart
+    assert not ap_pair["seed_separated"]  # but the seeds overlap: the report does not rank them
+    seed_plot = pd.read_csv(root / PLOTS_DIR / "detector_seeds.csv")
+    assert seed_plot["row"].tolist() == ["thundernet AP", "thundernet AP50", "one_stage AP", "one_stage AP50"]
+
+
+def test_without_replicates_no_seed_interval_is_written(root):
+    coco = json.loads((root / SCENES_DIR / "test" / "annotations.json").read_text())
+    project(root, perfect(coco), with_false_alarms(coco))
+    summaries, pairs = run_map(root, resamples=20)
+    assert summaries["thundernet"]["AP_seeds"] == 1 and "AP_seed_mean" not in summaries["thundernet"]
+    assert pairs["seed_separated"].isna().all()
+    assert "NaN" not in (root / METRICS_DIR / "map.json").read_text()
+
+
+def test_a_missing_replicate_names_its_stage(root):
+    coco = json.loads((root / SCENES_DIR / "test" / "annotations.json").read_text())
+    project(root, perfect(coco), perfect(coco))
+    with pytest.raises(FileNotFoundError, match="thundernet-1/predictions_test.json"):
+        run_map(root, resamples=20, replicates=[1])

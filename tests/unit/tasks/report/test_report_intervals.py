@@ -64,7 +64,7 @@ def test_language_models_show_intervals_and_do_not_rank_what_is_not_significant(
     assert "| kn5 vs lstm | +0.019 [-0.016, +0.047] | n.s. (not significant) |" in text
     assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text
     assert "lstm ~ kn5 < mamba < unigram" in text
-    assert "not training-seed variance" in text
+    assert "not training-seed variance" in text and "Over seeds" not in text  # no replicates: no column
     assert (
         report.headline[0]
         == "language models: lowest test perplexity 14.45 (lstm), not significantly below kn5 (14.72)"
@@ -82,6 +82,59 @@ def test_detection_shows_intervals_and_the_paired_difference(tmp_path):
     assert (
         report.headline[-1] == "detectors: highest AP50 0.618 (thundernet), not significantly above one_stage (0.618)"
     )
+
+
+SEED_COLUMNS = ",seeds,test_perplexity_seed_mean,test_perplexity_seed_ci_low,test_perplexity_seed_ci_high"
+LM_SEEDS = {
+    "unigram": "1,86.4,86.4,86.4",
+    "kn5": "1,14.72,14.72,14.72",
+    "lstm": "3,14.6,14.1,15.1",
+    "mamba": "3,20.3,19.0,21.6",
+}
+
+
+def test_seed_intervals_add_a_column_and_veto_a_ranking_they_overlap(tmp_path):
+    """With replicates, each neural LM shows its mean over seeds; a pair the bootstrap separates but whose seed
+    intervals overlap is n.s. (seed intervals overlap), and the ranking shows `~` there."""
+    lines = LM_TABLE.splitlines()
+    table = [lines[0] + SEED_COLUMNS] + [f"{line},{LM_SEEDS[line.split(',')[0]]}" for line in lines[1:]]
+    pairs = LM_PAIRS.splitlines()
+    pairs = [pairs[0] + ",seed_separated", pairs[1] + ",False", pairs[2] + ",True", pairs[3] + ",False"]
+    _write(tmp_path, "data/plots/lm_compare.csv", "\n".join(table) + "\n")
+    _write(tmp_path, "data/plots/lm_compare_pairs.csv", "\n".join(pairs) + "\n")
+    text = build_report(tmp_path).markdown()
+    assert "| lstm | 14.45 [8.45, 28.97] | 14.32 | 14.60 [14.10, 15.10] (3 seeds) |" in text
+    assert "| kn5 | 14.72 [8.66, 29.27] |  | deterministic |" in text
+    assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text  # both say so
+    assert "| unigram vs mamba | +1.458 [+1.093, +1.722] | n.s. (seed intervals overlap) |" in text
+    assert "lstm ~ kn5 < mamba ~ unigram" in text
+    assert "replicates.lm" in text
+
+
+def test_detection_shows_seed_intervals_and_their_veto(tmp_path):
+    seeded = {
+        name: {
+            **m,
+            "AP_seeds": 3,
+            "AP50_seeds": 3,
+            "AP_seed_mean": m["AP"],
+            "AP_seed_ci_low": m["AP"] - 0.05,
+            "AP_seed_ci_high": m["AP"] + 0.05,
+            "AP50_seed_mean": m["AP50"],
+            "AP50_seed_ci_low": m["AP50"] - 0.05,
+            "AP50_seed_ci_high": m["AP50"] + 0.05,
+        }
+        for name, m in MAP.items()
+    }
+    pairs = MAP_PAIRS.splitlines()
+    pairs = [pairs[0] + ",seed_separated", pairs[1] + ",False", pairs[2] + ",False"]
+    _write(tmp_path, "data/metrics/map.json", json.dumps(seeded))
+    _write(tmp_path, "data/plots/map_pairs.csv", "\n".join(pairs) + "\n")
+    report = build_report(tmp_path)
+    text = report.markdown()
+    assert "|  |  |  | 0.448 [0.398, 0.498] (3 seeds) | 0.618 [0.568, 0.668] (3 seeds) |" in text
+    assert "| thundernet minus one_stage | AP | -0.016 [-0.035, -0.002] | n.s. (seed intervals overlap) |" in text
+    assert "replicates.detector" in text
 
 
 def test_tables_without_intervals_show_the_values_alone(tmp_path):

@@ -18,7 +18,7 @@ from models.text.language_models import LANGUAGE_MODELS, build_language_model
 from models.text.ngram import NgramConfig
 from tasks.errors import StaleArtefact
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
-from tasks.spec import StageContext
+from tasks.spec import ReplicatesConfig, StageContext
 from tasks.text.corpus import vocab_digest
 from tasks.text.lm import LMEvalConfig, perplexity, sentence_perplexity
 from tasks.text.lm_compare import (
@@ -86,16 +86,26 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-INPUTS = LMCompareInputs(BootstrapConfig(resamples=200), NgramConfig(order=3), LMEvalConfig(4, 0, 1, 1.0, 1))
+def inputs(replicates: list[int] | None = None) -> LMCompareInputs:
+    return LMCompareInputs(
+        BootstrapConfig(resamples=200),
+        NgramConfig(order=3),
+        LMEvalConfig(4, 0, 1, 1.0, 1),
+        ReplicatesConfig(lm=replicates or [], detector=[]),
+    )
 
 
-def run_stage(root: Path) -> dict[str, float]:
-    return lm_compare_task.fn(StageContext(root, "", 7, "cpu", NoRun()), INPUTS)
+def run_stage(root: Path, replicates: list[int] | None = None) -> dict[str, float]:
+    return lm_compare_task.fn(StageContext(root, "", 7, "cpu", NoRun()), inputs(replicates))
 
 
 def test_the_stage_writes_intervals_around_the_reported_perplexities(project):
     metrics = run_stage(project)
-    assert metrics == json.loads((project / METRICS_DIR / "lm_compare.json").read_text())
+    written = json.loads((project / METRICS_DIR / "lm_compare.json").read_text())
+    assert written.pop("test_perplexity_by_seed") == {
+        m: {"7": metrics[f"{m}_test_perplexity"]} for m in LANGUAGE_MODELS
+    }
+    assert metrics == written
     models = ["unigram", "kn2", "kn3", *LANGUAGE_MODELS]
     ngram = json.loads((project / METRICS_DIR / "ngram.json").read_text())["test_perplexity_by_order"]
     for model in models:
@@ -111,8 +121,14 @@ def test_the_stage_writes_intervals_around_the_reported_perplexities(project):
         "parameters",
         "test_perplexity_ci_low",
         "test_perplexity_ci_high",
+        "seeds",
+        "test_perplexity_seed_mean",
+        "test_perplexity_seed_ci_low",
+        "test_perplexity_seed_ci_high",
     ]
     assert table["model"].tolist() == models
+    assert (table["seeds"] == 1).all() and "lstm_test_perplexity_seed_mean" not in metrics  # no replicates
+    assert pairs_of(project)["seed_separated"].isna().all()  # seed variance unknown: nothing to consult
     pairs = pd.read_csv(project / PLOTS_DIR / "lm_compare_pairs.csv")
     assert len(pairs) >= len(models) - 1
     ranked = table.sort_values("test_perplexity")["model"].tolist()
@@ -125,6 +141,55 @@ def test_the_stage_writes_intervals_around_the_reported_perplexities(project):
     assert (pairs["significant"] == ~((pairs["ci_low"] <= 0) & (0 <= pairs["ci_high"]))).all()
     assert pairs.loc[pairs["worse"] == "unigram", "significant"].all()  # far worse than its neighbour
     assert run_stage(project) == metrics  # seeded: the same resamples again
+
+
+def pairs_of(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / PLOTS_DIR / "lm_compare_pairs.csv")
+
+
+def test_replicates_pool_with_the_main_stage_into_a_t_interval_over_seeds(project):
+    """Replicates 1 and 2 (their metrics as lm_replicate@NAME-R writes them) pool with the main stage: the mean
+    and Student-t interval over three seeds, scipy side by side; the n-gram rows stay deterministic points."""
+    from scipy import stats
+
+    lm_dir = project / METRICS_DIR / "lm"
+    main = {name: json.loads((lm_dir / f"{name}.json").read_text()) for name in LANGUAGE_MODELS}
+    factors = {1: 1.3, 2: 0.9}  # replicate -> its test perplexity relative to the main stage's
+    written = []
+    try:
+        for name in LANGUAGE_MODELS:
+            for r, f in factors.items():
+                path = lm_dir / f"{name}-{r}.json"
+                path.write_text(json.dumps({**main[name], "test_perplexity": main[name]["test_perplexity"] * f}))
+                written.append(path)
+        metrics = run_stage(project, replicates=[1, 2])
+    finally:
+        for path in written:
+            path.unlink()
+    for name in LANGUAGE_MODELS:
+        values = [main[name]["test_perplexity"] * f for f in (1.0, *factors.values())]
+        low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+        got = [metrics[f"{name}_test_perplexity_seed_{k}"] for k in ("mean", "ci_low", "ci_high")]
+        assert got == pytest.approx([np.mean(values), low, high])
+        assert metrics[f"{name}_test_perplexity"] == main[name]["test_perplexity"]  # the headline stays seed 7's
+    by_seed = json.loads((project / METRICS_DIR / "lm_compare.json").read_text())["test_perplexity_by_seed"]
+    assert list(by_seed["lstm"]) == ["7", "8", "9"]  # runtime.seed, then + 1 and + 2
+    table = pd.read_csv(project / PLOTS_DIR / "lm_compare.csv").set_index("model")
+    assert (
+        table.loc["kn3", "seeds"] == 1
+        and table.loc["kn3", "test_perplexity_seed_ci_low"] == table.loc["kn3", "test_perplexity"]
+    )
+    seeds_plot = pd.read_csv(project / PLOTS_DIR / "lm_seeds.csv")
+    assert seeds_plot["model"].tolist() == list(LANGUAGE_MODELS) and (seeds_plot["seeds"] == 3).all()
+    # +30 % / -10 % spreads overlap for every pair of these untrained models: no pair is separated over seeds
+    pairs = pairs_of(project)
+    neural_pairs = pairs[pairs["better"].isin(LANGUAGE_MODELS) & pairs["worse"].isin(LANGUAGE_MODELS)]
+    assert len(neural_pairs) and not neural_pairs["seed_separated"].astype(bool).any()
+
+
+def test_a_missing_replicate_names_its_metrics_file(project):
+    with pytest.raises(FileNotFoundError, match=r"lm/(lstm|transformer|s4d|mamba)-1\.json: missing"):
+        run_stage(project, replicates=[1])
 
 
 def test_a_model_whose_metrics_are_not_its_own_fails_loudly(project, tmp_path):
