@@ -10,6 +10,15 @@ class InputError(ValueError):
     """Bad input: the message names the file, key or record at fault."""
 
 
+class ContaminationError(InputError):
+    """More val or test records than a params threshold allows have a (near) duplicate in train (the audit
+    stages). Always one line: a line break (from a file name in a record's source, say) is written as its
+    escape."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
 class StaleArtefact(InputError):
     """A trained artefact whose recorded data (vocabulary, labels, image size, latent scale...) is not the current
     data's, or that records none: the message names the file and the stage to rerun (see `require_meta`)."""

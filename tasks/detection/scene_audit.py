@@ -34,20 +34,12 @@ from models.duplicates import (
     same_class_near_rate,
 )
 from tasks.digits import load_digit_images
-from tasks.errors import InputError
+from tasks.errors import ContaminationError
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, SCENES_DIR, SPLITS
 from tasks.spec import StageContext, StageSpec
 
 HELD_OUT = ("val", "test")
-
-
-class SceneContaminationError(InputError):
-    """More val or test digits (or images) than the threshold allows have a (near) duplicate in train. Always
-    one line: a line break (from a file name, say) is written as its escape."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def read_annotations(root: Path, split: str) -> dict:
@@ -113,7 +105,7 @@ def read_scene_images(root: Path, split: str, coco: dict) -> tuple[np.ndarray, l
             arrays.append(np.asarray(png.convert("L")))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise SceneContaminationError(
+        raise ContaminationError(
             f"{SCENES_DIR}/{split}/annotations.json: images: sizes differ ({sorted(shapes)}); a split has one size"
         )
     stack = np.stack(arrays) if arrays else np.zeros((0, 1, 1), dtype=np.uint8)
@@ -177,7 +169,7 @@ def scene_audit_task(ctx: StageContext, inputs: SceneAuditInputs) -> dict[str, f
     )
     breach = first_breach(found.audits, cfg)
     if breach is not None:
-        raise SceneContaminationError(breach_message(breach, found, cocos, cfg))
+        raise ContaminationError(breach_message(breach, found, cocos, cfg))
     write_json(root / METRICS_DIR / "scene_audit.json", found.metrics)
     return found.metrics
 

@@ -23,21 +23,13 @@ from models.duplicates import (
     phash,
     same_class_near_rate,
 )
-from tasks.errors import InputError
+from tasks.errors import ContaminationError
 from tasks.generative.images import ImageSet, read_images
 from tasks.io import write_json
 from tasks.layout import IMAGES_DIR, METRICS_DIR
 from tasks.spec import StageContext, StageSpec
 
 HELD_OUT = ("val", "test")
-
-
-class ImageContaminationError(InputError):
-    """More val or test images than the threshold allows have a (near) duplicate in train. Always one line:
-    a line break (from a file name in an image's source, say) is written as its escape."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def audit_images(splits: dict[str, ImageSet], near_hamming: int) -> tuple[dict[str, SplitAudit], dict[str, float]]:
@@ -93,7 +85,7 @@ def image_audit_task(ctx: StageContext, inputs: ImageAuditInputs) -> dict[str, f
     )
     breach = first_breach(audits, cfg)
     if breach is not None:
-        raise ImageContaminationError(breach_message(breach, splits, cfg))
+        raise ContaminationError(breach_message(breach, splits, cfg))
     write_json(root / METRICS_DIR / "image_audit.json", metrics)
     return metrics
 

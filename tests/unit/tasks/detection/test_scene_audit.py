@@ -13,8 +13,9 @@ from PIL import Image
 
 import tasks.detection.scene_audit as scene_audit
 from models.duplicates import AuditConfig
-from tasks.detection.scene_audit import SceneAuditInputs, SceneContaminationError, scene_audit_task
+from tasks.detection.scene_audit import SceneAuditInputs, scene_audit_task
 from tasks.detection.scenes import ScenesConfig, write_scenes
+from tasks.errors import ContaminationError
 from tasks.layout import METRICS_DIR, SCENES_DIR
 from tasks.spec import StageContext
 
@@ -95,7 +96,7 @@ def test_planted_digits_are_found_exactly(built_in, tmp_path, monkeypatch):
     assert metrics["test_digits_near_in_train"] == 3
     assert metrics["test_digits_near_in_train_share"] == pytest.approx(3 / n)
 
-    with pytest.raises(SceneContaminationError) as err:
+    with pytest.raises(ContaminationError) as err:
         run_audit(root, replace(LENIENT, max_exact_share=0.01))
     message = str(err.value)
     first = train[0]  # the first audited test digit (in index order) with an identical train digit
@@ -134,7 +135,7 @@ def test_coco_scenes_are_audited_as_whole_images(tmp_path):
     assert metrics["test_images_near_in_train_share"] == pytest.approx(0.2)
     assert metrics["val_images_near_in_train"] == 0
     assert "test_digits_audited" not in metrics
-    with pytest.raises(SceneContaminationError) as err:
+    with pytest.raises(ContaminationError) as err:
         run_audit(tmp_path, replace(LENIENT, max_near_share=0.1))
     assert str(err.value).startswith(
         "data/prepared/scenes/test/annotations.json: test_images_near_in_train_share = 0.2000 exceeds "

@@ -12,7 +12,8 @@ import pytest
 
 from models.duplicates import AuditConfig
 from tasks.digits import load_digit_images
-from tasks.generative.image_audit import ImageAuditInputs, ImageContaminationError, image_audit_task
+from tasks.errors import ContaminationError
+from tasks.generative.image_audit import ImageAuditInputs, image_audit_task
 from tasks.generative.images import ImageSet, split_table
 from tasks.layout import IMAGES_DIR, METRICS_DIR
 from tasks.spec import StageContext
@@ -79,7 +80,7 @@ def test_the_audit_finds_exactly_the_planted_shares(contaminated):
 
 def test_a_share_over_the_threshold_fails_naming_file_share_and_pair(contaminated):
     strict = AuditConfig(near_hamming=2, max_exact_share=0.05, max_near_share=0.5)
-    with pytest.raises(ImageContaminationError) as err:
+    with pytest.raises(ContaminationError) as err:
         run_audit(contaminated, strict)
     message = str(err.value)
     assert message.startswith(
@@ -91,7 +92,7 @@ def test_a_share_over_the_threshold_fails_naming_file_share_and_pair(contaminate
     assert not (contaminated / METRICS_DIR / "image_audit.json").exists()  # a failed audit leaves no metrics file
 
     near_only = AuditConfig(near_hamming=2, max_exact_share=0.5, max_near_share=0.2)
-    with pytest.raises(ImageContaminationError, match=r"test_images_near_in_train_share = 0\.2500 exceeds "):
+    with pytest.raises(ContaminationError, match=r"test_images_near_in_train_share = 0\.2500 exceeds "):
         run_audit(contaminated, near_only)
 
 
