@@ -43,9 +43,11 @@ def test_map_metrics_are_coco_summaries_of_both_detectors(project, first_run):
         assert all(-1.0 <= v <= 1.0 for v in summary_["per_class_ap"].values())
         for stat in ("AP", "AP50"):  # bootstrap over the test images
             assert -1.0 <= summary_[f"{stat}_ci_low"] <= summary_[f"{stat}_ci_high"] <= 1.0
+        assert summary_["AP_seeds"] == 1 and "AP_seed_mean" not in summary_  # smoke: no seed replicates
     pairs = (project / "data/plots/map_pairs.csv").read_text().splitlines()
-    assert pairs[0] == "pair,a,b,stat,difference,ci_low,ci_high,significant"
+    assert pairs[0] == "pair,a,b,stat,difference,ci_low,ci_high,significant,seed_separated"
     assert [row.split(",")[3] for row in pairs[1:]] == ["AP", "AP50"]
+    assert all(row.endswith(",") for row in pairs[1:])  # seed_separated empty: seed variance unknown
 
 
 def test_onnx_stage_reports_parity_int8_and_latency(project, first_run):
