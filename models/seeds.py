@@ -6,9 +6,9 @@ It covers what a rerun with another seed would change (initialisation, batch ord
 bootstrap over the evaluation set (models/bootstrap.py) does not. With n = 3, t = 4.30: a wide interval, as
 three seeds warrant. One seed has no spread; its interval is NaN, never a zero-width one.
 
-Two models' seeds are independent (there is no pairing between an LSTM's seed and a Transformer's), so the
-rule for ranking them is the one the issue of record states for independent estimates: their intervals must
-not overlap. A model without seed variance (the Kneser-Ney estimate is deterministic) is a point.
+Two models' seeds are independent (there is no pairing between an LSTM's seed and a Transformer's), so two
+models are ranked over seeds only when their intervals do not overlap, a conservative test for independent
+estimates. A model without seed variance (the Kneser-Ney estimate is deterministic) is a point.
 """
 
 from __future__ import annotations

@@ -199,6 +199,7 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
     run.log_figure(pr_figure(curves), "plots/pr_curve.png")
     run.log_text(json.dumps(summaries, indent=2) + "\n", "map.json")
     run.log_artifact(root / PLOTS_DIR / "map_pairs.csv", "plots")
+    run.log_artifact(root / PLOTS_DIR / "detector_seeds.csv", "plots")
     for name in DETECTOR_NAMES:
         s = summaries[name]
         print(

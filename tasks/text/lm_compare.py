@@ -325,6 +325,7 @@ def lm_compare_task(ctx: StageContext, inputs: LMCompareInputs) -> dict[str, flo
     run.log_figure(compare_figure(table), "plots/lm_compare.png")
     run.log_artifact(root / PLOTS_DIR / "lm_compare.csv", "plots")
     run.log_artifact(root / PLOTS_DIR / "lm_compare_pairs.csv", "plots")
+    run.log_artifact(root / PLOTS_DIR / "lm_seeds.csv", "plots")
     print(table.to_string(index=False))
     print(f"\npaired bootstrap over {len(scores[table['model'][0]].tokens)} test sentences, {cfg.resamples} resamples:")
     print(pairs.drop(columns="why").to_string(index=False))
