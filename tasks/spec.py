@@ -59,10 +59,10 @@ class ReplicatesConfig:
     detector: list[int]  # detector_replicate@<detector>-<r>
 
     def __post_init__(self) -> None:
-        for key in ("lm", "detector"):
-            numbers = getattr(self, key)
+        for f in dataclasses.fields(self):  # a new replicated family is one field, checked like the others
+            numbers = getattr(self, f.name)
             if any(r < 1 for r in numbers) or len(set(numbers)) != len(numbers):
-                raise ValueError(f"{key}: replicate numbers must be distinct integers >= 1, got {numbers}")
+                raise ValueError(f"{f.name}: replicate numbers must be distinct integers >= 1, got {numbers}")
 
     def seeds(self, key: str, seed: int) -> list[int]:
         """Every seed of family `key`, the main stage's first."""
