@@ -7,6 +7,9 @@ graph with NMS inside. The trained models' latency, int8 included, is measured b
 (data/metrics/onnx.json).
 
     .venv/bin/python benchmarks/bench_detection.py --out benchmarks/results/detection.json
+
+`--before FILE` (this benchmark's output at an earlier commit, run on the same idle machine just before)
+adds that run's figures and the ratios, so a change to the detectors is justified by its own before/after row.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/detection.json")
+    parser.add_argument("--before", type=Path, help="this benchmark's output at an earlier commit")
     args = parser.parse_args()
 
     import numpy as np
@@ -99,12 +103,48 @@ def main() -> None:
         print(json.dumps(results[-1]))
     out = {
         "command": f"python benchmarks/bench_detection.py --steps {args.steps} --runs {args.runs}",
+        "commit": commit(),
         "results": results,
         "torch_threads": torch.get_num_threads(),
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
     }
+    if args.before:
+        out["before"] = compare(json.loads(args.before.read_text()), results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def commit() -> str:
+    """HEAD, marked `+changes` when the work tree differs from it (a before/after pair names both sides)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--", ".") else "")
+
+
+def compare(before: dict, after: list[dict]) -> dict:
+    """Per detector: the earlier run's training images/s and latencies beside this run's, and the ratios."""
+    old = {r["detector"]: r for r in before["results"]}
+    rows = []
+    for r in after:
+        b = old.get(r["detector"])
+        if b is None:
+            continue
+        rows.append(
+            {
+                "detector": r["detector"],
+                "train_images_per_s_before": b["train_images_per_s"],
+                "train_images_per_s_after": r["train_images_per_s"],
+                "train_speedup": r["train_images_per_s"] / b["train_images_per_s"],
+                "latency_torch_p50_ms_before": b["latency_torch_ms"]["p50_ms"],
+                "latency_torch_p50_ms_after": r["latency_torch_ms"]["p50_ms"],
+                "latency_onnx_fp32_p50_ms_before": b["latency_onnx_fp32_ms"]["p50_ms"],
+                "latency_onnx_fp32_p50_ms_after": r["latency_onnx_fp32_ms"]["p50_ms"],
+            }
+        )
+    return {"commit": before.get("commit", "unknown"), "command": before.get("command"), "detectors": rows}
 
 
 if __name__ == "__main__":

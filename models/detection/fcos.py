@@ -287,7 +287,8 @@ class FCOS(nn.Module):
             boxes_l.append(clip_boxes(torch.cat([pts - ltrb[..., :2], pts + ltrb[..., 2:]], dim=-1), size))
         boxes, scores = torch.cat(boxes_l, dim=1), torch.cat(scores_l, dim=1)  # (B, L, 4), (B, L, C): L locations
         L = boxes.shape[1]
-        keep = multiclass_nms(boxes, scores.transpose(1, 2), cfg.nms_iou, -math.inf)  # (B, C, L): class-wise
+        # Class-wise, at most max_detections per class: no class can place more in the image's best max_detections.
+        keep = multiclass_nms(boxes, scores.transpose(1, 2), cfg.nms_iou, -math.inf, cfg.max_detections)  # (B, C, L)
         scores = scores.reshape(B, L * C)  # location-major
         order, kept = top_kept(scores, keep.transpose(1, 2).reshape(B, L * C), min(cfg.max_detections, L * C))
         boxes = torch.gather(boxes, 1, (order // C)[:, :, None].expand(-1, -1, 4))  # (B, D, 4)

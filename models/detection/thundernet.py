@@ -328,7 +328,8 @@ class ThunderNet(nn.Module):
         boxes = clip_boxes(decode_boxes(d, anchors[top]), size)  # (B, k, 4)
         wide = (boxes[..., 2:] - boxes[..., :2] >= cfg.rpn_min_size).all(dim=-1)  # (B, k)
         scores = torch.where(wide, scores, -math.inf)  # narrow boxes: out of NMS
-        keep = multiclass_nms(boxes, scores[:, None], cfg.rpn_nms_iou, -math.inf)[:, 0]  # (B, k)
+        # Only the best `post` survivors are kept, so NMS may stop there (the same P boxes, far fewer IoUs).
+        keep = multiclass_nms(boxes, scores[:, None], cfg.rpn_nms_iou, -math.inf, min(post, k))[:, 0]  # (B, k)
         order, kept = top_kept(scores, keep, min(post, k))  # (B, P)
         return torch.gather(boxes, 1, order[:, :, None].expand(-1, -1, 4)), kept
 
@@ -418,6 +419,7 @@ class ThunderNet(nn.Module):
             probs.transpose(1, 2).reshape(B * C, 1, P),
             cfg.nms_iou,
             cfg.score_threshold,
+            cfg.max_detections,  # no class can place more in an image's best max_detections
         )  # (B C, 1, P)
         keep = keep.reshape(B, C, P).transpose(1, 2).reshape(B, P * C)  # roi-major, as the scores
         scores = probs.reshape(B, P * C)

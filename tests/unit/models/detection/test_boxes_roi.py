@@ -52,6 +52,17 @@ def test_nms_equals_reference(seed, threshold):
     assert torch.equal(nms(boxes, scores, threshold), ref)  # the custom op, eagerly
 
 
+@pytest.mark.parametrize("max_output", [0, 1, 7, 130, 10_000])
+def test_nms_stops_at_max_output_with_the_references_best(max_output):
+    # 300 boxes are three blocks of the sweep; 130 kept crosses a block boundary.
+    boxes, scores = random_boxes(300, 5)
+    ref = nms_reference(boxes, scores, 0.5)
+    assert len(ref) > 130
+    keep = nms_torch(boxes, scores, 0.5, max_output)
+    assert torch.equal(keep, ref[:max_output])
+    assert torch.equal(keep, nms_reference(boxes, scores, 0.5, max_output))
+
+
 def test_nms_ties_in_score_keep_index_order():
     boxes, _ = random_boxes(200, 7)
     scores = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(0)).to(torch.float64) / 4

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from models.detection.backbones import BACKBONES, SNET_PRESETS, build_backbone
 from models.detection.boxes import ONNX_TRANSLATION_TABLE, Detections, multiclass_nms, nms_reference
@@ -313,3 +314,39 @@ def test_multiclass_nms_is_nms_per_batch_and_class():
             want = cand[nms_reference(boxes[n, cand], scores[n, k, cand], 0.5)]
             assert 0 < len(want) < len(cand)
             assert torch.equal(torch.nonzero(keep[n, k]).flatten(), want.sort().values)
+
+
+@pytest.mark.parametrize("max_output", [1, 3])
+def test_multiclass_nms_max_output_keeps_each_classes_best(max_output):
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(2, 60, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + torch.rand(2, 60, 2, generator=g) * 20 + 1], dim=-1)  # (N, M, 4)
+    scores = torch.rand(2, 3, 60, generator=g)  # (N, K, M)
+    keep = multiclass_nms(boxes, scores, 0.5, 0.3, max_output)
+    for n in range(2):
+        for k in range(3):
+            cand = torch.nonzero(scores[n, k] > 0.3).flatten()
+            want = cand[nms_reference(boxes[n, cand], scores[n, k, cand], 0.5)]
+            assert len(want) > max_output
+            assert torch.equal(torch.nonzero(keep[n, k]).flatten(), want[:max_output].sort().values)
+
+
+class _TopNMS(nn.Module):
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return multiclass_nms(boxes, scores, 0.5, 0.3, 3)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export
+def test_multiclass_nms_max_output_exports_as_onnx_max_output_boxes_per_class():
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(2, 50, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + torch.rand(2, 50, 2, generator=g) * 20 + 1], dim=-1)
+    scores = torch.rand(2, 3, 50, generator=g)
+    program = torch.onnx.export(
+        _TopNMS().eval(), (boxes, scores), dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE, verbose=False
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (boxes, scores))})
+    want = _TopNMS()(boxes, scores)
+    assert int(want.sum()) == 2 * 3 * 3  # every (image, class) kept exactly its best 3
+    np.testing.assert_array_equal(got, want.numpy())
