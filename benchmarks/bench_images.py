@@ -10,8 +10,12 @@
    FrechetInceptionDistance on the same features (identity extractor), for 32-d and 2048-d features.
 3. The latent cache: one epoch of latent-diffusion training reading cached latents, against encoding each
    batch with the VAE on the fly; the ratio is the cache's speed-up.
+4. Classifier-free guidance: one sample set of the `guidance` stage (its sampler and steps, `--images` images)
+   at scales 0, 1 and 2, through `ClassifierFreeGuidance.combine` (one network pass where a half has weight
+   zero) and `combine_ref` (both halves as one doubled batch at every scale).
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
+    .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=360, help="images per sampling batch")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/images.json")
+    parser.add_argument("--only", choices=["guidance"], help="run section 4 alone and update it in --out")
     args = parser.parse_args()
 
     import numpy as np
@@ -64,7 +69,8 @@ def main() -> None:
     torch.manual_seed(0)
     n, steps = args.images, args.steps
     labels = torch.arange(n) % 10
-    results: dict = {
+    results: dict = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
+    results |= {
         "images": n,
         "steps": steps,
         "threads": torch.get_num_threads(),
@@ -78,6 +84,10 @@ def main() -> None:
     dit = DiT(section_config(params, "dit")).eval()
     for m in (unet, ldm_unet, dit):
         randomise_zero_layers(m)
+    results["guidance"] = guidance_section(params, unet, n)
+    if args.only:
+        write(args.out, results)
+        return
     rf = RectifiedFlow(section_config(params, "dit_rf"))
     ddpm = GaussianDiffusion(section_config(params, "ddpm"))
     vp = build_sde(section_config(params, "sde_vp"))
@@ -186,10 +196,53 @@ def main() -> None:
         f"encoding on the fly ({t_fly / t_cache:.2f}x)"
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, results)
     np.testing.assert_allclose(fid_results["d32"]["fid_ours"], fid_results["d32"]["fid_torchmetrics"], rtol=1e-3)
+
+
+def guidance_section(params: Path, unet, n: int) -> dict:
+    """Seconds for one sample set of the guidance stage at CFG scales 0, 1, 2: `combine` against `combine_ref`."""
+    import torch
+
+    from flows.registry import section_config
+    from models.generative.ddpm import ClassifierFreeGuidance, GaussianDiffusion
+
+    class BothHalves(ClassifierFreeGuidance):
+        """The reference: the doubled batch at every scale."""
+
+        evaluations = 2  # type: ignore[assignment]
+        combine = ClassifierFreeGuidance.combine_ref
+
+    cfg = section_config(params, "guidance")
+    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
+    labels = torch.arange(n) % 10
+    rows = {}
+    for scale in (0.0, 1.0, 2.0):
+        row = {}
+        for name, kind in (("combine", ClassifierFreeGuidance), ("combine_ref", BothHalves)):
+
+            def run() -> None:
+                g = torch.Generator().manual_seed(0)
+                row[f"nfe_{name}"] = ddpm.sample(
+                    unet,
+                    (n, 1, 16, 16),
+                    steps=cfg.steps,
+                    sampler=cfg.sampler,
+                    generator=g,
+                    guidance=kind(y=labels, scale=scale),
+                ).nfe
+
+            row[f"{name}_s"] = seconds(run, 1)
+        row["speedup"] = row["combine_ref_s"] / row["combine_s"]
+        rows[f"scale_{scale:g}"] = row
+        print(f"guidance scale {scale:g}: combine {row['combine_s']:.2f} s, combine_ref {row['combine_ref_s']:.2f} s")
+    return {"sampler": cfg.sampler, "steps": cfg.steps, "images": n, "scales": rows}
+
+
+def write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -110,19 +110,40 @@ class ClassifierFreeGuidance:
     """eps = eps(x, t, null) + scale * (eps(x, t, y) - eps(x, t, null)).
 
     scale = 0: unconditional, 1: conditional, > 1: guided. Ho & Salimans' w is scale - 1. The null label is
-    `null_label`, or the model's `null_label` attribute when None. Both halves run as one batch.
+    `null_label`, or the model's `null_label` attribute when None. Both halves run as one batch (`combine_ref`);
+    at scale 0 and 1 one half has weight zero, so `combine` evaluates only the other (half the work; equal to
+    `combine_ref` up to float rounding, which tests/unit hold it to).
     """
 
     y: Tensor  # (B,) long target labels
     scale: float
     null_label: int | None = None
 
-    def combine(self, model: Callable[..., Tensor], x: Tensor, t: Tensor, **cond) -> Tensor:
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per sample and step: 1 where one half has weight zero, else 2."""
+        return 1 if self.scale in (0.0, 1.0) else 2
+
+    def _check(self, cond: dict) -> None:
         if "y" in cond:
             raise ValueError("pass the labels in the guidance object, not also as y=")
+
+    def _null(self, model: Callable[..., Tensor]) -> Tensor:
         null = self.null_label if self.null_label is not None else model.null_label  # type: ignore[attr-defined]
-        y_null = torch.full_like(self.y, null)  # (B,)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([self.y, y_null]), **cond)  # (2B, ...)
+        return torch.full_like(self.y, null)  # (B,)
+
+    def combine(self, model: Callable[..., Tensor], x: Tensor, t: Tensor, **cond) -> Tensor:
+        self._check(cond)
+        if self.scale == 0.0:
+            return model(x, t, y=self._null(model), **cond)  # eps(x, t, null)
+        if self.scale == 1.0:
+            return model(x, t, y=self.y, **cond)  # eps(x, t, y)
+        return self.combine_ref(model, x, t, **cond)
+
+    def combine_ref(self, model: Callable[..., Tensor], x: Tensor, t: Tensor, **cond) -> Tensor:
+        """The formula as written, both halves at every scale."""
+        self._check(cond)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([self.y, self._null(model)]), **cond)  # (2B, ...)
         out_cond, out_uncond = out.chunk(2)  # (B, ...) each
         return out_uncond + self.scale * (out_cond - out_uncond)
 
@@ -153,7 +174,7 @@ def guided_output(
 ) -> tuple[Tensor, int]:
     """The network output under classifier-free guidance (or plain), and the number of network evaluations."""
     if isinstance(guidance, ClassifierFreeGuidance):
-        return guidance.combine(model, x, t, **cond), 2
+        return guidance.combine(model, x, t, **cond), guidance.evaluations
     return model(x, t, **cond), 1
 
 

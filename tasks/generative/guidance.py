@@ -251,24 +251,33 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
         "classifier": (cfg.classifier_scales, lambda s: lambda y: ClassifierGuidance(classifier, y=y, scale=s)),
     }
 
-    def sample(make_guidance: Callable[[Tensor], Guidance], sample_seed: int) -> tuple[Tensor, int]:
-        return sample_images(
-            process,
-            model,
-            space,
-            labels,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            guidance=make_guidance,
-            seed=sample_seed,
-            batch_size=fid_cfg.batch_size,
-        )
+    drawn: dict[tuple, tuple[Tensor, int, float]] = {}
+
+    def sample(kind: str, scale: float, sample_seed: int) -> tuple[Tensor, int, float]:
+        """Samples, network evaluations per image and the seconds they took. Scale 0 of either kind is the
+        unguided model from the same noise, so one sample set per seed serves both sweeps and both unguided
+        baselines (it was drawn twice before, to the same FID)."""
+        key = ("unguided", sample_seed) if scale == 0.0 else (kind, scale, sample_seed)
+        if key not in drawn:
+            start = time.perf_counter()
+            images, nfe = sample_images(
+                process,
+                model,
+                space,
+                labels,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                guidance=guidances[kind][1](scale),
+                seed=sample_seed,
+                batch_size=fid_cfg.batch_size,
+            )
+            drawn[key] = images, nfe, time.perf_counter() - start
+        return drawn[key]
 
     rows, grids = [], {}
-    for kind, (scales, make) in guidances.items():
+    for kind, (scales, _) in guidances.items():
         for scale in scales:
-            start = time.perf_counter()
-            images, nfe = sample(make(scale), seed + 1)
+            images, nfe, seconds = sample(kind, scale, seed + 1)
             report = val_evaluator.report(images, labels)
             rows.append(
                 {
@@ -277,7 +286,7 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
                     "val_fid": report["fid"],
                     "val_class_accuracy": report["class_accuracy"],
                     "nfe": nfe,
-                    "sample_seconds": time.perf_counter() - start,
+                    "sample_seconds": seconds,
                 }
             )
             print(
@@ -296,13 +305,13 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
         "fid_samples": float(len(labels)),
     }
     selected: dict[str, float] = {}
-    for kind, (_, make) in guidances.items():
+    for kind in guidances:
         part = [r for r in rows if r["guidance"] == kind]
         chosen = select_on_validation(part)
         selected[kind] = chosen["scale"]
         # Test, for the chosen scale only, with fresh samples (seed + 2): the samples that won on val would
         # carry their luck over to test.
-        images, _ = sample(make(chosen["scale"]), seed + 2)
+        images, _, _ = sample(kind, chosen["scale"], seed + 2)
         test = test_evaluator.report(images, labels)
         metrics[f"{kind}_selected_scale"] = chosen["scale"]
         metrics[f"{kind}_selected_val_fid"] = chosen["val_fid"]
@@ -313,7 +322,7 @@ def guidance_task(ctx: StageContext, inputs: GuidanceInputs) -> dict[str, float]
             kind,
             chosen["scale"],
             test["fid"],
-            lambda scale, k: sample(make(scale), k)[0],
+            lambda scale, k: sample(kind, scale, k)[0],
             test_evaluator,
             seed,
             fid_cfg,

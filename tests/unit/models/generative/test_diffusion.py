@@ -23,6 +23,7 @@ from models.generative.ddpm import (
     drop_labels,
     linear_betas,
 )
+from models.generative.unet import UNet, UNetConfig
 
 MU, S = 1.5, 0.5
 N = 20_000
@@ -211,6 +212,34 @@ def test_classifier_free_guidance_scales():
     assert out.nfe == 2 * 100
     with pytest.raises(ValueError, match="guidance object"):
         gd.sample(model, (4, 1), guidance=ClassifierFreeGuidance(y=y[:4], scale=2.0), y=y[:4])
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
+def test_classifier_free_guidance_combine_equals_the_formula(scale):
+    torch.manual_seed(0)
+    model = UNet(
+        UNetConfig(
+            in_channels=1,
+            image_size=8,
+            base_channels=8,
+            channel_mult=[1],
+            num_res_blocks=1,
+            attention_resolutions=[],
+            num_groups=4,
+            num_classes=3,
+        )
+    ).eval()
+    for p in model.parameters():  # zero-initialised output layers would make every label look alike
+        p.data.normal_(0, 0.2)
+    x, t, y = torch.randn(6, 1, 8, 8), torch.randint(0, 100, (6,)), torch.tensor([0, 1, 2, 0, 1, 2])
+    guidance = ClassifierFreeGuidance(y=y, scale=scale)
+    with torch.no_grad():
+        fast, ref = guidance.combine(model, x, t), guidance.combine_ref(model, x, t)
+        cond, uncond = model(x, t, y=y), model(x, t, y=torch.full_like(y, model.null_label))
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # the labels matter, so the check can fail
+    assert guidance.evaluations == (1 if scale in (0.0, 1.0) else 2)
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])

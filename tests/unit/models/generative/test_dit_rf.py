@@ -294,7 +294,7 @@ def test_sample_rejects_other_samplers_and_classifier_guidance():
         rf.sample(exact_velocity(), (2, 1), steps=0)
 
 
-def test_classifier_free_guidance_scale_zero_is_unconditional_and_doubles_nfe():
+def test_classifier_free_guidance_scale_zero_is_unconditional_and_only_guidance_doubles_nfe():
     torch.manual_seed(0)
     model = DiT(tiny_dit_config()).eval()
     _randomise(model)
@@ -305,7 +305,9 @@ def test_classifier_free_guidance_scale_zero_is_unconditional_and_doubles_nfe():
     guided0 = rf.sample(model, (4, 2, 4, 4), steps=3, x_T=x_T, guidance=ClassifierFreeGuidance(y=y, scale=0.0))
     cond = rf.sample(model, (4, 2, 4, 4), steps=3, x_T=x_T, y=y)
     guided1 = rf.sample(model, (4, 2, 4, 4), steps=3, x_T=x_T, guidance=ClassifierFreeGuidance(y=y, scale=1.0))
-    assert uncond.nfe == cond.nfe == 3 and guided0.nfe == guided1.nfe == 6
+    guided2 = rf.sample(model, (4, 2, 4, 4), steps=3, x_T=x_T, guidance=ClassifierFreeGuidance(y=y, scale=2.0))
+    # At scale 0 and 1 one half of the guided batch has weight zero and is not evaluated.
+    assert uncond.nfe == cond.nfe == guided0.nfe == guided1.nfe == 3 and guided2.nfe == 6
     torch.testing.assert_close(guided0.x, uncond.x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(guided1.x, cond.x, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(uncond.x, cond.x)
