@@ -23,6 +23,7 @@ from models.generative.fid import (
     frechet_distance_from_stats,
 )
 from models.generative.fid_net import FeatureExtractor, FIDNet, FIDNetConfig
+from models.seeds import seed_summary
 from tasks.generative.images import ImageSet, images_digest, read_images, to_model_range
 from tasks.io import write_json
 from tasks.layout import FID_NET_DIR, METRICS_DIR, SPLITS
@@ -259,20 +260,15 @@ def fid_bounds(
 
 def draw_spread(fids: list[float], prefix: str = "fid") -> dict[str, float]:
     """Mean, sample std and the 95 % Student-t interval of the mean of FIDs of independent sample sets
-    (`{prefix}_draws`, `_mean`, `_std`, `_ci_low`, `_ci_high`). One draw has no spread: std and the interval's
-    half-width are NaN, so a reader never takes a single draw for a measured interval."""
-    from scipy import stats
-
-    n = len(fids)
-    mean = float(np.mean(fids))
-    std = float(np.std(fids, ddof=1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    (`{prefix}_draws`, `_mean`, `_std`, `_ci_low`, `_ci_high`): models/seeds.py's summary, as metrics. One draw
+    has no spread: std and the interval are NaN, so a reader never takes a single draw for a measured interval."""
+    summary = seed_summary(fids)
     return {
-        f"{prefix}_draws": float(n),
-        f"{prefix}_mean": mean,
-        f"{prefix}_std": std,
-        f"{prefix}_ci_low": mean - half,
-        f"{prefix}_ci_high": mean + half,
+        f"{prefix}_draws": float(summary.n),
+        f"{prefix}_mean": summary.mean,
+        f"{prefix}_std": summary.std,
+        f"{prefix}_ci_low": summary.low,
+        f"{prefix}_ci_high": summary.high,
     }
 
 
