@@ -9,7 +9,13 @@ do not time those apart yet, and `guidance` and `dit_ablation` log no `train_sec
 is in "other" too. Writes the table and the five largest costs, and with `--compare OLD.json` (an earlier
 output of this script) the wall time and each stage's seconds beside that run's.
 
+`--partial` reads the newest finished `kiln run` whatever it ran (a run after a change reruns only the stages
+the change made stale): its stages' seconds beside OLD.json's for the same stages. Its wall time is not that
+of a whole run, so no wall-time change is computed.
+
     .venv/bin/kiln run --force && .venv/bin/python benchmarks/bench_stages.py   # measure, then read
+    .venv/bin/kiln run && .venv/bin/python benchmarks/bench_stages.py --partial \
+        --compare benchmarks/results/stages.json --out benchmarks/results/stages_partial.json
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ def children_of(client, parent) -> list:
 
 
 def newest_full_run(client, profile: str, stages: int):
-    """The newest finished `kiln run` of `profile` in which every one of the `stages` stages ran (an up to
-    date stage logs no run)."""
+    """The newest finished `kiln run` of `profile` in which at least `stages` stages ran (an up to date stage
+    logs no run): every stage for a whole run, 1 for `--partial`."""
     pipeline = client.get_experiment_by_name("pipeline")
     if pipeline is None:
         raise SystemExit("no `pipeline` experiment in the store: run `kiln run --force` first")
@@ -83,13 +89,14 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.json")
     parser.add_argument("--compare", type=Path, help="an earlier output of this script: the run to compare with")
+    parser.add_argument("--partial", action="store_true", help="the newest run, even if it ran only some stages")
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri)
     from flows.dvc_graph import dvc_stage_names
 
-    parent = newest_full_run(client, args.profile, len(dvc_stage_names(ROOT)))
+    parent = newest_full_run(client, args.profile, 1 if args.partial else len(dvc_stage_names(ROOT)))
     rows = stage_rows(client, parent)
     costs = sorted(
         (
@@ -109,9 +116,10 @@ def main() -> None:
                 )
     result = {
         "command": "python benchmarks/bench_stages.py " + " ".join(sys.argv[1:]),
-        "what": "per stage of the newest finished `kiln run` over every stage: its own seconds, split by the "
-        "phase timings it logs; `other` is data loading, evaluation (perplexity, FID, mAP), checkpoints and "
-        "tracking, which the stages do not time apart yet",
+        "what": "per stage of the newest finished `kiln run` "
+        + ("of the stages it ran: " if args.partial else "over every stage: ")
+        + "its own seconds, split by the phase timings it logs; `other` is data loading, evaluation (perplexity, "
+        "FID, mAP), checkpoints and tracking, which the stages do not time apart yet",
         "kiln_run": {
             "run_id": parent.info.run_id,
             "profile": args.profile,
@@ -130,29 +138,44 @@ def main() -> None:
         )
     )
     if args.compare:
-        result["compared_with"] = comparison(json.loads(args.compare.read_text()), result, args.compare)
+        result["compared_with"] = comparison(json.loads(args.compare.read_text()), result, args.compare, args.partial)
         print(json.dumps({k: v for k, v in result["compared_with"].items() if k != "stages"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def comparison(before: dict, after: dict, path: Path) -> dict:
-    """Wall time and each stage's own seconds of two outputs of this script, and the change in percent."""
+def comparison(before: dict, after: dict, path: Path, partial: bool = False) -> dict:
+    """Wall time and each stage's own seconds of two outputs of this script, and the change in percent; for a
+    partial run, only the stages it ran, and no wall time."""
     old = {r["stage"]: r["seconds"] for r in before["stages"]}
     new = {r["stage"]: r["seconds"] for r in after["stages"]}
-    wall_before, wall_after = before["kiln_run"]["wall_minutes"], after["kiln_run"]["wall_minutes"]
-    return {
+    names = list(new) if partial else list(dict.fromkeys([*old, *new]))
+    rows = [{"stage": s, "seconds_before": old.get(s), "seconds_after": new.get(s)} for s in names]
+    for row in rows:
+        if row["seconds_before"] and row["seconds_after"] is not None:
+            row["change_percent"] = round(
+                100 * (row["seconds_after"] - row["seconds_before"]) / row["seconds_before"], 1
+            )
+    common = [r for r in rows if r["seconds_before"] is not None and r["seconds_after"] is not None]
+    result = {
         "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
         "kiln_run": before["kiln_run"],
-        "wall_minutes_before": wall_before,
-        "wall_minutes_after": wall_after,
-        "wall_change_percent": round(100 * (wall_after - wall_before) / wall_before, 1),
-        "stages_seconds_before": before["stages_seconds"],
-        "stages_seconds_after": after["stages_seconds"],
-        "stages": [
-            {"stage": s, "seconds_before": old.get(s), "seconds_after": new.get(s)} for s in dict.fromkeys([*old, *new])
-        ],
+        "stages_seconds_before": round(sum(r["seconds_before"] for r in common), 1)
+        if partial
+        else before["stages_seconds"],
+        "stages_seconds_after": round(sum(r["seconds_after"] for r in common), 1)
+        if partial
+        else after["stages_seconds"],
+        "stages": rows,
     }
+    if not partial:
+        wall_before, wall_after = before["kiln_run"]["wall_minutes"], after["kiln_run"]["wall_minutes"]
+        result |= {
+            "wall_minutes_before": wall_before,
+            "wall_minutes_after": wall_after,
+            "wall_change_percent": round(100 * (wall_after - wall_before) / wall_before, 1),
+        }
+    return result
 
 
 if __name__ == "__main__":
