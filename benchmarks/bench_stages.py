@@ -146,17 +146,22 @@ def main() -> None:
 
 def comparison(before: dict, after: dict, path: Path, partial: bool = False) -> dict:
     """Wall time and each stage's own seconds of two outputs of this script, and the change in percent; for a
-    partial run, only the stages it ran, and no wall time."""
-    old = {r["stage"]: r["seconds"] for r in before["stages"]}
-    new = {r["stage"]: r["seconds"] for r in after["stages"]}
+    partial run, only the stages it ran, and no wall time. A stage that trained before but now resumed from its
+    finished checkpoint (a persisted DVC output whose fingerprint still matches: no training seconds) did less
+    work, so it gets no change figure and stays out of the sums."""
+    old = {r["stage"]: r for r in before["stages"]}
+    new = {r["stage"]: r for r in after["stages"]}
     names = list(new) if partial else list(dict.fromkeys([*old, *new]))
-    rows = [{"stage": s, "seconds_before": old.get(s), "seconds_after": new.get(s)} for s in names]
-    for row in rows:
-        if row["seconds_before"] and row["seconds_after"] is not None:
-            row["change_percent"] = round(
-                100 * (row["seconds_after"] - row["seconds_before"]) / row["seconds_before"], 1
-            )
-    common = [r for r in rows if r["seconds_before"] is not None and r["seconds_after"] is not None]
+    rows = []
+    for s in names:
+        b, a = old.get(s), new.get(s)
+        row: dict = {"stage": s, "seconds_before": b and b["seconds"], "seconds_after": a and a["seconds"]}
+        if b and a and b.get("training_seconds", 0) >= 1 and a.get("training_seconds", 0) < 1:
+            row["training_resumed"] = True
+        elif b and a and b["seconds"]:
+            row["change_percent"] = round(100 * (a["seconds"] - b["seconds"]) / b["seconds"], 1)
+        rows.append(row)
+    common = [r for r in rows if "change_percent" in r]
     result = {
         "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
         "kiln_run": before["kiln_run"],
