@@ -111,25 +111,34 @@ def stream_digest(stream: np.ndarray, vocab: list[str]) -> str:
     return h.hexdigest()
 
 
-def encode_text(data: bytes) -> tuple[np.ndarray, list[str]]:
+def encode_text(path: Path) -> tuple[np.ndarray, list[str]]:
     """`write_text`'s file back to the stream and vocabulary `build_vocab` / `encode` give: every word but the
-    specials by (-count, word), as one Arrow dictionary encoding instead of a dict lookup per word."""
+    specials by (-count, word), as one Arrow dictionary encoding instead of a dict lookup per word.
+
+    Each line becomes `<s> words </s>` in the text itself (the tokenizer never makes those two words), so one
+    split of the whole file gives every token of the stream in order, markers included.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    tokens = pc.split_pattern(pa.array(lines, type=pa.string()), " ")  # (S,) lists of words
-    del lines
-    lengths = pc.list_value_length(tokens).to_numpy()  # (S,)
-    encoded = pc.dictionary_encode(tokens.flatten())
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    marked = (b"<s> " + data.replace(b"\n", b" </s> <s> "))[: -len(b" <s> ")] if data else b""
+    del data
+    if len(marked) >= 2**31:
+        raise ValueError(f"{path}: over 2 GiB, more than one Arrow string holds")
+    offsets = pa.py_buffer(np.array([0, len(marked)], dtype=np.int32))
+    text = pa.StringArray.from_buffers(1, offsets, pa.py_buffer(marked))  # one string, no copy
+    tokens = pc.split_pattern(text, " ").flatten()  # (T,)
+    del text, marked
+    encoded = pc.dictionary_encode(tokens)
     del tokens
     ids, dictionary = encoded.indices.to_numpy(), encoded.dictionary  # (T,) int32 first-seen order, (D,)
     del encoded
     count = np.bincount(ids, minlength=len(dictionary))  # (D,)
     special = pc.is_in(dictionary, value_set=pa.array(list(SPECIALS))).to_numpy(zero_copy_only=False)
-    count[special] = 0  # only a literal <unk> can occur: it maps to UNK_ID below
+    count[special] = 0  # the markers, and a literal <unk>: they keep their fixed ids below
     # Rank by (-count, word): Arrow orders strings by UTF-8 bytes, i.e. by code point, as Python does.
     by = pa.table({"count": count, "word": dictionary})
     order = pc.sort_indices(by, sort_keys=[("count", "descending"), ("word", "ascending")]).to_numpy()
@@ -138,14 +147,7 @@ def encode_text(data: bytes) -> tuple[np.ndarray, list[str]]:
     new_id[order] = np.arange(len(SPECIALS), len(SPECIALS) + len(order), dtype=np.int32)
     new_id[special] = [SPECIALS.index(w) for w in dictionary.filter(pa.array(special)).to_pylist()]
     vocab = [*SPECIALS, *dictionary.take(pa.array(order)).to_pylist()]
-    # Sentence s's words go after its <s>: position = word index + 2 s + 1.
-    stream = np.empty(len(ids) + 2 * len(lengths), dtype=np.int32)
-    sentence_of = np.repeat(np.arange(len(lengths)), lengths)
-    stream[np.arange(len(ids)) + 2 * sentence_of + 1] = new_id[ids]
-    ends = np.cumsum(lengths + 2)
-    stream[ends - lengths - 2] = BOS_ID
-    stream[ends - 1] = EOS_ID
-    return stream, vocab
+    return new_id[ids], vocab
 
 
 def child(text: Path, arpa: Path, order: int, tables: Path | None, out: Path) -> None:
@@ -155,6 +157,9 @@ def child(text: Path, arpa: Path, order: int, tables: Path | None, out: Path) ->
     import pyarrow as pa
 
     from models.text.ngram import NgramConfig, arpa_chunks, count_ngrams, estimate_kneser_ney
+    from tasks.threads import allowed_cores, cgroup_quota
+
+    threads = allowed_cores(quota=cgroup_quota())  # as the ngram stage sizes them when it runs alone
 
     # Arrow's default pool (jemalloc) keeps the encoding's freed buffers resident while numpy allocates
     # through malloc beside them: 0.18 GB more peak RSS on 10M tokens. The system pool shares malloc's.
@@ -165,10 +170,13 @@ def child(text: Path, arpa: Path, order: int, tables: Path | None, out: Path) ->
 
     baseline = rss()
     t0 = time.perf_counter()
-    stream, vocab = encode_text(text.read_bytes())
+    stream, vocab = encode_text(text)
     t1, rss1 = time.perf_counter(), rss()
-    counts = count_ngrams(stream, len(vocab), order)
+    counts = count_ngrams(stream, len(vocab), order, threads=threads)
     t2, rss2 = time.perf_counter(), rss()
+    digest, tokens = stream_digest(stream, vocab), len(stream)  # for the parent's check of the encoding
+    del stream  # lmplz keeps no text either
+    digest_s = time.perf_counter() - t2  # left out of the phases, not of the process's wall time
     kn = estimate_kneser_ney(counts, NgramConfig(order=order))
     del counts  # lmplz keeps no counts either; the stage keeps them for counts_<n>.parquet
     t3, rss3 = time.perf_counter(), rss()
@@ -179,23 +187,24 @@ def child(text: Path, arpa: Path, order: int, tables: Path | None, out: Path) ->
         out.write_text(json.dumps({"model_tables_write_s": time.perf_counter() - t3}))
         return
     with open(arpa, "wb") as f:
-        for chunk in arpa_chunks(kn.model, vocab):
+        for chunk in arpa_chunks(kn.model, vocab, threads=threads):
             f.write(chunk)
     t4, rss4 = time.perf_counter(), rss()
     result = {
         "read_encode_s": t1 - t0,
         "count_s": t2 - t1,
-        "estimate_s": t3 - t2,
+        "estimate_s": t3 - t2 - digest_s,
         "arpa_write_s": t4 - t3,
-        "total_s": t4 - t0,
+        "total_s": t4 - t0 - digest_s,
         "baseline_rss_bytes": baseline,
         "peak_rss_bytes_after": {"read_encode": rss1, "count": rss2, "estimate": rss3, "arpa_write": rss4},
         "arpa_bytes": arpa.stat().st_size,
         "ngrams_per_order": [len(k) for k in kn.model.keys],
         "discounts": kn.discounts.round(6).tolist(),
         "warnings": list(kn.warnings),
-        "stream_digest": stream_digest(stream, vocab),
-        "tokens": len(stream),
+        "stream_digest": digest,
+        "tokens": tokens,
+        "threads": threads,
     }
     out.write_text(json.dumps(result))
 

@@ -172,6 +172,12 @@ def govern(fixed: int = 0) -> int:
     return _current.start()
 
 
+def current() -> int:
+    """Threads the running stage may use, as `govern` sized them (1 outside a stage): for numpy or Arrow
+    work split across threads (the n-gram count), which torch's setting does not reach."""
+    return _current.threads if _current is not None else 1
+
+
 def tick() -> None:
     """Once per training step: look at the load again when due."""
     if _current is not None:

@@ -33,10 +33,14 @@ recovered by walking the prefixes down (`ngram_words`).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise, repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,8 +94,11 @@ class NgramCounts:
         return len(self.keys)
 
 
-def _check_stream(stream: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated int64 stream and its sentence starts and ends (see models/text/tokenizer.py)."""
+def _check_stream(
+    stream: np.ndarray, vocab_size: int, dtype: type = np.int64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated stream as `dtype` (no copy if it is one) and its sentence starts and ends (see
+    models/text/tokenizer.py)."""
     stream = np.asarray(stream)
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
         raise ValueError(f"token stream must be a 1-D integer array, got {stream.dtype} {stream.shape}")
@@ -102,59 +109,130 @@ def _check_stream(stream: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.n
     starts, ends = sentence_bounds(stream)
     if len(starts) == 0 or starts[0] != 0 or ends[-1] != len(stream) or np.any(starts[1:] != ends[:-1]):
         raise ValueError("token stream is not a sequence of <s> ... </s> sentences")
-    return stream.astype(np.int64), starts, ends
+    return stream.astype(dtype, copy=False), starts, ends
 
 
-def count_ngrams(stream: np.ndarray, vocab_size: int, order: int) -> NgramCounts:
+def count_ngrams(stream: np.ndarray, vocab_size: int, order: int, threads: int = 1) -> NgramCounts:
     """Counts of every n-gram of orders 1..`order` inside the sentences of `stream` (`count_ngrams_ref`,
-    faster and leaner).
+    faster and leaner), on `threads` threads.
 
     The positions are kept sorted by the (n-1)-gram starting there, with that n-gram's row. Order n's key
     `row * V + next word` is then already sorted but for the next word within each (n-1)-gram, so its sort
     is close to linear instead of a full sort of position-ordered keys; position arrays are int32.
+
+    The positions are split by their first word into ranges of about equal size, which the threads share.
+    The tables are sorted by first word before anything else, so each range owns one contiguous block of
+    rows in every order: it is counted with rows numbered from 0, and the ranges only meet where an n-gram's
+    suffix (which may start with any word) is looked up, once every range of the order below has its
+    offset. numpy releases the GIL in the sorts, gathers and scatters that take the time.
     """
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    words, _, _ = _check_stream(stream, vocab_size)
-    words = words.astype(np.int32)  # _check_stream bounds the ids by V; positions and rows fit int32 below
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    # _check_stream bounds the ids by V, so they fit int32, as rows and positions do below.
+    words, _, _ = _check_stream(stream, vocab_size, np.int32)
     V, L = vocab_size, len(words)
     if L >= 2**31 - 1:  # int32 positions; beyond this the reference's int64 arrays are the way
         return count_ngrams_ref(stream, vocab_size, order)
     is_end = words == EOS_ID  # (L,) an (n-1)-gram ending here cannot be extended inside its sentence
+    unigrams = np.bincount(words, minlength=V).astype(np.int64)  # (V,)
+
+    # First-word ranges [cut[i], cut[i+1]) holding about L / R positions each. More ranges than threads
+    # keep less alive at once: a range's keys and sort order are live only while it is counted.
+    R = max(threads, _COUNT_RANGES)
+    share = np.searchsorted(np.cumsum(unigrams), np.arange(1, R) * (L / R), side="right")
+    cut = np.concatenate([[0], share, [V]]).astype(np.int64)  # (R+1,) nondecreasing; a range may be empty
+    ranges = [_Range(np.flatnonzero((words >= lo) & (words < hi)).astype(np.int32), lo) for lo, hi in pairwise(cut)]
+    for part in ranges:
+        part.row = words[part.pos] - np.int32(part.offset)  # order 1: the row of a word is the word
 
     keys = [np.arange(V, dtype=np.int64)]
-    counts = [np.bincount(words, minlength=V).astype(np.int64)]
+    counts = [unigrams]
     suffix = [np.zeros(V, dtype=np.int64)]
-    pos = np.arange(L, dtype=np.int32)  # (P,) n-1 = 1: every position, its unigram row is its word
-    row = words.copy()  # (P,) row of the (n-1)-gram starting at pos; nondecreasing once n-1 >= 2
-    at_pos = words  # (L,) row of the (n-1)-gram starting at each position (only read where one fits)
-    for n in range(2, order + 1):
-        fits = ~is_end[pos + (n - 2)]  # (P,) the (n-1)-gram does not end at </s>, so an n-gram fits
-        pos, row = pos[fits], row[fits]
-        key = row.astype(np.int64) * V + words[pos + (n - 1)]  # (P,)
+    at_pos = words  # (L,) global row of the (n-1)-gram starting at each position (only read where one fits)
+    with ThreadPoolExecutor(threads) as pool:
+        for n in range(2, order + 1):
+            last = n == order
+            list(pool.map(_Range.count, ranges, repeat(words), repeat(is_end), repeat(n), repeat(V), repeat(last)))
+            offsets = np.cumsum([0] + [len(r.uniq) for r in ranges[:-1]])
+            for part, offset in zip(ranges, offsets, strict=True):
+                part.offset = int(offset)
+            # Every range's order n-1 rows are in at_pos, so each can read its suffixes from any range.
+            parts = list(pool.map(_Range.keys_and_suffix, ranges, repeat(at_pos), repeat(V)))
+            keys.append(np.concatenate([k for k, _, _ in parts]))
+            counts.append(np.concatenate([c for _, c, _ in parts]))
+            suffix.append(np.concatenate([s for _, _, s in parts]))
+            del parts
+            if not last:
+                at_pos = np.empty(L, dtype=np.int32)  # only positions in the ranges are ever read back
+                list(pool.map(_Range.scatter_rows, ranges, repeat(at_pos)))
+    del ranges, at_pos
+    _trim_thread_heaps()
+    return NgramCounts(V, tuple(keys), tuple(counts), tuple(suffix))
+
+
+def _trim_thread_heaps() -> None:
+    """Give the pages glibc's malloc holds free back to the OS.
+
+    The worker threads' ranges are ten to forty megabytes, under glibc's dynamic mmap threshold once a
+    larger array was freed, so they come from per-thread heaps; freed, they stay resident and the main
+    thread cannot reuse them. Estimating after a two-thread count then peaked 0.27 GB higher on 10M tokens
+    (benchmarks/bench_ngram.py). Elsewhere (no glibc) nothing is done.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
+
+
+_COUNT_RANGES = 8  # first-word ranges `count_ngrams` splits the positions into (at least)
+
+
+@dataclass
+class _Range:
+    """A share of `count_ngrams`: the positions whose first word lies in one range, sorted by the (n-1)-gram
+    starting there, and that n-gram's row counted from the range's first row (`offset`)."""
+
+    pos: np.ndarray  # (P,) int32
+    offset: int  # global row of the range's first row, in the order `row` numbers
+    row: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))  # (P,) int32, local rows
+    uniq: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # (G,) local keys
+    first: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # (G,) first occurrences
+    offset_below: int = 0  # `offset` of order n-1, which `uniq`'s rows are counted from
+
+    def count(self, words: np.ndarray, is_end: np.ndarray, n: int, V: int, last: bool) -> None:
+        """Order n from order n-1: sort the positions by n-gram and number the distinct ones."""
+        fits = ~is_end[self.pos + (n - 2)]  # (P,) the (n-1)-gram does not end at </s>, so an n-gram fits
+        pos, row = self.pos[fits], self.row[fits]
+        key = row.astype(np.int64) * V + words[pos + (n - 1)]  # (P,) local row of the (n-1)-gram, next word
         del row, fits
-        # Sorted but within each (n-1)-gram for n >= 3 (few words follow most (n-1)-grams), random for n = 2.
-        sort = np.argsort(key)
+        # Random for n = 2; for n >= 3 sorted but within each (n-1)-gram, runs a stable (merge) sort exploits.
+        sort = np.argsort(key, kind="quicksort" if n == 2 else "stable")
         key, pos = key[sort], pos[sort]
         del sort
         new = np.empty(len(key), dtype=bool)
         new[:1] = True
         np.not_equal(key[1:], key[:-1], out=new[1:])
-        first = np.flatnonzero(new)  # (G,) first sorted occurrence of every n-gram
-        uniq = key[first]
+        self.first = np.flatnonzero(new)  # (G,) first sorted occurrence of every n-gram
+        self.uniq = key[self.first]
         del key
-        row = (np.cumsum(new, dtype=np.int32) - 1).astype(np.int32)  # (P,) row of each occurrence's n-gram
-        del new
-        count = np.diff(first, append=len(pos))
+        self.pos = pos
+        self.row = np.empty(0, dtype=np.int32) if last else (np.cumsum(new, dtype=np.int32) - 1).astype(np.int32)
+        self.offset_below = self.offset  # the order n-1 offset that `uniq`'s rows are counted from
+
+    def keys_and_suffix(self, at_pos: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global keys, counts and suffix rows of this range's n-grams."""
+        key = self.uniq + np.int64(self.offset_below) * V  # local (n-1)-gram rows -> global
+        count = np.diff(self.first, append=len(self.pos)).astype(np.int64)
         # The suffix w_2..w_n of an n-gram is the (n-1)-gram one position later, at any occurrence.
-        suffix.append(at_pos[pos[first] + 1].astype(np.int64))  # (G,)
-        del first
-        keys.append(uniq)
-        counts.append(count.astype(np.int64))
-        if n < order:
-            at_pos = np.empty(L, dtype=np.int32)  # only positions in `pos` are ever read back
-            at_pos[pos] = row
-    return NgramCounts(V, tuple(keys), tuple(counts), tuple(suffix))
+        suffix = at_pos[self.pos[self.first] + 1].astype(np.int64)
+        self.uniq = self.first = np.empty(0, dtype=np.int64)
+        return key, count, suffix
+
+    def scatter_rows(self, at_pos: np.ndarray) -> None:
+        at_pos[self.pos] = self.row + np.int32(self.offset)
 
 
 def count_ngrams_ref(stream: np.ndarray, vocab_size: int, order: int) -> NgramCounts:
@@ -564,39 +642,63 @@ def _lines_bytes(lines: pa.Array) -> bytes:
     return lines.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
 
 
-def arpa_chunks(model: BackoffModel, vocab: list[str], rows_per_chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The model as an ARPA file, in chunks to write one after another.
+def arpa_chunks(
+    model: BackoffModel, vocab: list[str], rows_per_chunk: int = 1 << 18, threads: int = 1
+) -> Iterator[bytes]:
+    """The model as an ARPA file, in chunks to write one after another; `threads` format chunks at once.
 
-    Lines are built column-wise with Arrow compute (take, join, float->string). Numbers are written as the
-    shortest decimal that round-trips a float32, as KenLM stores them; the backoff field is omitted where it
-    is 0 and always at the highest order.
+    Lines are built column-wise with Arrow compute (take, join, float->string), whose kernels release the
+    GIL, so threads format the next chunks while the caller writes this one; at most `threads` + 1 chunks
+    are held. Numbers are written as the shortest decimal that round-trips a float32, as KenLM stores them;
+    the backoff field is omitted where it is 0 and always at the highest order.
     """
     N = model.order
     if len(vocab) != model.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} words, the model {model.vocab_size}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     bad = [w for w in vocab if not w or any(ch.isspace() for ch in w)]
     if bad:
         raise ValueError(f"ARPA words cannot be empty or contain white space: {bad[:5]!r}")
     header = "\\data\\\n" + "".join(f"ngram {n}={len(k)}\n" for n, k in enumerate(model.keys, start=1))
     yield header.encode()
     words = pa.array(vocab, type=pa.string())
-    for n in range(1, N + 1):
-        yield f"\n\\{n}-grams:\n".encode()
-        size = len(model.keys[n - 1])
-        for lo in range(0, size, rows_per_chunk):
-            rows = slice(lo, min(lo + rows_per_chunk, size))
-            ids = ngram_words(model.keys, n, rows)  # (R, n) int32
-            gram = pc.binary_join_element_wise(*(words.take(pa.array(ids[:, k])) for k in range(n)), " ")
-            prob = pc.cast(pa.array(model.log10_prob[n - 1][rows].astype(np.float32)), pa.string())
-            line = pc.binary_join_element_wise(prob, gram, "\t")
-            if n < N:
-                backoff = model.log10_backoff[n - 1][rows]
-                with_backoff = pc.binary_join_element_wise(
-                    line, pc.cast(pa.array(backoff.astype(np.float32)), pa.string()), "\t"
-                )
-                line = pc.if_else(pa.array(backoff != 0.0), with_backoff, line)
-            yield _lines_bytes(pc.binary_join_element_wise(line, "", "\n"))
+    jobs = [
+        (n, slice(lo, min(lo + rows_per_chunk, len(model.keys[n - 1]))))
+        for n in range(1, N + 1)
+        for lo in range(0, len(model.keys[n - 1]), rows_per_chunk)
+    ]
+    with ThreadPoolExecutor(threads) as pool:
+        ahead: deque = deque()
+        section = 0
+        for i in range(len(jobs) + threads):
+            if i < len(jobs):
+                ahead.append((jobs[i][0], pool.submit(_arpa_lines, model, words, *jobs[i])))
+            if i >= threads:
+                n, chunk = ahead.popleft()
+                if n != section:  # chunks of order n come in row order, after the order's header
+                    section = n
+                    yield f"\n\\{n}-grams:\n".encode()
+                yield chunk.result()
+        for n in range(section + 1, N + 1):  # orders without rows (none on real counts)
+            yield f"\n\\{n}-grams:\n".encode()
     yield b"\n\\end\\\n"
+
+
+def _arpa_lines(model: BackoffModel, words: pa.Array, n: int, rows: slice) -> bytes:
+    """ARPA lines `prob<TAB>w1 .. wn[<TAB>backoff]` of the given rows of order n, each ending in a newline."""
+    ids = ngram_words(model.keys, n, rows)  # (R, n) int32
+    gram = pc.binary_join_element_wise(*(words.take(pa.array(ids[:, k])) for k in range(n)), " ")
+    del ids
+    prob = pc.cast(pa.array(model.log10_prob[n - 1][rows].astype(np.float32)), pa.string())
+    if n < model.order:
+        backoff = model.log10_backoff[n - 1][rows]
+        # Null where the backoff is 0, and a null field is skipped with its separator.
+        written = pc.cast(pa.array(backoff.astype(np.float32), mask=backoff == 0.0), pa.string())
+        line = pc.binary_join_element_wise(prob, gram, written, "\t", null_handling="skip")
+    else:
+        line = pc.binary_join_element_wise(prob, gram, "\t")
+    return _lines_bytes(pc.binary_join_element_wise(line, "", "\n"))
 
 
 def arpa_values(x: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, METRICS_DIR, NGRAM_DIR, PLOTS_DIR
 from tasks.spec import StageContext, StageSpec
 from tasks.text.corpus import read_stream, read_vocab, vocab_digest
+from tasks.threads import current as stage_threads
 
 VOCAB_DIGEST_FILE = "vocab_digest.txt"  # beside model.arpa: the corpus vocabulary it was estimated on
 # model_<n>.parquet beside model.arpa: the same model as tables (kn.model_tables), which `kiln score` reads in a
@@ -52,9 +53,10 @@ class NgramFit:
         return out
 
 
-def fit_ngram(train: np.ndarray, test: np.ndarray, vocab_size: int, cfg: kn.NgramConfig) -> NgramFit:
-    """Count orders 1..N once; estimate a KN model of every order n <= N and score the test stream."""
-    counts = kn.count_ngrams(train, vocab_size, cfg.order)
+def fit_ngram(train: np.ndarray, test: np.ndarray, vocab_size: int, cfg: kn.NgramConfig, threads: int = 1) -> NgramFit:
+    """Count orders 1..N once (on `threads` threads); estimate a KN model of every order n <= N and score
+    the test stream."""
+    counts = kn.count_ngrams(train, vocab_size, cfg.order, threads=threads)
     perplexity: dict[int, float] = {}
     model = None
     for n in range(1, cfg.order + 1):
@@ -100,7 +102,8 @@ def ngram_task(ctx: StageContext, inputs: NgramInputs) -> dict[str, float]:
         pd.DataFrame({"token_id": test}), source=str(corpus_dir / "test.parquet"), name="corpus-test", context="test"
     )
 
-    fit = fit_ngram(train, test, len(vocab), cfg)
+    cores = stage_threads()  # this stage's share of the cores (tasks/threads.py)
+    fit = fit_ngram(train, test, len(vocab), cfg, threads=cores)
     for warning in fit.model.warnings:
         print(f"warning: {warning}")
 
@@ -108,7 +111,7 @@ def ngram_task(ctx: StageContext, inputs: NgramInputs) -> dict[str, float]:
         for n in range(1, cfg.order + 1):
             kn.counts_frame(fit.counts, n).to_parquet(tmp / f"counts_{n}.parquet", index=False)
         with open(tmp / "model.arpa", "wb") as arpa:
-            for chunk in kn.arpa_chunks(fit.model.model, vocab):
+            for chunk in kn.arpa_chunks(fit.model.model, vocab, threads=cores):
                 arpa.write(chunk)
         write_model_tables(fit.model.model, vocab, tmp, (tmp / "model.arpa").stat().st_size)
         (tmp / VOCAB_DIGEST_FILE).write_text(vocab_digest(vocab) + "\n", encoding="utf-8")

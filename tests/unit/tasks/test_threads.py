@@ -116,3 +116,17 @@ def test_parallel_share_caps_the_first_look_only(monkeypatch):
         assert governor.threads == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_current_is_the_governed_count(monkeypatch):
+    """numpy/Arrow work (the n-gram count) sizes its threads from what `govern` set: 1 before any stage."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_current", None)
+    assert threads.current() == 1
+    try:
+        threads.govern(fixed=3)
+        assert threads.current() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -201,6 +201,19 @@ def test_matches_kenlm(pydoc, order, tmp_path):
     assert with_unk >= 20  # the held-out text does exercise <unk>
 
 
+def test_threads_change_nothing(pydoc):
+    """Two threads count the natural text's n-grams and write its ARPA file exactly as one does."""
+    vocab, counts, train, _ = pydoc
+    two = count_ngrams(train, len(vocab), 5, threads=2)
+    for field in ("keys", "counts", "suffix"):
+        for a, b in zip(getattr(two, field), getattr(counts, field), strict=True):
+            np.testing.assert_array_equal(a, b)
+    model = estimate_kneser_ney(counts, NgramConfig(order=5)).model
+    one = b"".join(arpa_chunks(model, vocab))
+    assert b"".join(arpa_chunks(model, vocab, rows_per_chunk=777, threads=2)) == one
+    assert b"".join(arpa_chunks(model, vocab, rows_per_chunk=10**6, threads=3)) == one  # fewer chunks than threads
+
+
 def test_arpa_round_trip(pydoc):
     vocab, counts, _, test = pydoc
     model = estimate_kneser_ney(counts, NgramConfig(order=3)).model
@@ -349,15 +362,18 @@ def _random_stream(rng: np.random.Generator, vocab_size: int, sentences: int) ->
     return np.array(out, dtype=np.int32)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("seed", range(6))
-def test_count_ngrams_equals_reference(seed):
+def test_count_ngrams_equals_reference(seed, threads):
+    """Small vocabularies leave some of the first-word ranges empty, and one word may span several shares."""
     from models.text.ngram import count_ngrams_ref
 
     rng = np.random.default_rng(seed)
     vocab_size = int(rng.integers(4, 40))
     stream = _random_stream(rng, vocab_size, int(rng.integers(1, 300)))
     order = int(rng.integers(1, 7))
-    fast, ref = count_ngrams(stream, vocab_size, order), count_ngrams_ref(stream, vocab_size, order)
+    fast = count_ngrams(stream, vocab_size, order, threads=threads)
+    ref = count_ngrams_ref(stream, vocab_size, order)
     for field in ("keys", "counts", "suffix"):
         for a, b in zip(getattr(fast, field), getattr(ref, field), strict=True):
             assert a.dtype == b.dtype
