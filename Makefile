@@ -82,11 +82,13 @@ run: install
 	@echo "Runs, metrics and artifacts: make ui  (the MLflow UI on http://127.0.0.1:5000)"
 
 # Two pytest workers, each taking whole test files (module fixtures stay in one worker), the longest files
-# first (tests/conftest.py: LONGEST_FIRST); one torch thread per process, as two workers on 2 cores would
-# otherwise spin each other's OpenMP threads. A third worker was measured: 12.6 min of pytest, no faster.
+# first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that order, which xdist would
+# otherwise replace by the number of tests per file); one torch thread per process, as two workers on 2 cores
+# would otherwise spin each other's OpenMP threads. A third worker was measured: 12.6 min of pytest, no faster.
 TEST_WORKERS ?= 2
 test: install-dev services lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  --durations=15
 
 # Format, lint, the import contract (pyproject.toml [tool.importlinter]) and dvc.yaml against the stage specs.
 lint: install-dev

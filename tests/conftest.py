@@ -17,20 +17,34 @@ from tests.pipeline import helpers  # noqa: E402
 helpers.SHARE_PREFECT_API = True  # one Prefect API per test worker for the commands the tests start
 
 
-# The longest test files, longest first (their module fixtures train or serve for one to two minutes on 2
-# cores). `make test` hands whole files to its workers in collection order (`--dist loadfile`); started last,
-# one of these would run alone at the end while the other worker idles, so they are collected first.
+# The longest test files, longest first: seconds of test time per file in one `make test` run on 2 cores
+# (a timing plugin's log, fixtures included). `make test` hands whole files to its workers in collection
+# order (`--dist loadfile --no-loadscope-reorder`: xdist's default reorder puts the files with the most tests
+# first, which left these to the end, one worker idling 50 s while the other finished one); the unit-test
+# files after them even the two workers out at the end.
 LONGEST_FIRST = (
-    "tests/pipeline/test_inference.py",
-    "tests/ops/test_mlflow_ui.py",
-    "tests/pipeline/test_detection_pipeline.py",
-    "tests/pipeline/test_experiments.py",
-    "tests/pipeline/test_parallel.py",
-    "tests/pipeline/test_faults.py",
-    "tests/pipeline/test_user_data.py",
-    "tests/pipeline/test_text_pipeline.py",
-    "tests/pipeline/test_image_pipeline.py",
-    "tests/faults/test_bad_input.py",
+    "tests/pipeline/test_text_pipeline.py",  # 219 s
+    "tests/pipeline/test_parallel.py",  # 140 s
+    "tests/faults/test_bad_input.py",  # 123 s
+    "tests/pipeline/test_inference.py",  # 115 s
+    "tests/pipeline/test_faults.py",  # 113 s
+    "tests/ops/test_mlflow_ui.py",  # 100 s
+    "tests/pipeline/test_user_data.py",  # 92 s
+    "tests/pipeline/test_experiments.py",  # 86 s
+    "tests/pipeline/test_image_pipeline.py",  # 80 s
+    "tests/pipeline/test_detection_pipeline.py",  # 71 s
+    "tests/pipeline/test_controlnet_pipeline.py",  # 44 s
+    "tests/pipeline/test_ops.py",  # 40 s
+    "tests/pipeline/test_add_stage.py",  # 35 s
+    "tests/ops/test_schedule.py",  # 33 s
+    "tests/unit/models/detection/test_detectors.py",  # 32 s
+    "tests/pipeline/test_ldm_text_pipeline.py",  # 29 s
+    "tests/pipeline/test_nflow_pipeline.py",  # 28 s
+    "tests/pipeline/test_torchrun_stage.py",  # 27 s
+    "tests/pipeline/test_audit_stages.py",  # 24 s
+    "tests/unit/flows/test_prefect_api.py",  # 15 s
+    "tests/ops/test_mlflow_server.py",  # 13 s
+    "tests/unit/flows/test_check.py",  # 12 s
 )
 
 
