@@ -16,8 +16,9 @@ tool then runs as its own process under /usr/bin/time -v, from reading that file
 and its wall time and peak RSS (the kernel's high-water mark of that process alone) are what is compared.
 Ours reads and encodes the file with Arrow (`read_encode` phase), then counts, estimates and writes the ARPA,
 counting and writing on as many threads as this process has cores (what the ngram stage gets running alone;
-lmplz, too, uses every core by default); it also reports the time and ru_maxrss after each phase. Our regex tokenizer (tokenize_s_untimed) is not
-timed: it makes the input of both, and lmplz has no equivalent (it splits on white space).
+lmplz, too, runs its steps on parallel threads); it also reports the time and ru_maxrss after each phase.
+Our regex tokenizer (tokenize_s_untimed) is not timed: it makes the input of both, and lmplz has no
+equivalent (it splits on white space).
 
 Agreement: the held-out sentences are scored with the kenlm Python module on both ARPA files (the same
 scorer), and with our own scorer on our model as `kiln score` loads it (`load_ngram`), whose time in a
