@@ -158,12 +158,15 @@ def count_ngrams(stream: np.ndarray, vocab_size: int, order: int, threads: int =
             offsets = np.cumsum([0] + [len(r.uniq) for r in ranges[:-1]])
             for part, offset in zip(ranges, offsets, strict=True):
                 part.offset = int(offset)
-            # Every range's order n-1 rows are in at_pos, so each can read its suffixes from any range.
-            parts = list(pool.map(_Range.keys_and_suffix, ranges, repeat(at_pos), repeat(V)))
-            keys.append(np.concatenate([k for k, _, _ in parts]))
-            counts.append(np.concatenate([c for _, c, _ in parts]))
-            suffix.append(np.concatenate([s for _, _, s in parts]))
-            del parts
+            # Every range's order n-1 rows are in at_pos, so each can read its suffixes from any range; each
+            # writes its block of the order's tables in place.
+            G = int(offsets[-1]) + len(ranges[-1].uniq)
+            table = (np.empty(G, dtype=np.int64), np.empty(G, dtype=np.int64), np.empty(G, dtype=np.int64))
+            list(pool.map(_Range.write_block, ranges, repeat(at_pos), repeat(V), repeat(table)))
+            keys.append(table[0])
+            counts.append(table[1])
+            suffix.append(table[2])
+            del table
             if not last:
                 at_pos = np.empty(L, dtype=np.int32)  # only positions in the ranges are ever read back
                 list(pool.map(_Range.scatter_rows, ranges, repeat(at_pos)))
@@ -185,6 +188,24 @@ def _trim_thread_heaps() -> None:
     except (AttributeError, OSError):
         return
     trim(0)
+
+
+_ESTIMATE_ROWS = 1 << 20  # rows `estimate_kneser_ney` interpolates at a time (rounded to whole contexts)
+
+
+def _context_chunks(keys: np.ndarray, V: int, rows: int) -> Iterator[slice]:
+    """Slices of about `rows` rows of one order's table that never split a context (the rows sharing
+    `keys // V`). numpy's weighted bincount adds each bin's weights in row order, so per-chunk sums of whole
+    contexts are bit for bit the sums of one bincount over the table."""
+    lo, G = 0, len(keys)
+    while lo < G:
+        hi = min(lo + rows, G)
+        if hi < G:
+            hi = int(np.searchsorted(keys, keys[hi] // V * V))  # back to the start of that row's context
+            if hi <= lo:  # one context longer than `rows`: the chunk is that context
+                hi = int(np.searchsorted(keys, (keys[lo] // V + 1) * V))
+        yield slice(lo, hi)
+        lo = hi
 
 
 _COUNT_RANGES = 8  # first-word ranges `count_ngrams` splits the positions into (at least)
@@ -222,14 +243,15 @@ class _Range:
         self.row = np.empty(0, dtype=np.int32) if last else (np.cumsum(new, dtype=np.int32) - 1).astype(np.int32)
         self.offset_below = self.offset  # the order n-1 offset that `uniq`'s rows are counted from
 
-    def keys_and_suffix(self, at_pos: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global keys, counts and suffix rows of this range's n-grams."""
-        key = self.uniq + np.int64(self.offset_below) * V  # local (n-1)-gram rows -> global
-        count = np.diff(self.first, append=len(self.pos)).astype(np.int64)
+    def write_block(self, at_pos: np.ndarray, V: int, table: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """This range's rows of the order's (keys, counts, suffix), at its offset."""
+        block = slice(self.offset, self.offset + len(self.uniq))
+        keys, counts, suffix = table
+        np.add(self.uniq, np.int64(self.offset_below) * V, out=keys[block])  # local (n-1)-gram rows -> global
+        counts[block] = np.diff(self.first, append=len(self.pos))
         # The suffix w_2..w_n of an n-gram is the (n-1)-gram one position later, at any occurrence.
-        suffix = at_pos[self.pos[self.first] + 1].astype(np.int64)
+        suffix[block] = at_pos[self.pos[self.first] + 1]
         self.uniq = self.first = np.empty(0, dtype=np.int64)
-        return key, count, suffix
 
     def scatter_rows(self, at_pos: np.ndarray) -> None:
         at_pos[self.pos] = self.row + np.int32(self.offset)
@@ -396,8 +418,9 @@ def estimate_kneser_ney(counts: NgramCounts, config: NgramConfig) -> KneserNey:
 
     Steps 2-5 (module docstring) run one order at a time, lowest first: order n's adjusted counts and
     discounts need nothing from other orders, its probabilities need only order n-1's, and computing them
-    settles order n-1's backoffs. So one order's intermediates are alive at a time, and each order's
-    probabilities turn into log10 in place once order n+1 has read them. The arithmetic is
+    settles order n-1's backoffs. So one order's intermediates are alive at a time (and of step 4's, one
+    chunk of whole contexts: `_context_chunks`), and each order's probabilities turn into log10 in place
+    once order n+1 has read them. The arithmetic is
     `estimate_kneser_ney_ref`'s, operation for operation, so the numbers are the same to the bit.
     """
     N, V = config.order, counts.vocab_size
@@ -410,16 +433,15 @@ def estimate_kneser_ney(counts: NgramCounts, config: NgramConfig) -> KneserNey:
     lower_p = np.full(V, 1.0 / (V - 1))  # order n-1's probabilities; for n = 1 the uniform distribution
     starts_bos = keys[0] == BOS_ID  # (G_n,) the row's first word is <s>
     for n in range(1, N + 1):
-        context = keys[n - 1] // V if n > 1 else np.zeros(V, dtype=np.int64)  # (G_n,) row of h in order n-1
-        n_context = len(keys[n - 2]) if n > 1 else 1
+        n_context = len(keys[n - 2]) if n > 1 else 1  # rows of order n-1; for n = 1 the empty context
         if n > 1:
-            starts_bos = starts_bos[context]
+            starts_bos = starts_bos[keys[n - 1] // V]  # (G_n,) via the row of h in order n-1
 
         # Step 2 (adjust_counts.cc): raw counts at the top order, continuation counts below it; n-grams
         # starting with <s> keep raw counts.
         raw = counts.counts[n - 1]
         if n == N:
-            used = raw.copy()
+            used = raw.copy() if n == 1 else raw  # read only below, but for order 1's <s> entry
         else:
             used = np.where(starts_bos, raw, np.bincount(counts.suffix[n], minlength=len(raw)))  # N1+(. w_1^n)
         if n == 1:
@@ -432,24 +454,35 @@ def estimate_kneser_ney(counts: NgramCounts, config: NgramConfig) -> KneserNey:
         if warning:
             warnings.append(warning)
 
-        # Step 4 (MKN), as in estimate_kneser_ney_ref.
-        c = used.astype(np.float64)  # (G_n,)
-        d = np.concatenate([[0.0], discounts[n - 1]])[np.minimum(used, 3)]  # (G_n,) D(c), 0 if c = 0
-        positive = used > 0
+        # Step 4 (MKN), as in estimate_kneser_ney_ref, a chunk of whole contexts at a time.
+        G = len(used)
+        table = np.concatenate([[0.0], discounts[n - 1]])  # D(c) by min(c, 3); 0 if c = 0
+        p = np.empty(G)  # (G_n,) p(w | h)
+        gamma = np.zeros(n_context)  # (n_context,) 0 where h has no continuation
+        for rows in _context_chunks(keys[n - 1], V, _ESTIMATE_ROWS):
+            context = keys[n - 1][rows] // V  # (R,) nondecreasing, whole contexts
+            first = int(context[0])
+            local = context - first
+            del context
+            u = used[rows]
+            c = u.astype(np.float64)  # (R,)
+            d = table[np.minimum(u, 3)]  # (R,) D(c)
+            total = np.bincount(local, weights=c)  # (H,) sum_w c(hw) of the chunk's contexts
+            mass = np.bincount(local, weights=d)  # (H,) D1 N1 + D2 N2 + D3+ N3+
+            g = np.divide(mass, total, out=np.zeros_like(total), where=total > 0)
+            gamma[first : first + len(g)] = g
+            del mass
+            lower = lower_p[rows] if n == 1 else lower_p[counts.suffix[n - 1][rows]]  # (R,)
+            np.subtract(c, d, out=c)  # c - d
+            del d
+            chunk = np.divide(c, total[local], out=np.zeros_like(c), where=u > 0)  # alpha
+            del c, total, u
+            scaled = g[local]
+            np.multiply(scaled, lower, out=scaled)
+            np.add(chunk, scaled, out=chunk)  # alpha + gamma * lower
+            p[rows] = chunk
+            del chunk, scaled, lower, local, g
         del used
-        total = np.bincount(context, weights=c, minlength=n_context)  # (n_context,) sum_w c(hw)
-        mass = np.bincount(context, weights=d, minlength=n_context)  # (n_context,) D1 N1 + D2 N2 + D3+ N3+
-        gamma = np.divide(mass, total, out=np.zeros(n_context), where=total > 0)
-        del mass
-        lower = lower_p if n == 1 else lower_p[counts.suffix[n - 1]]  # (G_n,)
-        np.subtract(c, d, out=c)  # c - d
-        del d
-        p = np.divide(c, total[context], out=np.zeros_like(c), where=positive)  # alpha
-        del c, total, positive
-        scaled = gamma[context]
-        np.multiply(scaled, lower, out=scaled)
-        np.add(p, scaled, out=p)  # alpha + gamma * lower
-        del scaled, lower, context
 
         # Step 5 for order n-1, which order n has now read: b(h) = gamma(h) for every h that is a context.
         if n > 1:

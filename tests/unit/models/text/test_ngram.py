@@ -380,10 +380,15 @@ def test_count_ngrams_equals_reference(seed, threads):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("chunk_rows", [1 << 20, 7])
 @pytest.mark.parametrize("order", [1, 2, 3, 5])
-def test_estimate_equals_reference_to_the_bit(pydoc, order):
+def test_estimate_equals_reference_to_the_bit(pydoc, order, chunk_rows, monkeypatch):
+    """In one chunk per order, and in chunks of about 7 rows (thousands per order, contexts far longer than
+    a chunk among them): per-chunk sums of whole contexts are the reference's sums, bit for bit."""
+    from models.text import ngram
     from models.text.ngram import estimate_kneser_ney_ref
 
+    monkeypatch.setattr(ngram, "_ESTIMATE_ROWS", chunk_rows)
     _, counts, _, _ = pydoc
     fast = estimate_kneser_ney(counts, NgramConfig(order=order))
     ref = estimate_kneser_ney_ref(counts, NgramConfig(order=order))
@@ -394,6 +399,20 @@ def test_estimate_equals_reference_to_the_bit(pydoc, order):
         for a, b in zip(getattr(fast.model, field), getattr(ref.model, field), strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)  # bit-identical, not merely close
+
+
+@pytest.mark.parametrize("rows", [1, 3, 50])
+def test_context_chunks_cover_every_row_and_split_no_context(pydoc, rows):
+    from models.text.ngram import _context_chunks
+
+    vocab, counts, _, _ = pydoc
+    V = len(vocab)
+    for keys in counts.keys:
+        chunks = list(_context_chunks(keys, V, rows))
+        assert [c.start for c in chunks] == [0] + [c.stop for c in chunks[:-1]] and chunks[-1].stop == len(keys)
+        context = keys // V
+        for chunk in chunks[1:]:
+            assert context[chunk.start] != context[chunk.start - 1]  # a context never spans two chunks
 
 
 def test_estimate_equals_reference_with_fallback_discounts():
