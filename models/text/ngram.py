@@ -178,10 +178,11 @@ def count_ngrams(stream: np.ndarray, vocab_size: int, order: int, threads: int =
 def _trim_thread_heaps() -> None:
     """Give the pages glibc's malloc holds free back to the OS.
 
-    The worker threads' ranges are ten to forty megabytes, under glibc's dynamic mmap threshold once a
-    larger array was freed, so they come from per-thread heaps; freed, they stay resident and the main
-    thread cannot reuse them. Estimating after a two-thread count then peaked 0.27 GB higher on 10M tokens
-    (benchmarks/bench_ngram.py). Elsewhere (no glibc) nothing is done.
+    The worker threads' arrays (a range's keys and positions, a few megabytes each) are under glibc's
+    dynamic mmap threshold once a larger array was freed, so they come from per-thread heaps; freed, they
+    stay resident and the main thread cannot reuse them. Estimating after a two-thread count of 10M tokens
+    then peaked 0.12 GB higher (0.98 against 0.86 GB, benchmarks/bench_ngram.py). Elsewhere (no glibc)
+    nothing is done.
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
