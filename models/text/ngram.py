@@ -155,14 +155,12 @@ def count_ngrams(stream: np.ndarray, vocab_size: int, order: int, threads: int =
         for n in range(2, order + 1):
             last = n == order
             list(pool.map(_Range.count, ranges, repeat(words), repeat(is_end), repeat(n), repeat(V), repeat(last)))
-            offsets = np.cumsum([0] + [len(r.uniq) for r in ranges[:-1]])
-            for part, offset in zip(ranges, offsets, strict=True):
-                part.offset = int(offset)
+            starts = np.cumsum([0] + [len(r.uniq) for r in ranges[:-1]])  # (R,) each range's first order-n row
             # Every range's order n-1 rows are in at_pos, so each can read its suffixes from any range; each
             # writes its block of the order's tables in place.
-            G = int(offsets[-1]) + len(ranges[-1].uniq)
+            G = int(starts[-1]) + len(ranges[-1].uniq)
             table = (np.empty(G, dtype=np.int64), np.empty(G, dtype=np.int64), np.empty(G, dtype=np.int64))
-            list(pool.map(_Range.write_block, ranges, repeat(at_pos), repeat(V), repeat(table)))
+            list(pool.map(_Range.write_block, ranges, repeat(at_pos), repeat(V), repeat(table), starts))
             keys.append(table[0])
             counts.append(table[1])
             suffix.append(table[2])
@@ -218,11 +216,10 @@ class _Range:
     starting there, and that n-gram's row counted from the range's first row (`offset`)."""
 
     pos: np.ndarray  # (P,) int32
-    offset: int  # global row of the range's first row, in the order `row` numbers
+    offset: int  # global row of the range's first row, in the order `row` numbers (order n-1 while counting n)
     row: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))  # (P,) int32, local rows
     uniq: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # (G,) local keys
     first: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # (G,) first occurrences
-    offset_below: int = 0  # `offset` of order n-1, which `uniq`'s rows are counted from
 
     def count(self, words: np.ndarray, is_end: np.ndarray, n: int, V: int, last: bool) -> None:
         """Order n from order n-1: sort the positions by n-gram and number the distinct ones."""
@@ -241,18 +238,21 @@ class _Range:
         self.uniq = key[self.first]
         del key
         self.pos = pos
-        self.row = np.empty(0, dtype=np.int32) if last else (np.cumsum(new, dtype=np.int32) - 1).astype(np.int32)
-        self.offset_below = self.offset  # the order n-1 offset that `uniq`'s rows are counted from
+        self.row = np.empty(0, dtype=np.int32) if last else np.cumsum(new, dtype=np.int32) - 1
 
-    def write_block(self, at_pos: np.ndarray, V: int, table: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """This range's rows of the order's (keys, counts, suffix), at its offset."""
-        block = slice(self.offset, self.offset + len(self.uniq))
+    def write_block(
+        self, at_pos: np.ndarray, V: int, table: tuple[np.ndarray, np.ndarray, np.ndarray], start: int
+    ) -> None:
+        """This range's rows of the order's (keys, counts, suffix), from row `start`, which then becomes the
+        offset of its rows."""
+        block = slice(start, start + len(self.uniq))
         keys, counts, suffix = table
-        np.add(self.uniq, np.int64(self.offset_below) * V, out=keys[block])  # local (n-1)-gram rows -> global
+        np.add(self.uniq, np.int64(self.offset) * V, out=keys[block])  # local (n-1)-gram rows -> global
         counts[block] = np.diff(self.first, append=len(self.pos))
         # The suffix w_2..w_n of an n-gram is the (n-1)-gram one position later, at any occurrence.
         suffix[block] = at_pos[self.pos[self.first] + 1]
         self.uniq = self.first = np.empty(0, dtype=np.int64)
+        self.offset = int(start)
 
     def scatter_rows(self, at_pos: np.ndarray) -> None:
         at_pos[self.pos] = self.row + np.int32(self.offset)
