@@ -57,6 +57,7 @@ class ReplicatesConfig:
 
     lm: list[int]  # lm_replicate@<model>-<r>
     detector: list[int]  # detector_replicate@<detector>-<r>
+    diffusion: list[int]  # diffusion_replicate@<pixel generator>-<r>
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a new replicated family is one field, checked like the others
@@ -128,10 +129,14 @@ class StageSpec(Generic[I]):
         return out
 
 
-def replicated(spec: StageSpec[I], name: str, replicates: str) -> StageSpec[I]:
+def replicated(spec: StageSpec[I], name: str, replicates: str, items: Sequence[str] | None = None) -> StageSpec[I]:
     """The replicate stage of `spec`: the same task and params, named `name`, over the replicate numbers of
-    `replicates.<replicates>`. Called with `name=` as a string literal, like `StageSpec` (the registry reads it)."""
-    return dataclasses.replace(spec, name=name, replicates=replicates)
+    `replicates.<replicates>` and `items` (default: all of `spec`'s). Called with `name=` as a string literal,
+    like `StageSpec` (the registry reads it)."""
+    if items is not None and not set(items) <= set(spec.items):
+        raise ValueError(f"{name}: items {sorted(set(items) - set(spec.items))} are not items of {spec.name}")
+    chosen = spec.items if items is None else tuple(items)
+    return dataclasses.replace(spec, name=name, replicates=replicates, items=chosen)
 
 
 def replicate_name(item: str, replicate: int) -> str:

@@ -38,7 +38,7 @@ from tasks.generative.images import image_grid, read_images, to_model_range, to_
 from tasks.generative.vae import latent_model_meta, load_vae, read_latents
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
-from tasks.spec import StageContext, StageSpec
+from tasks.spec import StageContext, StageSpec, replicated
 from tasks.tracking import StageRun
 from tasks.training import (
     TrainConfig,
@@ -503,6 +503,7 @@ class DiffusionInputs:
 @task(name="diffusion", cache_policy=NO_CACHE)
 def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, float]:
     root, name, run, seed, device_name = ctx.root, ctx.item, ctx.run, ctx.seed, ctx.device
+    instance = ctx.instance  # where the outputs go: `ddpm`, or `ddpm-2` for a replicate
     process_cfg, net_cfg, train_cfg = inputs.process, inputs.network, inputs.train
     eval_cfg, fid_cfg = inputs.diffusion_eval, inputs.fid
     compare_cfg = inputs.compare if GENERATORS[name].compare_with else None
@@ -515,7 +516,7 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
     if spec.compare_with is not None and compare_cfg is not None:
         check_generator(root, spec.compare_with)  # sampled after training, beside this one
     space = pixel_space(root) if spec.space == "pixels" else latent_space(root, device, fid_cfg.batch_size)
-    out = root / DIFFUSION_DIR / name
+    out = root / DIFFUSION_DIR / instance
     model, result = fit_generator(
         name,
         process,
@@ -565,8 +566,8 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         "train_images_per_s": result.items_per_second,
         "sweep": rows,
     }
-    write_json(root / METRICS_DIR / "diffusion" / f"{name}.json", metrics)
-    with atomic_path(root / PLOTS_DIR / "diffusion" / f"{name}_fid_vs_steps.csv") as tmp:
+    write_json(root / METRICS_DIR / "diffusion" / f"{instance}.json", metrics)
+    with atomic_path(root / PLOTS_DIR / "diffusion" / f"{instance}_fid_vs_steps.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     grid = write_png(
         class_grid_of(images, labels, eval_cfg.grid_per_class, evaluator.classifier.cfg.num_classes),
@@ -580,11 +581,12 @@ def diffusion_task(ctx: StageContext, inputs: DiffusionInputs) -> dict[str, floa
         part = [r for r in rows if r["sampler"] == sampler]
         run.log_metric_series(f"fid_{sampler}", {int(r["steps"]): r["fid"] for r in part})
         run.log_metric_series(f"images_per_s_{sampler}", {int(r["steps"]): r["images_per_s"] for r in part})
-    run.log_figure(fid_steps_figure(name, rows, evaluator.floor, evaluator.ceiling), "plots/fid_vs_steps.png")
+    run.log_figure(fid_steps_figure(instance, rows, evaluator.floor, evaluator.ceiling), "plots/fid_vs_steps.png")
     run.log_artifact(grid, "samples")
     run.set_tags({"kiln.headline": f"{spec.headline} sampler at {metrics['headline_steps']} steps"})
     print(
-        f"diffusion@{name}: FID {headline['fid']:.3f} ({spec.headline}, {metrics['headline_steps']} steps; "
+        f"diffusion@{instance} (seed {seed}): FID {headline['fid']:.3f} "
+        f"({spec.headline}, {metrics['headline_steps']} steps; "
         f"{spread['fid_mean']:.3f} [{spread['fid_ci_low']:.3f}, {spread['fid_ci_high']:.3f}] over "
         f"{int(spread['fid_draws'])} sample sets; "
         f"floor {evaluator.floor:.3f}, noise ceiling {evaluator.ceiling:.1f}), "
@@ -618,3 +620,10 @@ SPEC = StageSpec(
         "dit": {"in_channels": 4, "image_size": 8, "num_classes": 10},
     },
 )
+
+# The pixel generators again with seeds runtime.seed + r, r from `replicates.diffusion`:
+# `diffusion_replicate@ddpm-1`, its outputs under `ddpm-1`. Only the pixel ones: they share their deps and
+# params layout, which one DVC matrix of plain names can express; ldm and dit_rf differ in both.
+PIXEL_GENERATORS = tuple(name for name, spec in GENERATORS.items() if spec.space == "pixels")
+REPLICATE_SPEC = replicated(SPEC, name="diffusion_replicate", replicates="diffusion", items=PIXEL_GENERATORS)
+SPECS = [SPEC, REPLICATE_SPEC]

@@ -135,6 +135,30 @@ def test_dit_ablation_compares_each_sd3_choice_by_fid(project, first_run):
     assert run.data.metrics["fid_pos1d"] == pytest.approx(variants["pos1d"]["fid"])
 
 
+def test_a_pixel_generator_replicate_trains_another_seed_beside_the_main_stage(project, first_run):
+    """`replicates.diffusion: [1]` adds `diffusion_replicate@<pixel generator>-1` to DVC's graph: ddpm again
+    with seed runtime.seed + 1, into its own outputs, the main stage untouched."""
+    from ruamel.yaml import YAML
+
+    seed = int(YAML().load((project / "params/runtime.yaml").read_text())["runtime"]["seed"])
+    set_params(project, "replicates.yaml", "replicates", diffusion=[1])
+    listed = sh(project, "dvc", "stage", "list", "--name-only").stdout.split()
+    assert [n for n in listed if n.startswith("diffusion_replicate@")] == [
+        f"diffusion_replicate@{m}-1" for m in ("ddpm", "sde_vp", "sde_ve")
+    ]
+    main_model = (project / "data/models/diffusion/ddpm/model.pt").read_bytes()
+    ran = summary(kiln_run(project, "diffusion_replicate@ddpm-1").stdout)
+    assert ran == {"images": "up to date", "fid_net": "up to date", "diffusion_replicate@ddpm-1": "ran"}
+    assert (project / "data/models/diffusion/ddpm/model.pt").read_bytes() == main_model
+    main, replica = metrics(project, "diffusion/ddpm"), metrics(project, "diffusion/ddpm-1")
+    assert replica["fid"] != main["fid"]  # another seed, another model
+    assert (project / "data/models/diffusion/ddpm-1/model.pt").is_file()
+    assert (project / "data/plots/diffusion/ddpm-1_fid_vs_steps.csv").is_file()
+    run = runs_of(project, "generative", "diffusion_replicate@ddpm-1")[0]
+    assert (run.data.params["seed"], run.data.params["replicate"]) == (str(seed + 1), "1")
+    assert stale(project, "diffusion_replicate@ddpm-1", *TARGETS) == {}
+
+
 def test_a_direct_stage_run_refuses_a_model_trained_on_other_images(project, first_run):
     """Last in the module (it rebuilds the images): a direct `kiln stage` bypasses DVC's staleness, which is
     exactly when the artefact's record of its training data must stop it."""

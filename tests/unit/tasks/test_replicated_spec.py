@@ -32,6 +32,13 @@ def test_names_are_dvcs_matrix_order_and_the_main_stage_is_unchanged():
     assert REPLICATE.task is BASE.task and REPLICATE.items == BASE.items
 
 
+def test_a_replicate_may_cover_some_items_only():
+    some = replicated(BASE, name="toy_replicate", replicates="lm", items=("b_c",))
+    assert some.stage_names([1]) == ["toy_replicate@b_c-1"] and BASE.items == ("a", "b_c")
+    with pytest.raises(ValueError, match=r"items \['z'\] are not items of toy"):
+        replicated(BASE, name="toy_replicate", replicates="lm", items=("a", "z"))
+
+
 def test_a_replicate_item_splits_into_item_and_number():
     assert REPLICATE.split_item("b_c-12") == ("b_c", 12) and BASE.split_item("b_c") == ("b_c", 0)
     for bad in ("a", "a-0", "a-x", "-1"):
@@ -43,14 +50,14 @@ def test_a_replicate_item_splits_into_item_and_number():
 
 def test_replicate_lists_are_checked_and_read_from_the_params(tmp_path):
     with pytest.raises(ValueError, match="distinct integers >= 1"):
-        ReplicatesConfig(lm=[1, 1], detector=[])
+        ReplicatesConfig(lm=[1, 1], detector=[], diffusion=[])
     with pytest.raises(ValueError, match="distinct integers >= 1"):
-        ReplicatesConfig(lm=[], detector=[0])
-    assert ReplicatesConfig(lm=[1, 3], detector=[]).seeds("lm", 10) == [10, 11, 13]
+        ReplicatesConfig(lm=[], detector=[0], diffusion=[])
+    assert ReplicatesConfig(lm=[1, 3], detector=[], diffusion=[]).seeds("lm", 10) == [10, 11, 13]
     params = tmp_path / "params"
     params.mkdir()
-    (params / "replicates.yaml").write_text("replicates:\n  lm: [2, 5]\n  detector: []\n")
+    (params / "replicates.yaml").write_text("replicates:\n  lm: [2, 5]\n  detector: []\n  diffusion: []\n")
     assert replicate_numbers(REPLICATE, params) == [2, 5] and replicate_numbers(BASE, params) == []
-    (params / "replicates.yaml").write_text("replicates:\n  lm: [-1]\n  detector: []\n")
+    (params / "replicates.yaml").write_text("replicates:\n  lm: [-1]\n  detector: []\n  diffusion: []\n")
     with pytest.raises(ParamsError, match="replicates.yaml"):
         replicate_numbers(REPLICATE, params)

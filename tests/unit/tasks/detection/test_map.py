@@ -86,7 +86,9 @@ def project(root: Path, thundernet: list[dict] | None, one_stage: list[dict] | N
 
 
 def run_map(root: Path, resamples: int = 100, replicates: list[int] | None = None) -> tuple[dict, pd.DataFrame]:
-    inputs = MapInputs(BootstrapConfig(resamples=resamples), ReplicatesConfig(lm=[], detector=replicates or []))
+    inputs = MapInputs(
+        BootstrapConfig(resamples=resamples), ReplicatesConfig(lm=[], detector=replicates or [], diffusion=[])
+    )
     map_task.fn(StageContext(root, "", 3, "cpu", NoRun()), inputs)
     summaries = json.loads((root / METRICS_DIR / "map.json").read_text())
     return summaries, pd.read_csv(root / PLOTS_DIR / "map_pairs.csv")

@@ -91,7 +91,7 @@ def inputs(replicates: list[int] | None = None) -> LMCompareInputs:
         BootstrapConfig(resamples=200),
         NgramConfig(order=3),
         LMEvalConfig(4, 0, 1, 1.0, 1),
-        ReplicatesConfig(lm=replicates or [], detector=[]),
+        ReplicatesConfig(lm=replicates or [], detector=[], diffusion=[]),
     )
 
 
