@@ -29,9 +29,9 @@ LONGEST_FIRST = (
     "tests/pipeline/test_inference.py",  # 115 s
     "tests/pipeline/test_faults.py",  # 113 s
     "tests/ops/test_mlflow_ui.py",  # 100 s
+    "tests/pipeline/test_image_pipeline.py",  # 99 s
     "tests/pipeline/test_user_data.py",  # 92 s
     "tests/pipeline/test_experiments.py",  # 86 s
-    "tests/pipeline/test_image_pipeline.py",  # 80 s
     "tests/pipeline/test_detection_pipeline.py",  # 71 s
     "tests/pipeline/test_controlnet_pipeline.py",  # 44 s
     "tests/pipeline/test_ops.py",  # 40 s

@@ -27,9 +27,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from models.seeds import SeedSummary, seed_summary, separated
 from tasks.io import atomic_path
 from tasks.layout import METRICS_DIR, PLOTS_DIR, REPORT_DIR
-from tasks.spec import NoInputs, StageContext, StageSpec
+from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
 
 
 def _read(path: Path) -> Any:
@@ -52,6 +53,8 @@ class Report:
     missing: list[str] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)  # the table `make run` prints
     header: list[str] = field(default_factory=list)  # profile, commit and date, above the sections
+    # The replicate numbers whose metrics the generator table pools (params/replicates.yaml); None: none.
+    replicates: ReplicatesConfig | None = None
 
     def markdown(self) -> str:
         header = "".join(f"{line}  \n" for line in self.header)
@@ -218,6 +221,17 @@ GENERATORS_UNRANKED = (
     "marked single draw has no interval and is not ranked."
 )
 
+# ... and where the pixel generators have training-seed replicates (params/replicates.yaml: diffusion).
+GENERATOR_SEEDS_COLUMN = "FID over training seeds: mean [95 %]"
+GENERATORS_OVER_SEEDS = (
+    "Intervals: the spread of one trained model's FID over independent sample sets (95 % Student-t interval of "
+    f"the mean), and, in the column `{GENERATOR_SEEDS_COLUMN}`, the headline FID over training seeds: the main stage's "
+    "(`diffusion@X`) and each replicate's (`diffusion_replicate@X-r`, seed `runtime.seed + r`), with the 95 % "
+    "Student-t interval of that mean. Generators are ranked by the mean over sample sets only where those "
+    "intervals do not overlap and, for two generators with replicates, their intervals over seeds do not "
+    f"overlap either; other neighbours are marked `~` ({NOT_SIGNIFICANT}). A row marked single draw has no "
+    "interval and is not ranked; a row with 1 seed carries no training-seed variance."
+)
 
 DRAW_KEYS = ("draws", "mean", "std", "ci_low", "ci_high")  # tasks/generative/fid.py: draw_spread
 
@@ -231,17 +245,51 @@ def draws_cell(m: dict) -> str:
     return f"{m['fid_mean']:.3f} [{low:.3f}, {high:.3f}] ({int(m.get('fid_draws', 0))} sets)"
 
 
-def overlap_ranking(rows: list[tuple[str, dict]]) -> str:
+def overlap_ranking(rows: list[tuple[str, dict]], seeds: dict[str, SeedSummary] | None = None) -> str:
     """Names by mean FID over sample sets, `<` between neighbours whose intervals are disjoint, `~` where they
-    overlap (not significant). Rows without a finite interval are left out."""
+    overlap (not significant). Where both neighbours have training-seed replicates (`seeds`), their FID
+    intervals over seeds must be disjoint too: a gap one trained model shows may close with another seed.
+    Rows without a finite interval are left out."""
+    seeds = seeds or {}
     ranked = sorted(
         (r for r in rows if all(math.isfinite(r[1].get(k, math.nan)) for k in ("fid_ci_low", "fid_ci_high"))),
         key=lambda r: r[1]["fid_mean"],
     )
     out = [ranked[0][0]] if ranked else []
-    for (_, a), (name, b) in zip(ranked, ranked[1:]):
-        out += ["<" if a["fid_ci_high"] < b["fid_ci_low"] else "~", name]
+    for (first, a), (name, b) in zip(ranked, ranked[1:]):
+        apart = a["fid_ci_high"] < b["fid_ci_low"]
+        if first in seeds and name in seeds:
+            apart = apart and separated(seeds[first], seeds[name]) is not False
+        out += ["<" if apart else "~", name]
     return " ".join(out)
+
+
+def replicate_base(stem: str, stems: set[str]) -> str | None:
+    """`ddpm` for `ddpm-2` when `ddpm` is among `stems` (a replicate's metrics beside its main stage's)."""
+    base, _, number = stem.rpartition("-")
+    return base if base in stems and number.isdigit() and int(number) >= 1 else None
+
+
+def generator_seeds(root: Path, replicates: ReplicatesConfig | None, report: Report) -> dict[str, SeedSummary]:
+    """`diffusion@ddpm` -> its headline FID over training seeds: the main stage's, then each replicate's
+    (`diffusion_replicate@ddpm-r`) that `replicates.diffusion` lists. A generator none of whose replicates has
+    metrics (ldm and dit_rf have no replicate stage) keeps one seed; one missing only some is pooled over those
+    it has, and the missing ones are named in `report.missing`."""
+    numbers = replicates.diffusion if replicates else []
+    folder = root / METRICS_DIR / "diffusion"
+    stems = {p.stem for p in folder.glob("*.json")}
+    out = {}
+    for stem in sorted(s for s in stems if numbers and replicate_base(s, stems) is None):
+        values, absent = [_read(folder / f"{stem}.json")["fid"]], []
+        for name in (replicate_name(stem, r) for r in numbers):
+            if name in stems:
+                values.append(_read(folder / f"{name}.json")["fid"])
+            else:
+                absent.append(f"diffusion_replicate@{name}")
+        if len(absent) < len(numbers):
+            report.missing += absent
+            out[f"diffusion@{stem}"] = seed_summary(values)
+    return out
 
 
 def weights_cell(m: dict) -> str:
@@ -251,11 +299,15 @@ def weights_cell(m: dict) -> str:
 
 
 def generator_rows(root: Path) -> list[tuple[str, dict]]:
-    """(name, metrics) of every image generator with a metrics file that carries an FID."""
+    """(name, metrics) of every image generator with a metrics file that carries an FID; a replicate's
+    metrics (`ddpm-1.json`) are another seed of its generator, not a row of their own."""
     metrics = root / METRICS_DIR
     rows = []
     for folder, prefix in (("diffusion", "diffusion@"), ("nflow", "nflow@")):
-        for path in sorted((metrics / folder).glob("*.json")):
+        paths = sorted((metrics / folder).glob("*.json"))
+        for path in paths:
+            if replicate_base(path.stem, {p.stem for p in paths}) is not None:
+                continue
             data = _read(path)
             if isinstance(data, dict) and "fid" in data:
                 rows.append((prefix + path.stem, data))
@@ -273,15 +325,22 @@ def image_generation(root: Path, report: Report) -> None:
         return
     first = rows[0][1]
     floor, ceiling = first["fid_floor"], first["fid_ceiling"]
+    seeds = generator_seeds(root, report.replicates, report)
     table = [
-        "| generator | FID | over sample sets: mean [95 % interval] | class accuracy | bits/dim | weights | note |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| generator | FID | over sample sets: mean [95 % interval] |"
+        + (f" {GENERATOR_SEEDS_COLUMN} |" if seeds else "")
+        + " class accuracy | bits/dim | weights | note |",
+        "|---|---:|---:|" + ("---:|" if seeds else "") + "---:|---:|---|---|",
     ]
     for name, m in rows:
         note = f"{m.get('headline_sampler', '')} {int(m['headline_steps'])} steps" if "headline_steps" in m else ""
         acc = f"{m['class_accuracy']:.3f}" if "class_accuracy" in m else ""
         bpd = f"{m['test_bpd']:.3f}" if "test_bpd" in m else ""
-        table.append(f"| {name} | {m['fid']:.3f} | {draws_cell(m)} | {acc} | {bpd} | {weights_cell(m)} | {note} |")
+        s = seeds.get(name)
+        over_seeds = f" {seeds_cell(s.mean, s.low, s.high, s.n, '.3f') if s else '1 seed'} |" if seeds else ""
+        table.append(
+            f"| {name} | {m['fid']:.3f} | {draws_cell(m)} |{over_seeds} {acc} | {bpd} | {weights_cell(m)} | {note} |"
+        )
     if "fid_floor_std" in first:
         bounds = (
             f"floor (FID of {first['fid_bound_samples']:.0f} random train images vs test, the generators' sample "
@@ -290,7 +349,7 @@ def image_generation(root: Path, report: Report) -> None:
         )
     else:
         bounds = f"floor (train split vs test split) {floor:.3f}, noise ceiling (uniform noise vs test) {ceiling:.1f}"
-    order = overlap_ranking([r for r in rows if r[0].startswith(("diffusion@", "nflow@"))])
+    order = overlap_ranking([r for r in rows if r[0].startswith(("diffusion@", "nflow@"))], seeds)
     text = (
         f"## Image generation\n\nFID against the test split: {bounds}. `ldm_text` is scored on held-out caption "
         "templates and `controlnet` on the val images' edge maps (held out from training and from the FID "
@@ -299,7 +358,7 @@ def image_generation(root: Path, report: Report) -> None:
         "training weights (decay `*_train.ema_decay`) or the trained weights themselves.\n\n"
         + "\n".join(table)
         + "\n\n"
-        + GENERATORS_UNRANKED
+        + (GENERATORS_OVER_SEEDS if seeds else GENERATORS_UNRANKED)
         + (f"\n\nRanking (lowest mean FID first): {order}" if order else "")
         + "\n\n![](fid.png)"
     )
@@ -619,8 +678,8 @@ REPRODUCIBILITY = (
 )
 
 
-def build_report(root: Path) -> Report:
-    report = Report(header=provenance(root))
+def build_report(root: Path, replicates: ReplicatesConfig | None = None) -> Report:
+    report = Report(header=provenance(root), replicates=replicates)
     for section in SECTIONS:
         section(root, report)
     return report
@@ -646,12 +705,17 @@ def report_html(markdown_text: str, images: dict[str, bytes]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ReportInputs:
+    replicates: ReplicatesConfig  # the image generators' replicates the report pools (LM and detector: upstream)
+
+
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
+def report_task(ctx: StageContext, inputs: ReportInputs) -> dict[str, float]:
     root, run = ctx.root, ctx.run
     from prefect.artifacts import create_markdown_artifact
 
-    report = build_report(root)
+    report = build_report(root, inputs.replicates)
     markdown = report.markdown()
     with atomic_path(root / REPORT_DIR, directory=True) as tmp:
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
@@ -668,4 +732,11 @@ def report_task(ctx: StageContext, inputs: NoInputs) -> dict[str, float]:
     return {"sections": float(len(report.sections)), "missing_sections": float(len(report.missing))}
 
 
-SPEC = StageSpec(name="report", family="report", task=report_task, seeded=False, runtime_keys=("profile",))
+SPEC = StageSpec(
+    name="report",
+    family="report",
+    task=report_task,
+    inputs=ReportInputs,
+    seeded=False,
+    runtime_keys=("profile",),
+)

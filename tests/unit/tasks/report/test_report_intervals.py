@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from tasks.report.report import build_report, draws_cell, overlap_ranking, ranking_line, weights_cell
+from tasks.spec import ReplicatesConfig
 
 
 def _write(root, relative, text):
@@ -237,3 +238,39 @@ def test_guidance_and_controlnet_show_their_paired_comparisons(tmp_path):
     )
     assert "| edge F1 (1 px tolerance) | 0.960 | 0.890 | +0.070 [+0.060, +0.080] |" in text
     assert "| diffusion@ddpm | 1.000 | single draw |  |  | EMA 0.999 |  |" in text
+
+
+def _generator(root, name, fid, half=0.05, **extra):
+    spread = {"fid_mean": fid, "fid_ci_low": fid - half, "fid_ci_high": fid + half, "fid_draws": 3.0}
+    bounds = {"fid_floor": 0.3, "fid_ceiling": 200.0, "ema_decay": 0.999}
+    _write(root, f"data/metrics/diffusion/{name}.json", json.dumps({"fid": fid, **spread, **bounds, **extra}))
+
+
+def test_generator_replicates_pool_into_an_interval_over_seeds_that_gates_the_ranking(tmp_path):
+    """`replicates.diffusion: [1, 2]`: ddpm's FID over its three seeds is 1.0, 1.4, 1.2, so mean 1.2 and the
+    Student-t interval 1.2 ± t(0.975, 2) · 0.2 / sqrt(3) = [0.703, 1.697]. sde_vp is clear of ddpm over sample
+    sets but not over seeds, so they are not ranked; ldm has no replicate and ranks on its sample sets."""
+    for name, fid in (("ddpm", 1.0), ("ddpm-1", 1.4), ("ddpm-2", 1.2), ("sde_vp", 2.0), ("sde_vp-1", 2.1)):
+        _generator(tmp_path, name, fid)
+    _generator(tmp_path, "sde_vp-2", 1.3)
+    _generator(tmp_path, "ldm", 3.0)
+    _generator(tmp_path, "ddpm-3", 9.0)  # left by an earlier run with more replicates: not pooled
+    listed = ReplicatesConfig(lm=[], detector=[], diffusion=[1, 2])
+    report = build_report(tmp_path, listed)
+    text = report.markdown()
+    assert "| diffusion@ddpm | 1.000 | 1.000 [0.950, 1.050] (3 sets) | 1.200 [0.703, 1.697] (3 seeds) |" in text
+    assert "| diffusion@sde_vp | 2.000 | 2.000 [1.950, 2.050] (3 sets) | 1.800 [0.717, 2.883] (3 seeds) |" in text
+    assert "| diffusion@ldm | 3.000 | 3.000 [2.950, 3.050] (3 sets) | 1 seed |" in text
+    assert "diffusion@ddpm-" not in text and "diffusion@sde_vp-" not in text  # a replicate is not a row
+    assert "Ranking (lowest mean FID first): diffusion@ddpm ~ diffusion@sde_vp < diffusion@ldm" in text
+    assert not [m for m in report.missing if "replicate" in m]
+
+    alone = build_report(tmp_path).markdown()  # no replicates listed: one seed each, no column
+    assert "over training seeds" not in alone and "diffusion@ddpm-" not in alone
+    assert "diffusion@ddpm < diffusion@sde_vp < diffusion@ldm" in alone
+
+    more = build_report(tmp_path, ReplicatesConfig(lm=[], detector=[], diffusion=[1, 2, 4]))
+    assert [m for m in more.missing if "replicate" in m] == [
+        "diffusion_replicate@ddpm-4",
+        "diffusion_replicate@sde_vp-4",
+    ]
