@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -142,6 +142,13 @@ def replicated(spec: StageSpec[I], name: str, replicates: str, items: Sequence[s
 def replicate_name(item: str, replicate: int) -> str:
     """`lstm` for the main stage (replicate 0), `lstm-2` for replicate 2."""
     return f"{item}-{replicate}" if replicate else item
+
+
+def replicate_item(name: str, items: Collection[str]) -> str | None:
+    """The inverse of `replicate_name` for a replicate: `lstm` for `lstm-2` when `lstm` is among `items`;
+    None for a main stage's name or anything else."""
+    item, _, number = name.rpartition("-")
+    return item if item in items and number.isdigit() and int(number) >= 1 else None
 
 
 def split_stage_name(name: str) -> tuple[str, str]:

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from models.seeds import SeedSummary, seed_summary, separated
 from tasks.io import atomic_path
 from tasks.layout import METRICS_DIR, PLOTS_DIR, REPORT_DIR
-from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
+from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_item, replicate_name
 
 
 def _read(path: Path) -> Any:
@@ -264,12 +264,6 @@ def overlap_ranking(rows: list[tuple[str, dict]], seeds: dict[str, SeedSummary] 
     return " ".join(out)
 
 
-def replicate_base(stem: str, stems: set[str]) -> str | None:
-    """`ddpm` for `ddpm-2` when `ddpm` is among `stems` (a replicate's metrics beside its main stage's)."""
-    base, _, number = stem.rpartition("-")
-    return base if base in stems and number.isdigit() and int(number) >= 1 else None
-
-
 def generator_seeds(root: Path, replicates: ReplicatesConfig | None, report: Report) -> dict[str, SeedSummary]:
     """`diffusion@ddpm` -> its headline FID over training seeds: the main stage's, then each replicate's
     (`diffusion_replicate@ddpm-r`) that `replicates.diffusion` lists. A generator none of whose replicates has
@@ -279,7 +273,7 @@ def generator_seeds(root: Path, replicates: ReplicatesConfig | None, report: Rep
     folder = root / METRICS_DIR / "diffusion"
     stems = {p.stem for p in folder.glob("*.json")}
     out = {}
-    for stem in sorted(s for s in stems if numbers and replicate_base(s, stems) is None):
+    for stem in sorted(s for s in stems if numbers and replicate_item(s, stems) is None):
         values, absent = [_read(folder / f"{stem}.json")["fid"]], []
         for name in (replicate_name(stem, r) for r in numbers):
             if name in stems:
@@ -305,8 +299,9 @@ def generator_rows(root: Path) -> list[tuple[str, dict]]:
     rows = []
     for folder, prefix in (("diffusion", "diffusion@"), ("nflow", "nflow@")):
         paths = sorted((metrics / folder).glob("*.json"))
+        stems = {p.stem for p in paths}
         for path in paths:
-            if replicate_base(path.stem, {p.stem for p in paths}) is not None:
+            if replicate_item(path.stem, stems) is not None:
                 continue
             data = _read(path)
             if isinstance(data, dict) and "fid" in data:

@@ -9,7 +9,7 @@ import pytest
 
 from flows.registry import replicate_numbers
 from tasks.params import ParamsError
-from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name, replicated
+from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_item, replicate_name, replicated
 
 
 def _task(ctx, inputs):
@@ -61,3 +61,12 @@ def test_replicate_lists_are_checked_and_read_from_the_params(tmp_path):
     (params / "replicates.yaml").write_text("replicates:\n  lm: [-1]\n  detector: []\n  diffusion: []\n")
     with pytest.raises(ParamsError, match="replicates.yaml"):
         replicate_numbers(REPLICATE, params)
+
+
+def test_replicate_item_inverts_replicate_name_for_replicates_only():
+    items = {"ddpm", "sde_vp", "dit-rf"}
+    assert [replicate_item(replicate_name(i, r), items) for i in sorted(items) for r in (1, 12)] == [
+        i for i in sorted(items) for _ in (1, 12)
+    ]
+    # A main stage, an item that is not listed, a replicate number 0 and a non-number are no replicates.
+    assert [replicate_item(n, items) for n in ("ddpm", "lstm-1", "ddpm-0", "dit-rf", "ddpm-x")] == [None] * 5
