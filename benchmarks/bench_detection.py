@@ -43,7 +43,7 @@ def main() -> None:
     from tasks.detection.detectors import detection_loss
     from tasks.detection.onnx_export import export_onnx, latency_ms, onnx_session
     from tasks.detection.scenes import build_split, digit_pools, load_digit_images
-    from tasks.training import make_optimizer
+    from tasks.training import make_optimizer, place_model
 
     params = ROOT / "params"
     scenes_cfg = section_config(params, "scenes")
@@ -64,7 +64,8 @@ def main() -> None:
     for name in DETECTORS:
         torch.manual_seed(0)
         cfg = section_config(params, name, num_classes=10, input_size=scenes_cfg.canvas)
-        model = build_detector(name, cfg)
+        # As the training loop places it (channels-last weights where detector_train says so).
+        model = place_model(build_detector(name, cfg), train_cfg, torch.device("cpu"))
         optimizer = make_optimizer(model, train_cfg)
         b = train_cfg.batch_size
         batch = (to_model_input(images[:b]), targets[:b])
@@ -94,6 +95,7 @@ def main() -> None:
                 "backbone": cfg.backbone,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "train_batch": b,
+                "train_channels_last": train_cfg.channels_last,
                 "train_images_per_s": train_ips,
                 "latency_torch_ms": eager,
                 "latency_onnx_fp32_ms": onnx_fp32,
@@ -138,6 +140,8 @@ def compare(before: dict, after: list[dict]) -> dict:
                 "train_images_per_s_before": b["train_images_per_s"],
                 "train_images_per_s_after": r["train_images_per_s"],
                 "train_speedup": r["train_images_per_s"] / b["train_images_per_s"],
+                "train_channels_last_before": b.get("train_channels_last", False),
+                "train_channels_last_after": r.get("train_channels_last", False),
                 "latency_torch_p50_ms_before": b["latency_torch_ms"]["p50_ms"],
                 "latency_torch_p50_ms_after": r["latency_torch_ms"]["p50_ms"],
                 "latency_onnx_fp32_p50_ms_before": b["latency_onnx_fp32_ms"]["p50_ms"],

@@ -205,3 +205,59 @@ def test_training_with_ema_evaluates_and_returns_the_average(tmp_path):
 def test_ema_decay_out_of_range_is_refused():
     with pytest.raises(ValueError, match="ema_decay must be in"):
         replace(CFG, ema_decay=1.0)
+
+
+def conv_run(cfg):
+    """12 steps of a small conv net (conv, GroupNorm, depthwise conv, pooled head) on seeded images."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+
+    def next_batch(generator):
+        x = torch.randn(cfg.batch_size, 3, 12, 12, generator=generator)
+        return x, x.mean(dim=(2, 3))[:, :2]
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    result = train(
+        model,
+        cfg,
+        next_batch=next_batch,
+        loss_fn=loss_fn,
+        evaluate=lambda m: {"head_norm": float(m[-1].weight.norm())},
+        items_per_batch=cfg.batch_size,
+        seed=7,
+        device=torch.device("cpu"),
+    )
+    return model, result
+
+
+def test_channels_last_trains_the_same_weights_in_nhwc_order():
+    plain, plain_result = conv_run(CFG)
+    nhwc, nhwc_result = conv_run(replace(CFG, channels_last=True))
+    conv = nhwc[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain[0].weight.is_contiguous()
+    # The same arithmetic up to the order of float sums in the convolutions.
+    for (name, a), b in zip(plain.state_dict().items(), nhwc.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    norms = [h["head_norm"] for h in plain_result.history], [h["head_norm"] for h in nhwc_result.history]
+    assert len(norms[0]) == 3 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+    # Its state dict loads into a fresh (contiguous) model with the same values.
+    fresh = conv_run(replace(CFG, steps=1, warmup_steps=0))[0]
+    fresh.load_state_dict(nhwc.state_dict())
+    assert fresh[0].weight.is_contiguous() and torch.equal(fresh[0].weight, nhwc[0].weight)
+
+
+def test_channels_last_must_be_a_bool():
+    with pytest.raises(ValueError, match="channels_last must be true or false"):
+        replace(CFG, channels_last="yes")
