@@ -84,8 +84,6 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if not isinstance(self.channels_last, bool):
-            raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
 
 
 class NonFiniteLoss(FloatingPointError):

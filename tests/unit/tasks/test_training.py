@@ -258,6 +258,11 @@ def test_channels_last_trains_the_same_weights_in_nhwc_order():
     assert fresh[0].weight.is_contiguous() and torch.equal(fresh[0].weight, nhwc[0].weight)
 
 
-def test_channels_last_must_be_a_bool():
-    with pytest.raises(ValueError, match="channels_last must be true or false"):
-        replace(CFG, channels_last="yes")
+def test_channels_last_must_be_a_bool(tmp_path):
+    """The params loader refuses anything but true/false (it checks every field's type, bools included)."""
+    from dataclasses import asdict
+
+    from tasks.params import ParamsError, section_from_dict
+
+    with pytest.raises(ParamsError, match="detector_train.channels_last: expected bool"):
+        section_from_dict(TrainConfig, {**asdict(CFG), "channels_last": "yes"}, tmp_path / "x.yaml", "detector_train")
