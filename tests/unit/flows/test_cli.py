@@ -69,3 +69,36 @@ def test_debug_shows_the_traceback_of_an_input_error(at_root):
 
     with pytest.raises(UnknownStage, match="did you mean 'ngram'"):
         main(["--debug", "stage", "ngarm"])
+
+
+def test_the_sigterm_deadline_counts_from_the_signal_even_while_another_handler_holds_it(repo_root):
+    """Inside a flow run Prefect's SIGTERM handler runs first and unwinds for seconds before `_terminate` sees
+    the signal. Here a handler that never returns stands in for it: the process still exits with 128 + 15 at
+    `TERM_EXIT_AFTER_S` after the signal, not later and not sooner."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.cli import TERM_EXIT_AFTER_S
+
+    code = (
+        "import signal, time\n"
+        "from flows.cli import _watch_for_sigterm\n"
+        "import tasks.tracking\n"  # imported here as in a run, so the deadline does not pay for it
+        "_watch_for_sigterm()\n"
+        "signal.signal(signal.SIGTERM, lambda *a: time.sleep(120))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=repo_root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+        process.wait()
+    assert TERM_EXIT_AFTER_S - 0.2 < elapsed < TERM_EXIT_AFTER_S + 2.0
