@@ -13,9 +13,13 @@
 4. Classifier-free guidance: one sample set of the `guidance` stage (its sampler and steps, `--images` images)
    at scales 0, 1 and 2, through `ClassifierFreeGuidance.combine` (one network pass where a half has weight
    zero) and `combine_ref` (both halves as one doubled batch at every scale).
+5. Channels-last: the pixel UNet (ddpm, sde_vp, sde_ve) with its weights in NCHW against NHWC order
+   (`tasks/training.py: place_model`, `diffusion_train.channels_last`): training steps/s at the training batch
+   size, and DDPM ancestral sampling images/s at `--steps`.
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
     .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
+    .venv/bin/python benchmarks/bench_images.py --only channels_last
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=360, help="images per sampling batch")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/images.json")
-    parser.add_argument("--only", choices=["guidance"], help="run section 4 alone and update it in --out")
+    parser.add_argument(
+        "--only", choices=["guidance", "channels_last"], help="run section 4 or 5 alone and update it in --out"
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -84,7 +90,10 @@ def main() -> None:
     dit = DiT(section_config(params, "dit")).eval()
     for m in (unet, ldm_unet, dit):
         randomise_zero_layers(m)
-    results["guidance"] = guidance_section(params, unet, n)
+    if args.only in (None, "channels_last"):
+        results["channels_last"] = channels_last_section(params, n, steps)
+    if args.only in (None, "guidance"):
+        results["guidance"] = guidance_section(params, unet, n)
     if args.only:
         write(args.out, results)
         return
@@ -237,6 +246,66 @@ def guidance_section(params: Path, unet, n: int) -> dict:
         rows[f"scale_{scale:g}"] = row
         print(f"guidance scale {scale:g}: combine {row['combine_s']:.2f} s, combine_ref {row['combine_ref_s']:.2f} s")
     return {"sampler": cfg.sampler, "steps": cfg.steps, "images": n, "scales": rows}
+
+
+def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 20, rounds: int = 3) -> dict:
+    """The pixel UNet in NCHW and in NHWC (channels-last) weight order: training steps/s (AdamW, the DDPM
+    loss, `diffusion_train.batch_size`) and ancestral sampling images/s, the same seeds for both layouts."""
+    import copy
+
+    import torch
+
+    from flows.registry import section_config
+    from models.generative.ddpm import GaussianDiffusion
+    from models.generative.unet import UNet
+    from tasks.generative.images import builtin_digits, to_model_range
+    from tasks.training import make_optimizer
+
+    train_cfg = section_config(params, "diffusion_train")
+    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
+    images = builtin_digits(16)
+    digits, digit_labels = to_model_range(images.pixels), torch.as_tensor(images.labels)
+    labels = torch.arange(n) % 10
+    torch.manual_seed(0)
+    base = UNet(section_config(params, "unet"))
+    randomise_zero_layers(base)
+    layouts = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    models = {k: copy.deepcopy(base).to(memory_format=f) for k, f in layouts.items()}
+    optimizers = {k: make_optimizer(m, train_cfg) for k, m in models.items()}
+
+    def train(layout: str) -> None:
+        model, opt, g = models[layout], optimizers[layout], torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(train_steps):
+            idx = torch.randint(0, len(digits), (train_cfg.batch_size,), generator=g)
+            loss = ddpm.training_losses(model, digits[idx], y=digit_labels[idx], generator=g)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def sample(layout: str) -> None:
+        models[layout].eval()
+        g = torch.Generator().manual_seed(0)
+        ddpm.sample(models[layout], (n, 1, 16, 16), steps=steps, sampler="ancestral", generator=g, y=labels)
+
+    # Both layouts warmed up, then timed in alternation: whichever runs first in a process is slower for a
+    # while (allocator and oneDNN caches), which timing one layout after the other reads as a layout effect.
+    for layout in layouts:
+        train(layout)
+        sample(layout)
+    best: dict[str, dict[str, float]] = {k: {"train": float("inf"), "sample": float("inf")} for k in layouts}
+    for _ in range(rounds):
+        for layout in layouts:
+            best[layout]["train"] = min(best[layout]["train"], seconds(lambda: train(layout)))
+            best[layout]["sample"] = min(best[layout]["sample"], seconds(lambda: sample(layout)))
+    rows = {}
+    for layout, t in best.items():
+        rows[layout] = {"train_steps_per_s": train_steps / t["train"], "sample_images_per_s": n / t["sample"]}
+        print(f"channels-last, {layout}: {train_steps / t['train']:.2f} train steps/s, {n / t['sample']:.1f} images/s")
+    rows["speedup_train"] = rows["nhwc"]["train_steps_per_s"] / rows["nchw"]["train_steps_per_s"]
+    rows["speedup_sample"] = rows["nhwc"]["sample_images_per_s"] / rows["nchw"]["sample_images_per_s"]
+    sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
+    return {**sizes, "rounds": rounds, **rows}
 
 
 def write(out: Path, results: dict) -> None:
