@@ -71,6 +71,15 @@ NOT_SIGNIFICANT = "n.s."
 LM_SEEDS_COLUMN = "over seeds, mean [95 %]"
 
 
+def one_seed_caveat(key: str) -> str:
+    """What a verdict means where the profile trained one model per row (`replicates.<key>` empty)."""
+    return (
+        f"One trained model each: `params/replicates.yaml: replicates.{key}` lists no seed replicates in this "
+        "profile, so a difference marked significant holds for these weights and this test set; retraining with "
+        f"another seed may close or reverse it. `replicates.{key}: [1, 2]` adds two seeds and their intervals."
+    )
+
+
 def _csv_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
@@ -190,6 +199,8 @@ def language_models(root: Path, report: Report) -> None:
             + f"\n\nRanking (lowest perplexity first; `<` significant, `~` {NOT_SIGNIFICANT}): "
             + ranking_line(ranked, pairs)
         )
+        if not seeded:
+            text += "\n\n" + one_seed_caveat("lm")
     report.sections.append(text + "\n\n![](lm_perplexity.png)")
     fig, ax = _figure()
     names = [r["model"] for r in rows][::-1]
@@ -578,6 +589,8 @@ def detection(root: Path, report: Report) -> None:
             f"{NOT_SIGNIFICANT}: the test images cannot tell the detectors apart on that figure. So is one whose "
             "two intervals over seeds overlap: retraining could change the order.\n\n" + "\n".join(lines)
         )
+        if not seeded:
+            text += "\n\n" + one_seed_caveat("detector")
     report.sections.append(text + "\n\n![](detection.png)")
     fig, ax = _figure()
     names = list(summaries)

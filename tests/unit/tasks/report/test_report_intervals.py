@@ -66,6 +66,8 @@ def test_language_models_show_intervals_and_do_not_rank_what_is_not_significant(
     assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text
     assert "lstm ~ kn5 < mamba < unigram" in text
     assert "not training-seed variance" in text and "Over seeds" not in text  # no replicates: no column
+    # ... and the verdicts are said to hold for one trained model, with the key that adds seeds
+    assert "One trained model each: `params/replicates.yaml: replicates.lm`" in text
     assert (
         report.headline[0]
         == "language models: lowest test perplexity 14.45 (lstm), not significantly below kn5 (14.72)"
@@ -80,6 +82,7 @@ def test_detection_shows_intervals_and_the_paired_difference(tmp_path):
     assert "| thundernet | 0.448 [0.431, 0.472] | 0.618 [0.596, 0.647] | 0.555 | 0.681 |  |  |  |" in text
     assert "| thundernet minus one_stage | AP | -0.016 [-0.035, -0.002] | one_stage higher |" in text
     assert "| thundernet minus one_stage | AP50 | +0.001 [-0.026, +0.026] | n.s. (not significant) |" in text
+    assert "One trained model each: `params/replicates.yaml: replicates.detector`" in text
     assert (
         report.headline[-1] == "detectors: highest AP50 0.618 (thundernet), not significantly above one_stage (0.618)"
     )
@@ -109,7 +112,7 @@ def test_seed_intervals_add_a_column_and_veto_a_ranking_they_overlap(tmp_path):
     assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text  # both say so
     assert "| unigram vs mamba | +1.458 [+1.093, +1.722] | n.s. (seed intervals overlap) |" in text
     assert "lstm ~ kn5 < mamba ~ unigram" in text
-    assert "replicates.lm" in text
+    assert "replicates.lm" in text and "One trained model each" not in text
 
 
 def test_detection_shows_seed_intervals_and_their_veto(tmp_path):
@@ -135,7 +138,7 @@ def test_detection_shows_seed_intervals_and_their_veto(tmp_path):
     text = report.markdown()
     assert "|  |  |  | 0.448 [0.398, 0.498] (3 seeds) | 0.618 [0.568, 0.668] (3 seeds) |" in text
     assert "| thundernet minus one_stage | AP | -0.016 [-0.035, -0.002] | n.s. (seed intervals overlap) |" in text
-    assert "replicates.detector" in text
+    assert "replicates.detector" in text and "One trained model each" not in text
 
 
 def test_tables_without_intervals_show_the_values_alone(tmp_path):
