@@ -277,3 +277,25 @@ def test_generator_replicates_pool_into_an_interval_over_seeds_that_gates_the_ra
         "diffusion_replicate@ddpm-4",
         "diffusion_replicate@sde_vp-4",
     ]
+
+
+def test_one_seed_columns_are_no_seed_interval_and_the_verdicts_carry_the_caveat(tmp_path):
+    """A profile without replicates: lm_compare still writes its seed columns (1 seed each) and map its
+    `AP_seeds: 1`. That is no interval over seeds: no seed column, no "Over seeds" text, and the verdicts say
+    they hold for one trained model each."""
+    lines = LM_TABLE.splitlines()
+    one = {name: f"1,{line.split(',')[2]},," for line in lines[1:] for name in [line.split(",")[0]]}
+    table = [lines[0] + SEED_COLUMNS] + [f"{line},{one[line.split(',')[0]]}" for line in lines[1:]]
+    pairs = LM_PAIRS.splitlines()
+    pairs = [pairs[0] + ",seed_separated"] + [p + "," for p in pairs[1:]]
+    _write(tmp_path, "data/plots/lm_compare.csv", "\n".join(table) + "\n")
+    _write(tmp_path, "data/plots/lm_compare_pairs.csv", "\n".join(pairs) + "\n")
+    single = {name: {**m, "AP_seeds": 1, "AP50_seeds": 1} for name, m in MAP.items()}
+    _write(tmp_path, "data/metrics/map.json", json.dumps(single))
+    _write(tmp_path, "data/plots/map_pairs.csv", MAP_PAIRS)
+    text = build_report(tmp_path).markdown()
+    assert "Over seeds:" not in text and "over seeds, mean" not in text and "1 seed" not in text
+    assert "| mamba vs kn5 | +0.313 [+0.238, +0.419] | kn5 lower |" in text
+    assert "One trained model each: `params/replicates.yaml: replicates.lm`" in text
+    assert "| thundernet minus one_stage | AP | -0.016 [-0.035, -0.002] | one_stage higher |" in text
+    assert "One trained model each: `params/replicates.yaml: replicates.detector`" in text
