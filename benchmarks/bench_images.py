@@ -13,9 +13,9 @@
 4. Classifier-free guidance: one sample set of the `guidance` stage (its sampler and steps, `--images` images)
    at scales 0, 1 and 2, through `ClassifierFreeGuidance.combine` (one network pass where a half has weight
    zero) and `combine_ref` (both halves as one doubled batch at every scale).
-5. Channels-last: the pixel UNet (ddpm, sde_vp, sde_ve) with its weights in NCHW against NHWC order
-   (`tasks/training.py: place_model`, `diffusion_train.channels_last`): training steps/s at the training batch
-   size, and DDPM ancestral sampling images/s at `--steps`.
+5. Channels-last: the pixel UNet (ddpm, sde_vp, sde_ve; the CNF's is the same network) with its weights in
+   NCHW against NHWC order (`tasks/training.py: place_model`, `diffusion_train.channels_last`): training
+   steps/s at the training batch size, and DDPM ancestral sampling images/s at `--steps`.
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
     .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
@@ -288,8 +288,8 @@ def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 2
         g = torch.Generator().manual_seed(0)
         ddpm.sample(models[layout], (n, 1, 16, 16), steps=steps, sampler="ancestral", generator=g, y=labels)
 
-    # Both layouts warmed up, then timed in alternation: whichever runs first in a process is slower for a
-    # while (allocator and oneDNN caches), which timing one layout after the other reads as a layout effect.
+    # Both layouts warmed up, then timed in alternation: in trials, whichever layout ran first in a process
+    # ran slower for a while, which timing one layout after the other reads as a layout effect.
     for layout in layouts:
         train(layout)
         sample(layout)
