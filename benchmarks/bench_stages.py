@@ -2,12 +2,13 @@
 
 Reads the newest finished `kiln run` parent run over every stage (`targets: all`) of a profile from the
 project's tracking store, and its stage runs: each stage's `stage_seconds` (its own work, without
-orchestration) and the phase timings the stages log (`train_seconds`; `sample_seconds`,
-`train_sample_seconds`, `heldout_sample_seconds`, `likelihood_seconds`, `encode_seconds`). The remainder of
-a stage is data loading, evaluation (perplexity, FID, mAP), checkpoints and tracking together: the stages
-do not time those apart yet, and `guidance` and `dit_ablation` log no `train_seconds`, so their training
-is in "other" too. Writes the table and the five largest costs, and with `--compare OLD.json` (an earlier
-output of this script) the wall time and each stage's seconds beside that run's.
+orchestration) split into the phases its run logs from the stage's phase clock (tasks/phases.py:
+`phase_loading_seconds`, training, evaluation, sampling, scoring (FID, mAP, class accuracy) and io (MLflow,
+checkpoints, outputs)). The phases are exclusive, so they add up to at most the stage's seconds; the rest is
+"other" (set-up and what no helper marks). A run from before the clock existed is split by the timings its
+stage logged (`train_seconds`, `sample_seconds`, ...) and the rest is "other". Writes the table, the phase
+totals and the five largest costs, and with `--compare OLD.json` (an earlier output of this script) the wall
+time and each stage's seconds beside that run's.
 
 `--partial` reads the newest finished `kiln run` whatever it ran (a run after a change reruns only the stages
 the change made stale): its stages' seconds beside OLD.json's for the same stages. Its wall time is not that
@@ -29,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Phase metrics the stages log, grouped; a stage's time not in any is "other".
-PHASES = {
+from tasks.phases import PHASES  # noqa: E402  (after the path: the script runs from anywhere)
+
+# A run from before the phase clock: the timings its stage logged, grouped; the rest is "other".
+LEGACY_PHASES = {
     "training": ("train_seconds",),
     "sampling": ("sample_seconds", "train_sample_seconds", "heldout_sample_seconds"),
     "likelihood": ("likelihood_seconds",),
@@ -69,7 +72,10 @@ def stage_rows(client, parent) -> list[dict]:
     for run in sorted(children_of(client, parent), key=lambda r: r.info.start_time):
         metrics = run.data.metrics
         total = metrics.get("stage_seconds", (run.info.end_time - run.info.start_time) / 1000)
-        phases = {name: sum(metrics.get(k, 0.0) for k in keys) for name, keys in PHASES.items()}
+        if any(k.startswith("phase_") for k in metrics):
+            phases = {name: metrics.get(f"phase_{name}_seconds", 0.0) for name in PHASES}
+        else:
+            phases = {name: sum(metrics.get(k, 0.0) for k in keys) for name, keys in LEGACY_PHASES.items()}
         phases = {k: round(v, 1) for k, v in phases.items() if v > 0}
         rows.append(
             {
@@ -118,8 +124,9 @@ def main() -> None:
         "command": "python benchmarks/bench_stages.py " + " ".join(sys.argv[1:]),
         "what": "per stage of the newest finished `kiln run` "
         + ("of the stages it ran: " if args.partial else "over every stage: ")
-        + "its own seconds, split by the phase timings it logs; `other` is data loading, evaluation (perplexity, "
-        "FID, mAP), checkpoints and tracking, which the stages do not time apart yet",
+        + "its own seconds, split by the phases its stage clock logs (tasks/phases.py: loading, training, "
+        "evaluation, sampling, scoring = FID, mAP and class accuracy, io = MLflow, checkpoints and outputs; "
+        "exclusive, so they add up); `other` is what no phase covers (set-up, unmarked work)",
         "kiln_run": {
             "run_id": parent.info.run_id,
             "profile": args.profile,

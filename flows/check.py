@@ -27,8 +27,8 @@ PROJECT_PACKAGES = ("flows", "tasks", "models")
 # Modules that cannot change a stage's results, so editing them leaves results valid: the MLflow logging
 # helper, the atomic writer, the output path constants (their DVC outs are held by tests/test_layout.py),
 # the spec declarations, the error type, the strict params loader (a params change is a params dep) and
-# the thread sizing (like runtime.threads, how a stage runs: the count moves float rounding, not the result)
-# and the process check of the tracking helper.
+# the thread sizing (like runtime.threads, how a stage runs: the count moves float rounding, not the result),
+# the process check of the tracking helper and the phase clock (it only reads the time).
 NO_RESULT_EFFECT = frozenset(
     {
         "tasks/tracking.py",
@@ -39,6 +39,7 @@ NO_RESULT_EFFECT = frozenset(
         "tasks/params.py",
         "tasks/threads.py",
         "tasks/processes.py",
+        "tasks/phases.py",
     }
 )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import InputError
+from tasks.phases import in_phase
 
 
 class OutputNotWritable(InputError):
@@ -64,6 +65,7 @@ def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
         raise
 
 
+@in_phase("io")
 def write_text(target: Path | str, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -16,6 +16,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tasks.phases import in_phase
 from tasks.spec import StageContext
 
 MODEL_LOGGERS: dict[str, str] = {
@@ -38,6 +39,7 @@ def model_logger(base: str) -> Callable[[StageContext, str, Mapping[str, Any]], 
     return getattr(importlib.import_module(module), function)
 
 
+@in_phase("io")
 def log_stage_models(base: str, ctx: StageContext, metrics: Mapping[str, Any]) -> str | None:
     """Log and register the models of the stage run `ctx` (stage `base`, item `ctx.item`) to its run.
 

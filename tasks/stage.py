@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tasks import threads
+from tasks import phases, threads
 from tasks.params import as_flat_dict, load_section, section_index
 from tasks.runtime import StageEnv, seed_everything, stage_env
 from tasks.spec import StageContext, StageSpec
@@ -66,7 +66,9 @@ def open_stage(spec: StageSpec, item: str = "") -> Iterator[OpenStage]:
         yield OpenStage(env, context(OtherRank()), inputs)
         return
     with stage_run(name, spec.family, env.root, env.runtime.tracking_uri(), env.runtime.profile, params) as run:
-        start = time.perf_counter()
-        yield OpenStage(env, context(run), inputs)
-        # The stage's own work, to tell it apart from orchestration (benchmarks/bench_orchestration.py).
-        run.log_metrics({"stage_seconds": time.perf_counter() - start})
+        with phases.clocked() as clock:
+            start = time.perf_counter()
+            yield OpenStage(env, context(run), inputs)
+            # The stage's own work, to tell it apart from orchestration (benchmarks/bench_orchestration.py),
+            # and where it went (tasks/phases.py; benchmarks/bench_stages.py reads both).
+            run.log_metrics({"stage_seconds": time.perf_counter() - start, **clock.metrics()})

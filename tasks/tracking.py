@@ -26,6 +26,7 @@ import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from tasks.phases import in_phase
 from tasks.processes import process_alive
 
 PARENT_RUN_ENV = "KILN_MLFLOW_PARENT_RUN_ID"
@@ -152,11 +153,13 @@ class StageRun:
     run_id: str
     root: Path
 
+    @in_phase("io")
     def log_params(self, params: Mapping[str, Any]) -> None:
         entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(entries), 100):
             self.client.log_batch(self.run_id, params=entries[i : i + 100])
 
+    @in_phase("io")
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Final metrics (no step) or one step's metrics. NaN and inf are logged as they are."""
         now = int(time.time() * 1000)
@@ -164,6 +167,7 @@ class StageRun:
         for i in range(0, len(entries), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=entries[i : i + _MAX_BATCH])
 
+    @in_phase("io")
     def log_metric_series(self, key: str, values: Mapping[int, float]) -> None:
         """A metric along a step axis (train loss per step, perplexity per order)."""
         now = int(time.time() * 1000)
@@ -171,19 +175,24 @@ class StageRun:
         for i in range(0, len(entries), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=entries[i : i + _MAX_BATCH])
 
+    @in_phase("io")
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    @in_phase("io")
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @in_phase("io")
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    @in_phase("io")
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @in_phase("io")
     def log_model(self, flavor: Any, name: str, tags: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
         """Log a model with an MLflow flavor module (`mlflow.onnx`, `mlflow.pyfunc`) to this run, as a
         LoggedModel of the run's experiment that carries the run's params; `kwargs` go to the flavor's
@@ -204,6 +213,7 @@ class StageRun:
         )
         return Model.log(None, flavor, run_id=self.run_id, model_id=logged.model_id, name=name, **kwargs)
 
+    @in_phase("io")
     def log_input(self, df: pd.DataFrame, source: Path | str, name: str, context: str) -> None:
         """Record the dataset this stage read: its schema, a digest of its contents and where it lies."""
         with warnings.catch_warnings():  # its hint about integer columns and missing values does not apply

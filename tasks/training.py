@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tasks import threads
 from tasks.errors import StaleArtefact, rerun_hint, shown_path
 from tasks.io import atomic_path
+from tasks.phases import in_phase
 from tasks.tracking import StageRun
 
 
@@ -316,6 +317,7 @@ def _setup_distributed(
     return ddp, device, run
 
 
+@in_phase("loading")
 def _resume(loop: _Loop) -> None:
     """Load the checkpoint into the model, optimizer and both RNGs when it was made by this very run."""
     checkpoint, desc = loop.checkpoint, loop.desc
@@ -427,6 +429,7 @@ def _log_step(loop: _Loop, bar: tqdm, done: int, lr: float, loss: Tensor, grad_n
         )
 
 
+@in_phase("evaluation")
 def _evaluate(loop: _Loop, evaluate: Callable[[nn.Module], dict[str, float]], step: int) -> None:
     # With an EMA the evaluations (and any choice made from them) see the weights the stage will use.
     target = loop.ema.model if loop.ema is not None else loop.model
@@ -440,6 +443,7 @@ def _evaluate(loop: _Loop, evaluate: Callable[[nn.Module], dict[str, float]], st
         loop.run.log_metrics(metrics, step=step)
 
 
+@in_phase("io")
 def _save_checkpoint(loop: _Loop, step: int) -> None:
     if loop.checkpoint is not None and (loop.ddp is None or loop.ddp.rank == 0):
         with atomic_path(loop.checkpoint) as tmp:
@@ -460,6 +464,7 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
         torch.distributed.barrier()  # no rank runs ahead of a checkpoint that a restart resumes from
 
 
+@in_phase("training")
 def train(
     model: nn.Module,
     cfg: TrainConfig,
@@ -537,6 +542,7 @@ def train(
     return result
 
 
+@in_phase("io")
 def save_model(path: Path, name: str, config: Any, model: nn.Module, meta: dict[str, str] | None = None) -> None:
     """A trained model as an artifact that carries its config: registry name, config fields, weights, and
     `meta`, strings about what it was trained on (the LMs' `vocab_digest`), returned by `load_model_with_meta`."""
@@ -557,6 +563,7 @@ def load_model(
     return name, model
 
 
+@in_phase("loading")
 def load_model_with_meta(
     path: Path, build: Callable[[str, dict[str, Any]], nn.Module], device: torch.device | str = "cpu"
 ) -> tuple[str, nn.Module, dict[str, str]]:

@@ -25,11 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from models.detection.boxes import Detections
-from models.detection.coco_eval import evaluate_coco
+from models.detection.coco_eval import CocoEvalResult, evaluate_coco
 from models.detection.detectors import DETECTORS, build_detector, to_model_input
 from tasks.detection.scenes import labels_digest, load_split
 from tasks.io import atomic_path, write_json, write_text
 from tasks.layout import DETECTOR_DIR, METRICS_DIR, PLOTS_DIR, SCENES_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec, replicated
 from tasks.tracking import StageRun
 from tasks.training import (
@@ -71,6 +72,13 @@ class Split:
         return [int(c["id"]) for c in sorted(self.coco["categories"], key=lambda c: c["id"])]
 
 
+@in_phase("scoring")
+def coco_map(gt: dict[str, Any], detections: list[dict[str, Any]]) -> CocoEvalResult:
+    """COCO bbox evaluation (models/detection/coco_eval.py), counted as the stage profile's scoring phase."""
+    return evaluate_coco(gt, detections)
+
+
+@in_phase("loading")
 def read_split(root: Path, split: str) -> Split:
     directory = root / SCENES_DIR / split
     if not (directory / "annotations.json").is_file():
@@ -108,6 +116,7 @@ def pixels(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(images, dtype=torch.float32)[:, None] / 255.0
 
 
+@in_phase("evaluation")
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
     """COCO result records of the model's detections on every image of the split."""
@@ -184,7 +193,7 @@ def fit_detector(
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         records = predict(m, val_split, eval_cfg.batch_size, device)
-        result = evaluate_coco(val_split.coco, records)
+        result = coco_map(val_split.coco, records)
         m.train()
         return {"val_ap": float(result.stats[0]), "val_ap50": float(result.stats[1])}
 
@@ -236,6 +245,7 @@ def load_checked_detector(root: Path, name: str, split: Split, device: torch.dev
     return model
 
 
+@in_phase("io")
 def write_predictions(path: Path, records: list[dict[str, Any]], meta: dict[str, str]) -> None:
     write_text(path, json.dumps({"meta": meta, "predictions": records}))
 

@@ -30,11 +30,12 @@ from prefect.cache_policies import NO_CACHE
 
 from models.bootstrap import BootstrapConfig, interval, percentile_interval, resample_indices
 from models.detection.coco_bootstrap import detection_columns, image_ids, resample_images
-from models.detection.coco_eval import STAT_NAMES, CocoEvalResult, evaluate_coco
+from models.detection.coco_eval import STAT_NAMES, CocoEvalResult
 from models.seeds import SeedSummary, seed_summary, separated
-from tasks.detection.detectors import DETECTOR_NAMES, read_checked_predictions, read_split
+from tasks.detection.detectors import DETECTOR_NAMES, coco_map, read_checked_predictions, read_split
 from tasks.io import atomic_path, write_json
 from tasks.layout import METRICS_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
 
 INTERVAL_STATS = ("AP", "AP50")  # the figures the report compares; indices into STAT_NAMES below
@@ -49,6 +50,7 @@ def coco_summary(result: CocoEvalResult) -> dict[str, Any]:
     }
 
 
+@in_phase("scoring")
 def bootstrap_stats(
     gt: dict[str, Any], predictions: dict[str, list[dict[str, Any]]], cfg: BootstrapConfig, seed: int
 ) -> dict[str, np.ndarray]:
@@ -60,7 +62,7 @@ def bootstrap_stats(
     for b, draw in enumerate(draws):
         for name, dets in columns.items():
             sample_gt, sample_dets = resample_images(gt, dets, draw)
-            out[name][b] = evaluate_coco(sample_gt, sample_dets).stats[_STAT_INDEX]
+            out[name][b] = coco_map(sample_gt, sample_dets).stats[_STAT_INDEX]
     return out
 
 
@@ -166,7 +168,7 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
         for name in DETECTOR_NAMES
     }
     for name in DETECTOR_NAMES:
-        result = evaluate_coco(test.coco, predictions[name])
+        result = coco_map(test.coco, predictions[name])
         summaries[name] = coco_summary(result)
         recall, precision = result.pr_curve(iou=0.5)
         curves[name] = (recall, precision)
@@ -179,7 +181,7 @@ def map_task(ctx: StageContext, inputs: MapInputs) -> dict[str, float]:
     seeds, seed_list = {}, inputs.replicates.seeds("detector", ctx.seed)
     for name in DETECTOR_NAMES:
         per_seed = [summaries[name]] + [
-            coco_summary(evaluate_coco(test.coco, records)) for records in replicate_predictions[name]
+            coco_summary(coco_map(test.coco, records)) for records in replicate_predictions[name]
         ]
         seeds[name] = seed_stats(per_seed)
         summaries[name] = add_seed_figures(summaries[name], seeds[name], seed_list)

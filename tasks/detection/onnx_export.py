@@ -14,11 +14,11 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from models.detection.boxes import Detections
-from models.detection.coco_eval import evaluate_coco
 from models.detection.detectors import GrayscaleDetector
 from tasks.detection.detectors import (
     DETECTOR_NAMES,
     Split,
+    coco_map,
     detections_to_coco,
     load_checked_detector,
     pixels,
@@ -26,12 +26,14 @@ from tasks.detection.detectors import (
 )
 from tasks.io import atomic_path, write_json
 from tasks.layout import METRICS_DIR, ONNX_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 
 # ----------------------------------------------------------------------------------------- ONNX
 
 
+@in_phase("io")
 def export_onnx(model: nn.Module, input_size: int, path: Path) -> bool:
     """GrayscaleDetector(model) to ONNX: (batch, 1, S, S) pixels in [0, 1] -> boxes, scores, labels,
     image_index, with box decoding and NMS in the graph. Returns whether the batch dimension came out
@@ -73,6 +75,7 @@ def onnx_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@in_phase("evaluation")
 def run_onnx(session, split: Split, batch_size: int) -> tuple[list[dict[str, Any]], list[tuple]]:
     """COCO records and the raw per-batch outputs of an onnxruntime session on a split."""
     name = session.get_inputs()[0].name
@@ -85,6 +88,7 @@ def run_onnx(session, split: Split, batch_size: int) -> tuple[list[dict[str, Any
     return records, raw
 
 
+@in_phase("io")
 def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
     """Static QDQ int8 quantisation (per-channel weights) calibrated on train images."""
     from onnxruntime.quantization import (
@@ -120,6 +124,7 @@ def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:
             prepared.unlink(missing_ok=True)
 
 
+@in_phase("evaluation")
 def latency_ms(fn, example, warmup: int, runs: int) -> dict[str, float]:
     for _ in range(warmup):
         fn(example)
@@ -204,8 +209,8 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
                 f"warning: {name}: kept boxes differ between PyTorch and onnxruntime in "
                 f"{parity['batches_mismatched']:.0f} batch(es) (near-tied scores break differently in NMS)"
             )
-        ap_torch = evaluate_coco(test.coco, torch_records).stats
-        ap_onnx = evaluate_coco(test.coco, onnx_records).stats
+        ap_torch = coco_map(test.coco, torch_records).stats
+        ap_onnx = coco_map(test.coco, onnx_records).stats
         entry: dict[str, Any] = {
             **parity,
             "dynamic_batch": float(dynamic),
@@ -227,7 +232,7 @@ def onnx_task(ctx: StageContext, inputs: OnnxInputs) -> dict[str, Any]:
             quantize_int8(fp32, int8, train_split.images[: cfg.calibration_images])
             session8 = onnx_session(int8)
             int8_records, _ = run_onnx(session8, test, batch)
-            ap_int8 = evaluate_coco(test.coco, int8_records).stats
+            ap_int8 = coco_map(test.coco, int8_records).stats
             entry.update({"map_onnx_int8": float(ap_int8[0]), "ap50_onnx_int8": float(ap_int8[1])})
             entry["latency_onnx_int8"] = latency_ms(
                 lambda f: session8.run(None, f), feed, cfg.latency_warmup, cfg.latency_runs

@@ -40,6 +40,7 @@ from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, draw_sp
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import CONTROLNET_DIR, METRICS_DIR, SPLITS
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 from tasks.training import TrainConfig, code_digest, resolve_device, train
@@ -72,6 +73,7 @@ def edges_of(images: Tensor, cfg: ControlNetConfig, batch_size: int = 512) -> Te
     )
 
 
+@in_phase("io")
 def save_controlnet(path: Path, controlnet: ControlNet, meta: dict[str, str] | None = None) -> None:
     """Weights with both configs: the ControlNet's and the base UNet's it was copied from, and `meta` (what it
     was trained on, as `save_model` records it)."""
@@ -151,6 +153,7 @@ def fit_controlnet(
     return model, result
 
 
+@in_phase("sampling")
 @torch.no_grad()
 def sample(
     process: GaussianDiffusion,

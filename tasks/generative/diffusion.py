@@ -38,6 +38,7 @@ from tasks.generative.images import image_grid, read_images, to_model_range, to_
 from tasks.generative.vae import latent_model_meta, load_vae, read_latents
 from tasks.io import atomic_path, write_json
 from tasks.layout import DIFFUSION_DIR, LATENTS_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec, replicated
 from tasks.tracking import StageRun
 from tasks.training import (
@@ -264,6 +265,7 @@ def latent_space(root: Path, device: torch.device, batch_size: int) -> DataSpace
 # ------------------------------------------------------------------------------------ sampling
 
 
+@in_phase("sampling")
 def sample_images(
     process: Process,
     model: nn.Module,

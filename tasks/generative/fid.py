@@ -27,6 +27,7 @@ from models.seeds import seed_summary
 from tasks.generative.images import ImageSet, images_digest, read_images, to_model_range
 from tasks.io import write_json
 from tasks.layout import FID_NET_DIR, METRICS_DIR, SPLITS
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 from tasks.training import (
@@ -154,6 +155,7 @@ def image_meta(root: Path) -> dict[str, str]:
     return {"images_digest": images_digest(root)}
 
 
+@in_phase("loading")
 def load_fid_net(root: Path, device: torch.device | str = "cpu") -> FIDNet:
     """The `fid_net` stage's network, refused (`StaleArtefact`) unless trained on the current images."""
     path = root / FID_NET_DIR / "model.pt"
@@ -221,6 +223,7 @@ def stratified_rows(train_labels: np.ndarray, per_class: np.ndarray, generator: 
     return np.concatenate(rows)
 
 
+@in_phase("scoring")
 def fid_bounds(
     extractor: nn.Module,
     train: Tensor,
@@ -293,6 +296,7 @@ class FIDEvaluator:
         return self.bounds.ceiling
 
     @classmethod
+    @in_phase("scoring")
     def load(cls, root: Path, fid_cfg: FIDConfig, device: torch.device, split: str = "test") -> FIDEvaluator:
         """The evaluator against `split` ("test" or "val"). The test bounds are the fid_net stage's; for val
         they are computed here the same way (`fid_bounds`, seed 0)."""
@@ -318,15 +322,18 @@ class FIDEvaluator:
             bounds = fid_bounds(extractor, pixels, train.labels, len(train.classes), reference, fid_cfg, seed=0)
         return cls(extractor, classifier, reference, fid_cfg.batch_size, bounds, split)
 
+    @in_phase("scoring")
     def fid(self, x: Tensor) -> FIDResult:
         return frechet_distance_from_stats(
             feature_statistics(features_of(self.extractor, x, self.batch_size)), self.reference
         )
 
+    @in_phase("scoring")
     def class_accuracy(self, x: Tensor, y: Tensor) -> float:
         device = next(self.classifier.parameters()).device
         return accuracy(self.classifier, x.to(device), y.to(device), self.batch_size)
 
+    @in_phase("scoring")
     def report(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         """fid, its reference floor and noise ceiling, the sample counts, and class accuracy when labelled."""
         result = self.fid(x)

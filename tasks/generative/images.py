@@ -30,6 +30,7 @@ from torch import Tensor
 from tasks.errors import InputError
 from tasks.io import atomic_path, write_json
 from tasks.layout import IMAGES_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -281,6 +282,7 @@ def split_table(images: ImageSet) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
+@in_phase("loading")
 def read_images(root: Path, split: str) -> ImageSet:
     path = root / IMAGES_DIR / f"{split}.parquet"
     if not path.is_file():

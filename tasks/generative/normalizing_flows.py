@@ -42,6 +42,7 @@ from tasks.generative.fid import (
 from tasks.generative.images import image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, NFLOW_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 from tasks.training import TrainConfig, code_digest, resolve_device, save_model, train
@@ -207,6 +208,7 @@ def fit_normalizing_flow(
     return result
 
 
+@in_phase("evaluation")
 def split_bits_per_dim(
     flow: NormalizingFlow, pixels: Tensor, eval_cfg: NFlowEvalConfig, *, seed: int, device: torch.device
 ) -> dict[str, float]:
@@ -230,6 +232,7 @@ def split_bits_per_dim(
     }
 
 
+@in_phase("sampling")
 def sample_images(flow: NormalizingFlow, n: int, batch_size: int, *, seed: int) -> tuple[Tensor, dict[str, float]]:
     """n samples as images in [-1, 1], quantised to pixels as the data are, and the sampling speed."""
     generator = torch.Generator().manual_seed(seed)

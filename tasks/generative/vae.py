@@ -27,6 +27,7 @@ from tasks.generative.fid import FIDConfig, FIDEvaluator, check_fid_net, derived
 from tasks.generative.images import ImageSet, image_grid, read_images, to_model_range, to_pixels, write_png
 from tasks.io import atomic_path, write_json
 from tasks.layout import LATENTS_DIR, METRICS_DIR, SPLITS, VAE_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.tracking import StageRun
 from tasks.training import (
@@ -55,6 +56,7 @@ def build_vae(name: str, config: dict[str, Any]) -> VAE:
     return VAE(VAEConfig(**config))
 
 
+@in_phase("loading")
 def load_vae(root: Path, device: torch.device | str = "cpu") -> VAE:
     """The `vae` stage's model, refused (`StaleArtefact`) unless trained on the current images."""
     path = root / VAE_DIR / "model.pt"
@@ -271,6 +273,7 @@ def latent_model_meta(root: Path) -> dict[str, str]:
     return {**image_meta(root), "latents_digest": latents_digest(root)}
 
 
+@in_phase("loading")
 def read_latents(root: Path, split: str) -> LatentSplit:
     directory = root / LATENTS_DIR
     meta = latents_meta(root)

@@ -18,6 +18,7 @@ from models.text.tokenizer import BOS_ID, build_vocab, encode, tokenize_document
 from tasks.errors import InputError
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, METRICS_DIR, SPLITS
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 
 
@@ -62,6 +63,7 @@ class Document:
     text: str
 
 
+@in_phase("loading")
 def read_documents(cfg: CorpusConfig, root: Path) -> tuple[list[Document], str]:
     """The documents of the configured source, in a deterministic order, and a name for the source."""
     if cfg.source == "builtin":
@@ -267,6 +269,7 @@ def write_corpus(corpus: Corpus, out_dir: Path) -> None:
         pq.write_table(pa.Table.from_pandas(corpus.documents, preserve_index=False), tmp / "documents.parquet")
 
 
+@in_phase("loading")
 def read_stream(corpus_dir: Path, split: str) -> np.ndarray:
     path = corpus_dir / f"{split}.parquet"
     if not path.is_file():

@@ -36,6 +36,7 @@ from models.text.language_models import (
 from models.text.tokenizer import BOS_ID, EOS_ID, sentence_bounds
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec, replicated
 from tasks.text.corpus import read_stream, read_vocab, vocab_digest
 from tasks.tracking import StageRun
@@ -113,6 +114,7 @@ def stream_nll(
     return float(-token_log_probs(model, stream, context, batch_size, device)[counted].sum()), int(counted.sum())
 
 
+@in_phase("evaluation")
 def perplexity(model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device) -> float:
     nll, count = stream_nll(model, stream, context, batch_size, device)
     return math.exp(nll / count)
@@ -189,6 +191,7 @@ def sentence_nll_ref(model: nn.Module, stream: np.ndarray, context: int, device:
     return total, count
 
 
+@in_phase("evaluation")
 def sentence_perplexity(
     model: nn.Module, stream: np.ndarray, context: int, batch_size: int, device: torch.device
 ) -> float:
@@ -301,6 +304,7 @@ def fit_language_model(
     return LMFit(model, result, test_ppl, test_stream_ppl, val_ppl, parameters, text)
 
 
+@in_phase("sampling")
 def sample_text(model: nn.Module, vocab: list[str], cfg: LMEvalConfig, seed: int, device: torch.device) -> str:
     """A sample from `<s>` (temperature and top-k), one line per generated sentence."""
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -41,6 +41,7 @@ from models.text.tokenizer import sentence_bounds
 from tasks.errors import StaleArtefact, rerun_hint
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, LM_DIR, METRICS_DIR, NGRAM_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import ReplicatesConfig, StageContext, StageSpec, replicate_name
 from tasks.text.corpus import read_stream, read_vocab
 from tasks.text.lm import LMEvalConfig, load_language_model_with_meta, sentence_nll
@@ -154,6 +155,7 @@ def comparison_pairs(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [(a, b, "; ".join(reasons)) for (a, b), reasons in why.items()]
 
 
+@in_phase("scoring")
 def bootstrap_tables(
     table: pd.DataFrame, scores: dict[str, SentenceScores], cfg: BootstrapConfig, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -257,6 +259,7 @@ def read_metrics(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@in_phase("evaluation")
 def sentence_scores(
     root: Path, inputs: LMCompareInputs, ngram: dict, neural: dict[str, dict], device: torch.device
 ) -> dict[str, SentenceScores]:

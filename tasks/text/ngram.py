@@ -14,6 +14,7 @@ from models.text import ngram as kn
 from models.text.tokenizer import BOS_ID
 from tasks.io import atomic_path, write_json
 from tasks.layout import CORPUS_DIR, METRICS_DIR, NGRAM_DIR, PLOTS_DIR
+from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
 from tasks.text.corpus import read_stream, read_vocab, vocab_digest
 from tasks.threads import current as stage_threads
@@ -25,6 +26,7 @@ MODEL_TABLE = "model_{n}.parquet"
 ARPA_BYTES_KEY = b"kiln.arpa_bytes"
 
 
+@in_phase("io")
 def write_model_tables(model: kn.BackoffModel, vocab: list[str], out_dir: Path, arpa_bytes: int) -> None:
     """`model_<n>.parquet` for n = 1..N into `out_dir` (a directory being written atomically)."""
     import pyarrow.parquet as pq
@@ -53,6 +55,7 @@ class NgramFit:
         return out
 
 
+@in_phase("training")
 def fit_ngram(train: np.ndarray, test: np.ndarray, vocab_size: int, cfg: kn.NgramConfig, threads: int = 1) -> NgramFit:
     """Count orders 1..N once (on `threads` threads); estimate a KN model of every order n <= N and score
     the test stream."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.phases import PHASES
 from tests.pipeline.helpers import kiln_run, mlflow_client, runs_of, set_params, sh, smoke_project, stale, summary
 
 pytestmark = pytest.mark.pipeline
@@ -77,6 +78,21 @@ def test_ddpm_logs_fid_with_floor_ceiling_and_samples_to_mlflow(project, first_r
     assert grid.shape == (2 * (10 * 17 + 1), 2 * (per_class * 17 + 1))
     sweep = metrics(project, "diffusion/ddpm")["sweep"]
     assert {(r["sampler"], r["steps"]) for r in sweep} == {(s, n) for s in ("ancestral", "ddim") for n in (2, 4)}
+
+
+def test_every_stage_run_logs_where_its_seconds_went(project, first_run):
+    """The phase clock (tasks/phases.py) that benchmarks/bench_stages.py splits each stage's seconds by."""
+    for stage, busy in {
+        "diffusion@ddpm": ("loading", "training", "evaluation", "sampling", "scoring", "io"),
+        "fid_net": ("loading", "training", "scoring", "io"),
+        "guidance": ("training", "sampling", "scoring", "io"),
+    }.items():
+        m = runs_of(project, "generative", stage)[0].data.metrics
+        spent = {p: m[f"phase_{p}_seconds"] for p in PHASES}
+        assert all(spent[p] > 0 for p in busy), (stage, spent)
+        assert sum(spent.values()) <= m["stage_seconds"], (stage, spent, m["stage_seconds"])
+    m = runs_of(project, "generative", "images")[0].data.metrics
+    assert m["phase_training_seconds"] == m["phase_sampling_seconds"] == 0  # a data stage trains nothing
 
 
 def test_latent_cache_records_its_scale_and_matches_the_index(project, first_run):
