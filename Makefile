@@ -111,9 +111,13 @@ bench: install-dev
 
 # The stage profile: every stage of the params' profile once (about an hour on the default profile, on idle
 # cores), then each stage's seconds split by the phases it logs (benchmarks/results/stages.json).
+# A fixed LM benchmark before and after the run says how fast the machine ran that day (bench_stages.py).
 bench-stages: install-dev
+	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_before.json
 	$(BIN)/kiln run --force
-	$(BIN)/python benchmarks/bench_stages.py --out benchmarks/results/stages.json
+	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_after.json
+	$(BIN)/python benchmarks/bench_stages.py --out benchmarks/results/stages.json \
+	  --calibration benchmarks/results/calibration_before.json --calibration benchmarks/results/calibration_after.json
 
 # Debian packages the operations tests drive, apt-installed only when missing (tests/ops/ fail without
 # them). KILN_SKIP_SERVICE_TESTS=1 skips both the installs and those tests.

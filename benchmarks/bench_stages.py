@@ -10,11 +10,17 @@ stage logged (`train_seconds`, `sample_seconds`, ...) and the rest is "other". W
 totals and the five largest costs, and with `--compare OLD.json` (an earlier output of this script) the wall
 time and each stage's seconds beside that run's.
 
+`--calibration FILE` (repeatable) embeds outputs of `benchmarks/bench_lm.py --steps 30 --warmup 5` taken beside
+the run: that fixed benchmark's tokens/s against the committed `benchmarks/results/lm.json`. Machines of one kind,
+and one machine across days, ran it 2-3x apart, which swamps what a code change does to a whole run; two runs'
+wall times compare only beside their calibration ratios (`--compare` reports both).
+
 `--partial` reads the newest finished `kiln run` whatever it ran (a run after a change reruns only the stages
 the change made stale): its stages' seconds beside OLD.json's for the same stages. Its wall time is not that
 of a whole run, so no wall-time change is computed.
 
     .venv/bin/kiln run --force && .venv/bin/python benchmarks/bench_stages.py   # measure, then read
+    make bench-stages   # the same, with a calibration before and after the run
     .venv/bin/kiln run && .venv/bin/python benchmarks/bench_stages.py --partial \
         --compare benchmarks/results/stages.json --out benchmarks/results/stages_partial.json
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +103,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.json")
     parser.add_argument("--compare", type=Path, help="an earlier output of this script: the run to compare with")
     parser.add_argument("--partial", action="store_true", help="the newest run, even if it ran only some stages")
+    parser.add_argument(
+        "--calibration", type=Path, action="append", default=[], help="a bench_lm.py output taken beside the run"
+    )
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -139,9 +149,16 @@ def main() -> None:
         "largest_costs": [{"stage": s, "phase": p, "seconds": v} for s, p, v in costs[:5]],
         "stages": rows,
     }
+    if args.calibration:
+        result["machine_speed"] = machine_speed(args.calibration)
     print(
         json.dumps(
-            {k: result[k] for k in ("kiln_run", "stages_seconds", "phase_totals_seconds", "largest_costs")}, indent=2
+            {
+                k: result[k]
+                for k in ("kiln_run", "stages_seconds", "phase_totals_seconds", "largest_costs", "machine_speed")
+                if k in result
+            },
+            indent=2,
         )
     )
     if args.compare:
@@ -149,6 +166,33 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["compared_with"].items() if k != "stages"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def machine_speed(paths: list[Path]) -> dict:
+    """The fixed LM benchmark's tokens/s in each of `paths` (bench_lm.py outputs) against the committed
+    benchmarks/results/lm.json, per model, and their geometric mean: how fast this machine ran on the day."""
+    reference = json.loads((ROOT / "benchmarks/results/lm.json").read_text())
+    ref = {r["model"]: r["tokens_per_s"] for r in reference["results"]}
+    samples = []
+    for path in paths:
+        speeds = {r["model"]: r["tokens_per_s"] for r in json.loads(path.read_text())["results"] if r["model"] in ref}
+        if not speeds:
+            raise SystemExit(f"{path}: no model of benchmarks/results/lm.json in it; is it a bench_lm.py output?")
+        ratios = {m: v / ref[m] for m, v in speeds.items()}
+        samples.append(
+            {
+                "file": str(path),
+                "tokens_per_s": {m: round(v) for m, v in speeds.items()},
+                "ratio_to_reference": {m: round(r, 3) for m, r in ratios.items()},
+                "geomean_ratio": round(math.exp(sum(map(math.log, ratios.values())) / len(ratios)), 3),
+            }
+        )
+    return {
+        "reference": "benchmarks/results/lm.json",
+        "benchmark": reference["command"],
+        "samples": samples,
+        "geomean_ratio": round(sum(s["geomean_ratio"] for s in samples) / len(samples), 3),
+    }
 
 
 def comparison(before: dict, after: dict, path: Path, partial: bool = False) -> dict:
@@ -187,6 +231,10 @@ def comparison(before: dict, after: dict, path: Path, partial: bool = False) -> 
             "wall_minutes_after": wall_after,
             "wall_change_percent": round(100 * (wall_after - wall_before) / wall_before, 1),
         }
+    if "machine_speed" in before or "machine_speed" in after:
+        # Beside the wall times, not folded into them: how far a whole run scales with this ratio is not measured.
+        result["machine_speed_before"] = before.get("machine_speed", {}).get("geomean_ratio")
+        result["machine_speed_after"] = after.get("machine_speed", {}).get("geomean_ratio")
     return result
 
 

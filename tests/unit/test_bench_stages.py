@@ -1,0 +1,55 @@
+"""benchmarks/bench_stages.py's arithmetic on runs and calibration files made here: the phase split of a stage,
+the fallback for a run from before the phase clock, and the machine-speed ratio."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import bench_stages
+
+
+def fake_run(name: str, start_ms: int, seconds: float, metrics: dict[str, float]) -> SimpleNamespace:
+    info = SimpleNamespace(run_name=name, start_time=start_ms, end_time=start_ms + int(seconds * 1000))
+    return SimpleNamespace(info=info, data=SimpleNamespace(metrics=metrics))
+
+
+def test_a_stage_splits_by_its_phase_clock_and_the_rest_is_other(monkeypatch):
+    clocked = {f"phase_{p}_seconds": 0.0 for p in bench_stages.PHASES}
+    clocked |= {"phase_training_seconds": 60.0, "phase_sampling_seconds": 25.0, "phase_io_seconds": 5.0}
+    runs = [
+        fake_run("b", 2000, 101.0, {"stage_seconds": 100.0, "train_seconds": 70.0, **clocked}),
+        fake_run("a", 1000, 12.0, {"stage_seconds": 10.0, "train_seconds": 6.0, "sample_seconds": 3.0}),
+    ]
+    monkeypatch.setattr(bench_stages, "children_of", lambda client, parent: runs)
+    a, b = bench_stages.stage_rows(None, None)  # in start order
+    # the clock's exclusive phases, not the stage's own train_seconds (which include its evaluations)
+    assert b == {
+        "stage": "b",
+        "seconds": 100.0,
+        "wall_seconds": 101.0,
+        "training_seconds": 60.0,
+        "sampling_seconds": 25.0,
+        "io_seconds": 5.0,
+        "other_seconds": 10.0,
+    }
+    # a run from before the clock: the timings it logged
+    assert (a["training_seconds"], a["sampling_seconds"], a["other_seconds"]) == (6.0, 3.0, 1.0)
+
+
+def test_machine_speed_is_the_geometric_mean_of_the_ratios_to_the_committed_benchmark(tmp_path):
+    reference = json.loads((bench_stages.ROOT / "benchmarks/results/lm.json").read_text())["results"]
+    factors = [0.5, 2.0] + [1.0] * (len(reference) - 2)  # geometric mean 1 over any number of models
+    today = {"results": [{**r, "tokens_per_s": r["tokens_per_s"] * f} for r, f in zip(reference, factors)]}
+    slow = {"results": [{**r, "tokens_per_s": r["tokens_per_s"] / 4} for r in reference]}
+    (tmp_path / "a.json").write_text(json.dumps(today))
+    (tmp_path / "b.json").write_text(json.dumps(slow))
+    speed = bench_stages.machine_speed([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [s["geomean_ratio"] for s in speed["samples"]] == [1.0, 0.25]
+    assert speed["samples"][0]["ratio_to_reference"][reference[0]["model"]] == 0.5
+    assert speed["geomean_ratio"] == pytest.approx(0.625)
+    (tmp_path / "c.json").write_text(json.dumps({"results": [{"model": "gpt", "tokens_per_s": 1.0}]}))
+    with pytest.raises(SystemExit, match="c.json: no model"):
+        bench_stages.machine_speed([tmp_path / "c.json"])
