@@ -116,6 +116,7 @@ bench-stages: install-dev
 	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_before.json
 	$(BIN)/kiln run --force
 	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_after.json
+	$(BIN)/python benchmarks/bench_map_bootstrap.py --out benchmarks/results/map_bootstrap.json
 	$(BIN)/python benchmarks/bench_stages.py --out benchmarks/results/stages.json \
 	  --calibration benchmarks/results/calibration_before.json --calibration benchmarks/results/calibration_after.json
 

@@ -7,6 +7,11 @@ ids 1, 2, ... (COCO matching needs them unique; being non-zero they avoid pycoco
 coco_eval.py). The resample is then evaluated by `evaluate_coco` like any other dataset.
 
 `resample_images_ref` builds the same resample record by record; a test holds the two equal.
+
+`ResampledAP` gives a resample's AP and AP50 without building and evaluating it: COCO matching never looks
+across images, so each image's true and false positives are found once, and a resample only merges the drawn
+images' detections and reads the precision curves (coco_eval.py's step 5, for the one area range and maxDet
+those two figures use). Its twin, `resampled_ap_ref`, evaluates the built resample; a test holds them equal.
 """
 
 from __future__ import annotations
@@ -15,6 +20,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from models.detection.coco_eval import (
+    AREA_LABELS,
+    IOU_THRESHOLDS,
+    MAX_DETS,
+    REC_THRESHOLDS,
+    _mean_valid,
+    evaluate_coco,
+    match_detections,
+)
+
+_AP50 = np.flatnonzero(IOU_THRESHOLDS == 0.5)
 
 
 def detection_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -100,3 +117,64 @@ def resample_images_ref(
                 )
         dets += [{**d, "image_id": j + 1} for d in records if d["image_id"] == ids[p]]
     return {"images": images, "annotations": annotations, "categories": gt["categories"]}, dets
+
+
+class ResampledAP:
+    """AP and AP50 (IoU 0.5:0.95 and 0.5, area "all", 100 detections) of resamples of one detector's test
+    images, each equal to `evaluate_coco` of the resample built by `resample_images`, bit for bit."""
+
+    def __init__(self, gt: Mapping[str, Any], detections: Mapping[str, np.ndarray] | Sequence[Mapping[str, Any]]):
+        # A resample renumbers the annotations 1, 2, ...: the same non-zero ids here, so the same matches.
+        renumbered = {**gt, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt["annotations"])]}
+        m = match_detections(renumbered, detections)
+        area = AREA_LABELS.index("all")
+        self.tp, self.fp = m.tp[:, area, :], m.fp[:, area, :]  # (N, T)
+        self.cat, self.rank, self.score = m.cat, m.rank, m.score
+        self.num_classes = len(m.cat_ids)
+        images = len(m.img_ids)
+        self.order = np.argsort(m.img, kind="stable")  # detection rows grouped by image
+        self.count = np.bincount(m.img, minlength=images)
+        self.first = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+        self.npig = np.zeros((images, self.num_classes), dtype=np.int64)  # (I, K) non-ignored ground truths
+        np.add.at(self.npig, (m.gt_img, m.gt_cat), ~m.gt_ignore[:, area])
+        assert (self.rank < MAX_DETS[-1]).all()  # match_detections kept the first 100 per image and category
+
+    def __call__(self, draw: np.ndarray) -> tuple[float, float]:
+        """(AP, AP50) of the resample `draw` (n,): positions into `image_ids(gt)`, with repeats."""
+        rows, position = _gather(self.order, self.first, self.count, draw)
+        npig = self.npig[draw].sum(0)  # (K,)
+        cat = self.cat[rows]
+        # evaluate_coco's merge: by category, score (highest first), then image (resample position), then rank
+        merged = np.lexsort((self.rank[rows], position, -self.score[rows], cat))
+        rows = rows[merged]
+        bounds = np.searchsorted(cat[merged], np.arange(self.num_classes + 1))
+        precision = -np.ones((len(IOU_THRESHOLDS), len(REC_THRESHOLDS), self.num_classes))  # (T, R, K)
+        for k in np.flatnonzero(npig):
+            seg = rows[bounds[k] : bounds[k + 1]]
+            precision[:, :, k] = _precision_at_recalls(self.tp[seg], self.fp[seg], int(npig[k]))
+        return _mean_valid(precision), _mean_valid(precision[_AP50])
+
+
+def _precision_at_recalls(tp: np.ndarray, fp: np.ndarray, npig: int) -> np.ndarray:
+    """COCOeval.accumulate for one category: (nd, T) flags in merge order -> (T, R) interpolated precision."""
+    nd, T = tp.shape
+    out = np.zeros((T, len(REC_THRESHOLDS)))
+    if nd == 0:
+        return out
+    tps = np.cumsum(tp, axis=0).astype(float)
+    fps = np.cumsum(fp, axis=0).astype(float)
+    recall = tps / npig
+    envelope = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[::-1], axis=0)[::-1]
+    for t in range(T):
+        at = np.searchsorted(recall[:, t], REC_THRESHOLDS, side="left")
+        reached = at < nd
+        out[t, reached] = envelope[at[reached], t]
+    return out
+
+
+def resampled_ap_ref(
+    gt: Mapping[str, Any], detections: Mapping[str, np.ndarray], draw: np.ndarray
+) -> tuple[float, float]:
+    """`ResampledAP`'s twin: the resample built as a COCO dataset and evaluated whole."""
+    stats = evaluate_coco(*resample_images(gt, detections, draw)).stats
+    return float(stats[0]), float(stats[1])

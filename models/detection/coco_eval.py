@@ -292,10 +292,56 @@ def _accumulate(
 # The evaluation
 
 
+@dataclass
+class Matches:
+    """Steps 1-3 of an evaluation: the kept detections (at most maxDets[-1] per image and category) with their
+    true/false positive flags per area range and IoU threshold, and the non-ignored ground truths. Matching
+    never looks across images, so a bootstrap over images reuses it (coco_bootstrap.ResampledAP)."""
+
+    tp: np.ndarray  # (N, A, T) bool
+    fp: np.ndarray  # (N, A, T) bool: neither matched nor ignored
+    cat: np.ndarray  # (N,) category index into cat_ids
+    img: np.ndarray  # (N,) image index into img_ids
+    rank: np.ndarray  # (N,) rank by score within its (image, category)
+    score: np.ndarray  # (N,)
+    gt_img: np.ndarray  # (G,) image index of each kept ground truth
+    gt_cat: np.ndarray  # (G,) category index
+    gt_ignore: np.ndarray  # (G, A) bool
+    img_ids: np.ndarray  # (I,)
+    cat_ids: np.ndarray  # (K,)
+
+    def npig(self) -> np.ndarray:
+        """(K, A) non-ignored ground truths per category and area range."""
+        npig = np.zeros((len(self.cat_ids), len(AREA_RANGES)), dtype=np.int64)
+        np.add.at(npig, self.gt_cat, ~self.gt_ignore)
+        return npig
+
+
 def evaluate_coco(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> CocoEvalResult:
     """COCO bbox evaluation of `detections` against the ground-truth dict `gt` (see module docstring)."""
+    m = match_detections(gt, detections)
+    precision, recall, scores = _accumulate(m.tp, m.fp, m.cat, m.img, m.rank, m.score, m.npig())
+
+    stats = np.asarray([_summarize(precision, recall, *spec) for spec in _STAT_SPECS])
+    ap_all = precision[:, :, :, 0, -1]  # (T, R, K)
+    t50 = np.flatnonzero(IOU_THRESHOLDS == 0.5)
+    per_class_ap = {int(c): _mean_valid(ap_all[:, :, k]) for k, c in enumerate(m.cat_ids)}
+    per_class_ap50 = {int(c): _mean_valid(ap_all[t50][:, :, k]) for k, c in enumerate(m.cat_ids)}
+    return CocoEvalResult(
+        stats=stats,
+        precision=precision,
+        recall=recall,
+        scores=scores,
+        cat_ids=[int(c) for c in m.cat_ids],
+        per_class_ap=per_class_ap,
+        per_class_ap50=per_class_ap50,
+    )
+
+
+def match_detections(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Matches:
+    """Steps 1-3 (module docstring): parse, group, truncate and match."""
     img_ids, cat_ids, g, d = _as_columns(gt, detections)
-    I, K = len(img_ids), len(cat_ids)
+    I = len(img_ids)
     T, A = len(IOU_THRESHOLDS), len(AREA_RANGES)
     lo = np.asarray([r[0] for r in AREA_RANGES])  # (A,)
     hi = np.asarray([r[1] for r in AREA_RANGES])
@@ -371,28 +417,18 @@ def evaluate_coco(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]
             np.minimum(IOU_THRESHOLDS, 1 - 1e-10),
         )
     dt_ignore = matched_ignored | (~dtm & d_out_of_range[:, :, None])  # (N, A, T)
-    tp = dtm & ~dt_ignore
-    fp = ~dtm & ~dt_ignore
-
-    # Non-ignored ground truths per (category, area).
-    npig = np.zeros((K, A), dtype=np.int64)
-    np.add.at(npig, g_cat, ~g_ignore)
-
-    precision, recall, scores = _accumulate(tp, fp, d_cat, d_img, d_rank, d["score"], npig)
-
-    stats = np.asarray([_summarize(precision, recall, *spec) for spec in _STAT_SPECS])
-    ap_all = precision[:, :, :, 0, -1]  # (T, R, K)
-    t50 = np.flatnonzero(IOU_THRESHOLDS == 0.5)
-    per_class_ap = {int(c): _mean_valid(ap_all[:, :, k]) for k, c in enumerate(cat_ids)}
-    per_class_ap50 = {int(c): _mean_valid(ap_all[t50][:, :, k]) for k, c in enumerate(cat_ids)}
-    return CocoEvalResult(
-        stats=stats,
-        precision=precision,
-        recall=recall,
-        scores=scores,
-        cat_ids=[int(c) for c in cat_ids],
-        per_class_ap=per_class_ap,
-        per_class_ap50=per_class_ap50,
+    return Matches(
+        tp=dtm & ~dt_ignore,
+        fp=~dtm & ~dt_ignore,
+        cat=d_cat,
+        img=d_img,
+        rank=d_rank,
+        score=d["score"],
+        gt_img=g_img[g_order],
+        gt_cat=g_cat,
+        gt_ignore=g_ignore,
+        img_ids=img_ids,
+        cat_ids=cat_ids,
     )
 
 

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from models.bootstrap import resample_indices
-from models.detection.coco_bootstrap import detection_columns, image_ids, resample_images, resample_images_ref
+from models.detection.coco_bootstrap import (
+    ResampledAP,
+    detection_columns,
+    image_ids,
+    resample_images,
+    resample_images_ref,
+    resampled_ap_ref,
+)
 from models.detection.coco_eval import evaluate_coco
 from tests.unit.models.detection.test_coco_eval import run_pycocotools, synthetic
 
@@ -87,3 +94,37 @@ def test_records_of_unknown_images_are_refused():
     dets[0] = {**dets[0], "image_id": 10_000}
     with pytest.raises(ValueError, match="not in the ground truth, e.g. 10000"):
         resample_images(gt, detection_columns(dets), np.array([0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("grid", [True, False])
+def test_resampled_ap_equals_evaluating_the_built_resample_bit_for_bit(seed, grid):
+    # `synthetic` keeps its hard cases: crowds, an annotation with id 0, score ties (grid), boxes that straddle
+    # the IoU thresholds. ResampledAP renumbers the ids as a resample does, so id 0 matches there too.
+    gt, dets = synthetic(seed, grid=grid, jitter=0.1)
+    columns = detection_columns(dets)
+    fast = ResampledAP(gt, columns)
+    for draw in resample_indices(len(image_ids(gt)), 10, seed):
+        assert fast(draw) == resampled_ap_ref(gt, columns, draw)
+
+
+def test_resampled_ap_leaves_out_a_class_no_drawn_image_holds():
+    gt = {
+        "images": [{"id": 1}, {"id": 2}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100.0},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [0, 0, 10, 10], "area": 100.0},
+        ],
+        "categories": [{"id": 1}, {"id": 2}],
+    }
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},  # found
+        {"image_id": 2, "category_id": 2, "bbox": [50, 50, 10, 10], "score": 0.8},  # missed: class 2 scores 0
+    ]
+    columns = detection_columns(dets)
+    ap = ResampledAP(gt, columns)
+    assert ap(np.array([0, 1])) == pytest.approx((0.5, 0.5))  # the mean of class 1 (1.0) and class 2 (0.0)
+    assert ap(np.array([0, 0])) == pytest.approx((1.0, 1.0))  # class 2 has no ground truth drawn: left out, not 0
+    assert ap(np.array([1, 1])) == (0.0, 0.0)
+    for draw in ([0, 1], [0, 0], [1, 1]):
+        assert ap(np.array(draw)) == resampled_ap_ref(gt, columns, np.array(draw))
