@@ -101,6 +101,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
 	$(BIN)/python benchmarks/bench_repro.py --out benchmarks/results/repro.json
+	$(BIN)/python benchmarks/bench_dvc_ops.py --out benchmarks/results/dvc_ops.json
 	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
 	$(BIN)/python benchmarks/bench_threads.py --out benchmarks/results/threads.json
