@@ -10,6 +10,10 @@ stage logged (`train_seconds`, `sample_seconds`, ...) and the rest is "other". W
 totals and the five largest costs, and with `--compare OLD.json` (an earlier output of this script) the wall
 time and each stage's seconds beside that run's.
 
+Beside the stages' own seconds, `dispatch` is what `kiln run` spent around each of them: the stage's task time
+in the run's summary table (`summary.md` on the parent run) less its MLflow run's wall time, i.e. DVC's status,
+output removal and commit, and the `kiln stage` process's start-up and imports.
+
 `--calibration FILE` (repeatable) embeds outputs of `benchmarks/bench_lm.py --steps 30 --warmup 5` taken beside
 the run: that fixed benchmark's tokens/s against the committed `benchmarks/results/lm.json`. Machines of one kind,
 and one machine across days, ran it 2-3x apart, which swamps what a code change does to a whole run; two runs'
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +101,38 @@ def stage_rows(client, parent) -> list[dict]:
     return rows
 
 
+def dispatch(summary_md: str, rows: list[dict]) -> dict:
+    """Per stage, its task seconds in `kiln run`'s summary table less its run's wall seconds; their total and
+    median. Each row gains `task_seconds` and `dispatch_seconds`."""
+    tasks = {}
+    for line in summary_md.splitlines()[2:]:  # past the header and its rule
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[1] == "ran":
+            tasks[cells[0]] = float(cells[2])
+    spent = []
+    for row in rows:
+        if row["stage"] in tasks:
+            row["task_seconds"] = round(tasks[row["stage"]], 1)
+            row["dispatch_seconds"] = round(tasks[row["stage"]] - row["wall_seconds"], 1)
+            spent.append(row["dispatch_seconds"])
+    if not spent:
+        return {}
+    return {
+        "stages": len(spent),
+        "total_seconds": round(sum(spent), 1),
+        "median_seconds": round(statistics.median(spent), 1),
+    }
+
+
+def summary_of(parent, tracking_uri: str) -> str:
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="summary.md", tracking_uri=tracking_uri
+    )
+    return Path(path).read_text(encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="default")
@@ -130,6 +167,7 @@ def main() -> None:
                 phase_totals[key.removesuffix("_seconds")] = round(
                     phase_totals.get(key.removesuffix("_seconds"), 0) + value, 1
                 )
+    dispatched = dispatch(summary_of(parent, args.tracking_uri), rows)  # after the phase sums: not a phase
     result = {
         "command": "python benchmarks/bench_stages.py " + " ".join(sys.argv[1:]),
         "what": "per stage of the newest finished `kiln run` "
@@ -147,6 +185,7 @@ def main() -> None:
         "stages_seconds": round(sum(r["seconds"] for r in rows), 1),
         "phase_totals_seconds": phase_totals,
         "largest_costs": [{"stage": s, "phase": p, "seconds": v} for s, p, v in costs[:5]],
+        "dispatch": dispatched,
         "stages": rows,
     }
     if args.calibration:
@@ -155,7 +194,14 @@ def main() -> None:
         json.dumps(
             {
                 k: result[k]
-                for k in ("kiln_run", "stages_seconds", "phase_totals_seconds", "largest_costs", "machine_speed")
+                for k in (
+                    "kiln_run",
+                    "stages_seconds",
+                    "phase_totals_seconds",
+                    "largest_costs",
+                    "dispatch",
+                    "machine_speed",
+                )
                 if k in result
             },
             indent=2,
@@ -231,6 +277,9 @@ def comparison(before: dict, after: dict, path: Path, partial: bool = False) -> 
             "wall_minutes_after": wall_after,
             "wall_change_percent": round(100 * (wall_after - wall_before) / wall_before, 1),
         }
+    if before.get("dispatch") and after.get("dispatch"):
+        result["dispatch_median_seconds_before"] = before["dispatch"]["median_seconds"]
+        result["dispatch_median_seconds_after"] = after["dispatch"]["median_seconds"]
     if "machine_speed" in before or "machine_speed" in after:
         # Beside the wall times, not folded into them: how far a whole run scales with this ratio is not measured.
         result["machine_speed_before"] = before.get("machine_speed", {}).get("geomean_ratio")

@@ -53,3 +53,20 @@ def test_machine_speed_is_the_geometric_mean_of_the_ratios_to_the_committed_benc
     (tmp_path / "c.json").write_text(json.dumps({"results": [{"model": "gpt", "tokens_per_s": 1.0}]}))
     with pytest.raises(SystemExit, match="c.json: no model"):
         bench_stages.machine_speed([tmp_path / "c.json"])
+
+
+def test_dispatch_is_each_stage_task_time_less_its_run_and_skips_what_did_not_run():
+    summary = "\n".join(
+        [
+            "| stage | status | seconds | detail |",
+            "|---|---|---:|---|",
+            "| corpus | ran | 15.80 |  |",
+            "| ngram | up to date | 0.90 |  |",
+            "| lm@lstm | ran | 147.20 |  |",
+            "| lm@s4d | failed | 3.00 | RuntimeError: x \\| y |",
+        ]
+    )
+    rows = [{"stage": "corpus", "wall_seconds": 0.7}, {"stage": "lm@lstm", "wall_seconds": 117.3}]
+    assert bench_stages.dispatch(summary, rows) == {"stages": 2, "total_seconds": 45.0, "median_seconds": 22.5}
+    assert rows[1] == {"stage": "lm@lstm", "wall_seconds": 117.3, "task_seconds": 147.2, "dispatch_seconds": 29.9}
+    assert bench_stages.dispatch(summary, [{"stage": "other", "wall_seconds": 1.0}]) == {}
