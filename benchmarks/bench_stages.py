@@ -12,7 +12,10 @@ time and each stage's seconds beside that run's.
 
 Beside the stages' own seconds, `dispatch` is what `kiln run` spent around each of them: the stage's task time
 in the run's summary table (`summary.md` on the parent run) less its MLflow run's wall time, i.e. DVC's status,
-output removal and commit, and the `kiln stage` process's start-up and imports.
+output removal and commit, and the `kiln stage` process's start-up and imports. `schedule` replays those
+task times on the DAG with `runtime.max_parallel` slots: the wall time in dvc.yaml's dependency order (what
+`kiln run` did before it ranked stages) and in critical-path order (what it does now, flows/dvc_graph.py),
+beside the bound no order beats (the longest chain, or the task seconds spread over the slots).
 
 `--calibration FILE` (repeatable) embeds outputs of `benchmarks/bench_lm.py --steps 30 --warmup 5` taken beside
 the run: that fixed benchmark's tokens/s against the committed `benchmarks/results/lm.json`. Machines of one kind,
@@ -32,6 +35,7 @@ of a whole run, so no wall-time change is computed.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import statistics
@@ -124,6 +128,45 @@ def dispatch(summary_md: str, rows: list[dict]) -> dict:
     }
 
 
+def makespan(order: list[str], upstream: dict[str, list[str]], seconds: dict[str, float], slots: int) -> float:
+    """The wall seconds of `kiln run`'s scheduler (flows/pipeline.py) on stages that take `seconds`: whenever a
+    slot is free, it starts the first stage of `order` whose upstream stages have all finished."""
+    finished: dict[str, float] = {}
+    running: list[tuple[float, str]] = []  # (end, stage), a heap
+    waiting, now = list(order), 0.0
+    while waiting or running:
+        for name in [n for n in waiting if all(finished.get(u, math.inf) <= now for u in upstream[n])]:
+            if len(running) == slots:
+                break
+            waiting.remove(name)
+            heapq.heappush(running, (now + seconds.get(name, 0.0), name))
+        now, name = heapq.heappop(running)
+        finished[name] = now
+    return now
+
+
+def schedule(rows: list[dict], slots: int) -> dict:
+    """`makespan` of the rows' task seconds in dependency order and in critical-path order, in minutes."""
+    from flows.dvc_graph import critical_path_order, stage_order
+
+    order, upstream = stage_order(ROOT)
+    seconds = {r["stage"]: r["task_seconds"] for r in rows if "task_seconds" in r}
+    if set(seconds) != set(order):
+        return {}
+    chain = {}
+    for name in reversed(order):
+        chain[name] = seconds[name] + max((chain[d] for d in order if name in upstream[d]), default=0.0)
+    bound = max(max(chain.values()), sum(seconds.values()) / slots)
+    return {
+        "slots": slots,
+        "dependency_order_minutes": round(makespan(order, upstream, seconds, slots) / 60, 1),
+        "critical_path_minutes": round(
+            makespan(critical_path_order(order, upstream, seconds), upstream, seconds, slots) / 60, 1
+        ),
+        "lower_bound_minutes": round(bound / 60, 1),
+    }
+
+
 def summary_of(parent, tracking_uri: str) -> str:
     import mlflow
 
@@ -140,6 +183,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.json")
     parser.add_argument("--compare", type=Path, help="an earlier output of this script: the run to compare with")
     parser.add_argument("--partial", action="store_true", help="the newest run, even if it ran only some stages")
+    parser.add_argument("--slots", type=int, help="stages at once in `schedule` (default: runtime.max_parallel)")
     parser.add_argument(
         "--calibration", type=Path, action="append", default=[], help="a bench_lm.py output taken beside the run"
     )
@@ -168,6 +212,9 @@ def main() -> None:
                     phase_totals.get(key.removesuffix("_seconds"), 0) + value, 1
                 )
     dispatched = dispatch(summary_of(parent, args.tracking_uri), rows)  # after the phase sums: not a phase
+    from tasks.runtime import load_runtime
+
+    slots = args.slots or load_runtime(ROOT / "params").max_parallel
     result = {
         "command": "python benchmarks/bench_stages.py " + " ".join(sys.argv[1:]),
         "what": "per stage of the newest finished `kiln run` "
@@ -186,6 +233,7 @@ def main() -> None:
         "phase_totals_seconds": phase_totals,
         "largest_costs": [{"stage": s, "phase": p, "seconds": v} for s, p, v in costs[:5]],
         "dispatch": dispatched,
+        "schedule": {} if args.partial else schedule(rows, slots),
         "stages": rows,
     }
     if args.calibration:
@@ -200,6 +248,7 @@ def main() -> None:
                     "phase_totals_seconds",
                     "largest_costs",
                     "dispatch",
+                    "schedule",
                     "machine_speed",
                 )
                 if k in result

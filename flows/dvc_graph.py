@@ -153,6 +153,22 @@ def _order_in(repo: Repo, targets: list[str] | None) -> tuple[list[str], dict[st
     return order, upstream
 
 
+def critical_path_order(order: list[str], upstream: dict[str, list[str]], seconds: dict[str, float]) -> list[str]:
+    """`order` (dependencies first) re-ranked by each stage's critical path: its own `seconds` plus the
+    longest chain of stages that wait on it (list scheduling's highest-level-first rule). When fewer slots
+    than ready stages, starting the stage that holds up the most work first keeps the last slots from idling
+    behind one long chain. A stage without `seconds` counts 0; ties keep `order`, and the result still lists
+    dependencies first (a stage's path is never shorter than a dependent's)."""
+    downstream: dict[str, list[str]] = {name: [] for name in order}
+    for name in order:
+        for up in upstream[name]:
+            downstream[up].append(name)
+    path: dict[str, float] = {}
+    for name in reversed(order):
+        path[name] = max(seconds.get(name, 0.0), 0.0) + max((path[d] for d in downstream[name]), default=0.0)
+    return sorted(order, key=lambda name: -path[name])  # stable: ties in `order`'s order
+
+
 def stale_reasons(root: Path, name: str) -> list[str]:
     """Why DVC considers stage `name` changed (empty: up to date), params down to the changed key."""
     return stale_reasons_of(root, [name])[name]

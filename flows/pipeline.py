@@ -37,11 +37,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_graph import _dvc, _open_repo, released_repo_lock, stage_order, stale_reasons
+from flows.dvc_graph import _dvc, _open_repo, critical_path_order, released_repo_lock, stage_order, stale_reasons
 from flows.factory import stage_flow
 from tasks.runtime import RuntimeConfig, StageEnv, stage_env
 from tasks.threads import PARALLEL_ENV
-from tasks.tracking import PARENT_RUN_ENV, log_pipeline_stages, pipeline_run
+from tasks.tracking import PARENT_RUN_ENV, last_stage_seconds, log_pipeline_stages, pipeline_run
 
 Status = Literal["ran", "up to date", "failed", "skipped"]
 
@@ -216,8 +216,10 @@ def _reproduce_in_order(
 def _reproduce_in_parallel(
     env: StageEnv, order: list[str], upstream: dict[str, list[str]], retrying, force: bool = False
 ) -> list[StageOutcome]:
-    """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once; a
-    stage whose upstream failed or was skipped is skipped. Stage flows run as subprocesses."""
+    """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once, the
+    ready stage with the longest critical path first (its seconds and its dependents' from their last runs
+    in the tracking store; dvc.yaml's order without them); a stage whose upstream failed or was skipped is
+    skipped. Stage flows run as subprocesses."""
     from prefect.futures import as_completed
 
     # What the stage subprocesses need from this run; a Dask worker's environment predates the parent run.
@@ -229,7 +231,8 @@ def _reproduce_in_parallel(
     child_env[PARALLEL_ENV] = str(env.runtime.max_parallel)  # each stage sizes its threads to its share
     outcomes: dict[str, StageOutcome] = {}
     running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
-    waiting = list(order)
+    seconds = last_stage_seconds(env.runtime.tracking_uri(), env.root, env.runtime.profile)
+    waiting = critical_path_order(order, upstream, seconds)  # still dependencies first
     while waiting or running:
         for name in list(waiting):  # in dependency order, so a skip reaches its dependents in this pass
             if len(running) >= env.runtime.max_parallel:

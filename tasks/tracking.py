@@ -404,6 +404,27 @@ def pipeline_view_url(tracking_uri: str, ui_url: str) -> str | None:
         return None
 
 
+def last_stage_seconds(tracking_uri: str, root: Path, profile: str) -> dict[str, float]:
+    """Stage name -> `stage_seconds` of its newest finished run on `profile` in this store: what `kiln run`
+    ranks parallel stages by. {} when the store has none (an sqlite store that does not exist stays so) or
+    cannot be read: the ranking is a convenience, never a reason to fail a run."""
+    uri = resolve_tracking_uri(tracking_uri, root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {}
+    try:
+        check_tracking_server(uri)  # seconds, not MLflow's minutes of HTTP retries
+        client = MlflowClient(uri)
+        ids = kiln_experiment_ids(client)
+        query = f"attributes.status = 'FINISHED' and tags.`kiln.profile` = '{profile}' and metrics.stage_seconds >= 0"
+        runs = client.search_runs(ids, query, order_by=["attributes.start_time DESC"], max_results=5000) if ids else []
+    except Exception:
+        return {}
+    seconds: dict[str, float] = {}
+    for run in runs:
+        seconds.setdefault(run.data.tags.get("kiln.stage", run.info.run_name), run.data.metrics["stage_seconds"])
+    return seconds
+
+
 def stage_runs_of(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
     """Stage name -> the newest run nested under `parent_run_id` (a retried stage has one run per attempt)."""
     ids = kiln_experiment_ids(client)

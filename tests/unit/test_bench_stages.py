@@ -70,3 +70,17 @@ def test_dispatch_is_each_stage_task_time_less_its_run_and_skips_what_did_not_ru
     assert bench_stages.dispatch(summary, rows) == {"stages": 2, "total_seconds": 45.0, "median_seconds": 22.5}
     assert rows[1] == {"stage": "lm@lstm", "wall_seconds": 117.3, "task_seconds": 147.2, "dispatch_seconds": 29.9}
     assert bench_stages.dispatch(summary, [{"stage": "other", "wall_seconds": 1.0}]) == {}
+
+
+def test_the_replayed_scheduler_starts_ready_stages_in_list_order_and_critical_path_order_wins():
+    from flows.dvc_graph import critical_path_order
+
+    # two 5 s stages listed first, and a chain L1 (1 s) -> L2 (10 s); two slots
+    order, upstream = ["s1", "s2", "L1", "L2"], {"s1": [], "s2": [], "L1": [], "L2": ["L1"]}
+    seconds = {"s1": 5.0, "s2": 5.0, "L1": 1.0, "L2": 10.0}
+    # s1 and s2 at 0, L1 at 5, L2 from 6 to 16
+    assert bench_stages.makespan(order, upstream, seconds, 2) == 16.0
+    ranked = critical_path_order(order, upstream, seconds)
+    # L1 and s1 at 0, L2 from 1 to 11 beside s1 then s2 (5 to 10)
+    assert ranked == ["L1", "L2", "s1", "s2"] and bench_stages.makespan(ranked, upstream, seconds, 2) == 11.0
+    assert bench_stages.makespan(order, upstream, seconds, 1) == 21.0  # one slot: the sum, in any order

@@ -19,6 +19,7 @@ from tasks.model_logging import log_stage_models, model_logger
 from tasks.spec import StageContext
 from tasks.text.corpus import vocab_digest
 from tasks.tracking import (
+    last_stage_seconds,
     log_pipeline_stages,
     pipeline_run,
     pipeline_view_route,
@@ -152,3 +153,23 @@ def test_the_pipeline_run_lists_and_links_its_stage_runs_across_experiments(stor
 def test_no_pipeline_view_for_a_store_that_does_not_exist(tmp_path):
     assert pipeline_view_url(f"sqlite:///{tmp_path / 'none.db'}", "http://127.0.0.1:5000") is None
     assert not (tmp_path / "none.db").exists()
+
+
+def test_last_stage_seconds_are_each_stages_newest_finished_run_on_the_profile(store, tmp_path):
+    assert last_stage_seconds(store, tmp_path, "default") == {}  # no store yet, and none is created
+    assert not (tmp_path / "mlflow.db").exists()
+    for stage, profile, seconds in [
+        ("lm@lstm", "default", 50.0),
+        ("lm@lstm", "default", 40.0),
+        ("ngram", "smoke", 2.0),
+    ]:
+        with stage_run(stage, "text", tmp_path, store, profile, {}) as run:
+            run.log_metrics({"stage_seconds": seconds})
+    with pytest.raises(RuntimeError), stage_run("lm@lstm", "text", tmp_path, store, "default", {}) as run:
+        run.log_metrics({"stage_seconds": 1.0})
+        raise RuntimeError("failed runs do not count")
+    with stage_run("corpus", "text", tmp_path, store, "default", {}):
+        pass  # no stage_seconds: not counted
+    assert last_stage_seconds(store, tmp_path, "default") == {"lm@lstm": 40.0}
+    assert last_stage_seconds(store, tmp_path, "smoke") == {"ngram": 2.0}
+    assert last_stage_seconds("http://127.0.0.1:9", tmp_path, "default") == {}  # unreachable: no ranking
