@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from models.detection.coco_eval import STAT_NAMES, evaluate_coco  # noqa: E402
 
 GOAL_SPEEDUP = 5.0
@@ -180,9 +180,7 @@ def main() -> None:
         "goal": {"min_speedup": GOAL_SPEEDUP, "met": bool(speedup >= GOAL_SPEEDUP)},
     }
     print(f"speed-up {speedup:.1f}x (goal {GOAL_SPEEDUP:.0f}x); max |diff| {max(diffs.values()):.1e}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 def _version(dist: str) -> str | None:

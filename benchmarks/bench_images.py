@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from benchmarks.timing import seconds  # noqa: E402  (after the path insert that makes it importable)
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     if args.only in (None, "guidance"):
         results["guidance"] = guidance_section(params, unet, n)
     if args.only:
-        write(args.out, results)
+        write_json(args.out, results)
         return
     rf = RectifiedFlow(section_config(params, "dit_rf"))
     ddpm = GaussianDiffusion(section_config(params, "ddpm"))
@@ -205,7 +206,7 @@ def main() -> None:
         f"encoding on the fly ({t_fly / t_cache:.2f}x)"
     )
 
-    write(args.out, results)
+    write_json(args.out, results)
     np.testing.assert_allclose(fid_results["d32"]["fid_ours"], fid_results["d32"]["fid_torchmetrics"], rtol=1e-3)
 
 
@@ -306,12 +307,6 @@ def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 2
     rows["speedup_sample"] = rows["nhwc"]["sample_images_per_s"] / rows["nchw"]["sample_images_per_s"]
     sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
     return {**sizes, "rounds": rounds, **rows}
-
-
-def write(out: Path, results: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

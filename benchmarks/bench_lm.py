@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
+
 
 def lm_training_step(name: str, vocab_size: int, after_step: Callable[[], None] | None = None):
     """One optimizer step of LM `name` at the committed size on fixed random tokens: (step, tokens per
@@ -107,8 +109,7 @@ def main() -> None:
         "results": results,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

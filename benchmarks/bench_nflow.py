@@ -15,7 +15,6 @@ is not 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from benchmarks.timing import seconds  # noqa: E402  (after the path insert that makes it importable)
 
 
@@ -103,9 +103,7 @@ def main() -> None:
     likelihood.update(images=k, rk4_steps=args.likelihood_steps)
     results["cnf_likelihood"] = likelihood
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

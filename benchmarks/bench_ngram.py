@@ -48,6 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from models.text.tokenizer import BOS_ID, EOS_ID, SPECIALS, build_vocab, encode, tokenize_document  # noqa: E402
 
 SUFFIXES = (".py", ".rst", ".txt")
@@ -485,9 +486,7 @@ def main() -> None:
             f"{nltk['tokens_per_s']:.0f} tokens/s; "
             f"ours/nltk {result['speedup_tokens_per_s_ours_over_nltk']:.0f}x"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

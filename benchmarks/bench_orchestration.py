@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from tests.pipeline.helpers import copy_project, set_params, sh, summary  # noqa: E402
 
 
@@ -81,8 +82,7 @@ def main() -> None:
             "kiln_run_wall_s_median": statistics.median(walls),
             "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
+
 # The default run's LM stages, pairwise as a two-wide scheduler meets them, and each beside itself.
 PAIRS = (
     ("lstm", "transformer"),
@@ -108,8 +110,7 @@ def main() -> None:
         "pairs": pairs,
         "machine": {"cores": cores, "python": platform.python_version()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

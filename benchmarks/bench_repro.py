@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from tests.pipeline import helpers  # noqa: E402
 from tests.pipeline.helpers import copy_project, sh, summary  # noqa: E402
 
@@ -84,8 +85,7 @@ def main() -> None:
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
     }
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
+
 
 def run_case(case: dict) -> dict:
     """Runs in a child process: build inputs, measure one run's peak RSS, then time the repeats."""
@@ -176,9 +178,7 @@ def main() -> None:
             "met_cpu_time": cpu[target_key] >= 5.0 if target_key in cpu else None,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

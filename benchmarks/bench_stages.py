@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from tasks.phases import PHASES  # noqa: E402  (after the path: the script runs from anywhere)
 
 # A run from before the phase clock: the timings its stage logged, grouped; the rest is "other".
@@ -259,8 +260,7 @@ def main() -> None:
     if args.compare:
         result["compared_with"] = comparison(json.loads(args.compare.read_text()), result, args.compare, args.partial)
         print(json.dumps({k: v for k, v in result["compared_with"].items() if k != "stages"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 def machine_speed(paths: list[Path]) -> dict:

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
+
 POLICIES = ("torch", "one", "kiln", "kiln-passive")
 HOG = "while True: pass"
 
@@ -112,8 +114,7 @@ def main() -> None:
         "results": results,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
