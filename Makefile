@@ -101,7 +101,6 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
 	$(BIN)/python benchmarks/bench_repro.py --out benchmarks/results/repro.json
-	$(BIN)/python benchmarks/bench_dvc_ops.py --out benchmarks/results/dvc_ops.json
 	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json
 	$(BIN)/python benchmarks/bench_threads.py --out benchmarks/results/threads.json
@@ -111,13 +110,15 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_nflow.py --out benchmarks/results/nflow.json
 
 # The stage profile: every stage of the params' profile once (about an hour on the default profile, on idle
-# cores), then each stage's seconds split by the phases it logs (benchmarks/results/stages.json).
+# cores), then each stage's seconds split by the phases it logs (benchmarks/results/stages.json), and the
+# benchmarks that need the built default pipeline (the mAP bootstrap, DVC's steps on its dvc.lock).
 # A fixed LM benchmark before and after the run says how fast the machine ran that day (bench_stages.py).
 bench-stages: install-dev
 	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_before.json
 	$(BIN)/kiln run --force
 	$(BIN)/python benchmarks/bench_lm.py --steps 30 --warmup 5 --out benchmarks/results/calibration_after.json
 	$(BIN)/python benchmarks/bench_map_bootstrap.py --out benchmarks/results/map_bootstrap.json
+	$(BIN)/python benchmarks/bench_dvc_ops.py --out benchmarks/results/dvc_ops.json
 	$(BIN)/python benchmarks/bench_stages.py --out benchmarks/results/stages.json \
 	  --calibration benchmarks/results/calibration_before.json --calibration benchmarks/results/calibration_after.json
 
