@@ -150,10 +150,7 @@ class TrainResult:
     steps: int
     resumed_from: int  # 0: a fresh start
     history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
-    # Over every step trained, a run resumed from a checkpoint included (the checkpoint carries the totals so
-    # far): a rerun that resumes at the last step reports the run's throughput, not 0 items in 0 seconds.
     train_seconds: float = 0.0
-    items: int = 0
     items_per_second: float = 0.0
     weights: Literal["raw", "ema"] = "raw"  # what the returned model and every evaluation hold
 
@@ -296,7 +293,6 @@ class _Loop:
     desc: str
     item_name: str
     ema: WeightEMA | None = None
-    throughput: _Throughput | None = None  # set once resumed, so its clock starts with the first step
 
 
 def _is_due(done: int, every: int, cfg: TrainConfig) -> bool:
@@ -337,8 +333,6 @@ def _resume(loop: _Loop) -> None:
         loop.generator.set_state(state["batch_rng"])
         loop.result.resumed_from = int(state["step"])
         loop.result.history = list(state["history"])
-        loop.result.train_seconds = float(state.get("train_seconds", 0.0))
-        loop.result.items = int(state.get("train_items", 0))
         print(f"{desc}: resuming from {checkpoint} at step {loop.result.resumed_from}")
     else:
         print(f"{desc}: {checkpoint} was made by another configuration or data; starting afresh")
@@ -406,12 +400,9 @@ def _train_step(
 
 @dataclass
 class _Throughput:
-    """Items per second over the whole run and over the window since the last log; `prior_*` are what a
-    resumed run had trained before its checkpoint."""
+    """Items per second over the whole run and over the window since the last log."""
 
     items_per_batch: int
-    prior_seconds: float = 0.0
-    prior_items: int = 0
     start: float = field(default_factory=time.perf_counter)
     items: int = 0
     window_start: float = field(default_factory=time.perf_counter)
@@ -420,12 +411,6 @@ class _Throughput:
     def add_batch(self) -> None:
         self.items += self.items_per_batch
         self.window_items += self.items_per_batch
-
-    def total_seconds(self) -> float:
-        return self.prior_seconds + time.perf_counter() - self.start
-
-    def total_items(self) -> int:
-        return self.prior_items + self.items
 
     def window_rate(self) -> float:
         """The rate since the previous call (or the start), which opens a new window."""
@@ -471,8 +456,6 @@ def _save_checkpoint(loop: _Loop, step: int) -> None:
                     "torch_rng": torch.get_rng_state(),
                     "batch_rng": loop.generator.get_state(),
                     "history": loop.result.history,
-                    "train_seconds": loop.throughput.total_seconds() if loop.throughput else 0.0,
-                    "train_items": loop.throughput.total_items() if loop.throughput else 0,
                     **({"ema": loop.ema.state_dict()} if loop.ema is not None else {}),
                 },
                 tmp,
@@ -531,7 +514,7 @@ def train(
     net = _data_parallel(model, loss_fn, device) if ddp is not None else None
 
     model.train()
-    throughput = loop.throughput = _Throughput(items_per_batch, loop.result.train_seconds, loop.result.items)
+    throughput = _Throughput(items_per_batch)
     bar = _progress_bar(loop)
     for step in bar:
         lr, loss, grad_norm = _train_step(loop, step, next_batch, loss_fn, net)
@@ -548,8 +531,8 @@ def train(
             _save_checkpoint(loop, done)
     bar.close()
     result = loop.result
-    result.train_seconds, result.items = throughput.total_seconds(), throughput.total_items()
-    result.items_per_second = result.items / max(result.train_seconds, 1e-9)
+    result.train_seconds = time.perf_counter() - throughput.start
+    result.items_per_second = throughput.items / max(result.train_seconds, 1e-9)
     # Resumed at the last step from a checkpoint that holds no evaluation: the result still reports one.
     if result.resumed_from == cfg.steps and not result.history:
         _evaluate(loop, evaluate, cfg.steps)
