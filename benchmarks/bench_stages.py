@@ -148,16 +148,13 @@ def makespan(order: list[str], upstream: dict[str, list[str]], seconds: dict[str
 
 def schedule(rows: list[dict], slots: int) -> dict:
     """`makespan` of the rows' task seconds in dependency order and in critical-path order, in minutes."""
-    from flows.dvc_graph import critical_path_order, stage_order
+    from flows.dvc_graph import critical_path_order, critical_paths, stage_order
 
     order, upstream = stage_order(ROOT)
     seconds = {r["stage"]: r["task_seconds"] for r in rows if "task_seconds" in r}
     if set(seconds) != set(order):
         return {}
-    chain = {}
-    for name in reversed(order):
-        chain[name] = seconds[name] + max((chain[d] for d in order if name in upstream[d]), default=0.0)
-    bound = max(max(chain.values()), sum(seconds.values()) / slots)
+    bound = max(max(critical_paths(order, upstream, seconds).values()), sum(seconds.values()) / slots)
     return {
         "slots": slots,
         "dependency_order_minutes": round(makespan(order, upstream, seconds, slots) / 60, 1),

@@ -153,12 +153,9 @@ def _order_in(repo: Repo, targets: list[str] | None) -> tuple[list[str], dict[st
     return order, upstream
 
 
-def critical_path_order(order: list[str], upstream: dict[str, list[str]], seconds: dict[str, float]) -> list[str]:
-    """`order` (dependencies first) re-ranked by each stage's critical path: its own `seconds` plus the
-    longest chain of stages that wait on it (list scheduling's highest-level-first rule). When fewer slots
-    than ready stages, starting the stage that holds up the most work first keeps the last slots from idling
-    behind one long chain. A stage without `seconds` counts 0; ties keep `order`, and the result still lists
-    dependencies first (a stage's path is never shorter than a dependent's)."""
+def critical_paths(order: list[str], upstream: dict[str, list[str]], seconds: dict[str, float]) -> dict[str, float]:
+    """Each stage's critical path: its own `seconds` (0 without) plus the longest chain of stages that wait
+    on it. The largest is the shortest wall time any number of slots allows."""
     downstream: dict[str, list[str]] = {name: [] for name in order}
     for name in order:
         for up in upstream[name]:
@@ -166,6 +163,15 @@ def critical_path_order(order: list[str], upstream: dict[str, list[str]], second
     path: dict[str, float] = {}
     for name in reversed(order):
         path[name] = max(seconds.get(name, 0.0), 0.0) + max((path[d] for d in downstream[name]), default=0.0)
+    return path
+
+
+def critical_path_order(order: list[str], upstream: dict[str, list[str]], seconds: dict[str, float]) -> list[str]:
+    """`order` (dependencies first) re-ranked by `critical_paths`, longest first (list scheduling's
+    highest-level-first rule). When fewer slots than ready stages, starting the stage that holds up the most
+    work first keeps the last slots from idling behind one long chain. Ties keep `order`, and the result
+    still lists dependencies first (a stage's path is never shorter than a dependent's)."""
+    path = critical_paths(order, upstream, seconds)
     return sorted(order, key=lambda name: -path[name])  # stable: ties in `order`'s order
 
 
