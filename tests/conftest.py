@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 from tests.pipeline import helpers  # noqa: E402
 
 helpers.SHARE_PREFECT_API = True  # one Prefect API per test worker for the commands the tests start
+helpers.FORK_COMMANDS = True  # their `kiln` and `dvc` commands fork from one pre-imported process
 
 
 # The longest test files, longest first: seconds of test time per file in one `make test` run on 2 cores

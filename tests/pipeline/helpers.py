@@ -44,14 +44,38 @@ def prefect_api() -> str:
     return _PREFECT_API[0]
 
 
+_ZYGOTE: list = []
+# tests/conftest.py turns this on: `kiln` and `dvc` commands with the common environment fork from one
+# pre-imported process per test worker (tests/pipeline/zygote.py) instead of starting an interpreter each.
+FORK_COMMANDS = False
+
+
+def _forked(args: tuple[str, ...], env: Mapping[str, str] | None, full_env: Mapping[str, str]):
+    """The worker's zygote when `args` may run in it: a `kiln` or `dvc` command without variables of its own."""
+    from tests.pipeline.zygote import COMMANDS, Zygote
+
+    if not FORK_COMMANDS or env or args[0] not in COMMANDS or os.environ.get("KILN_TEST_FORK") == "0":
+        return None
+    if not _ZYGOTE or not _ZYGOTE[0].alive():
+        _ZYGOTE[:] = [Zygote(full_env)]
+    return _ZYGOTE[0]
+
+
 def sh(
     cwd: Path, *args: str, check: bool = True, stdin: str | None = None, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command in `cwd`; `env` adds to (or overrides) the tests' environment (and the worker's
-    Prefect API, under pytest)."""
+    Prefect API, under pytest). Under pytest, a `kiln` or `dvc` command without `env` forks from the
+    worker's zygote (KILN_TEST_FORK=0: a process each)."""
     shared = {"PREFECT_API_URL": prefect_api()} if SHARE_PREFECT_API else {}
     full_env = {**ENV, **shared, **(env or {})}
-    done = subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, input=stdin)
+    zygote = _forked(args, env, full_env)
+    if zygote is not None:
+        done = zygote.run(args, cwd, full_env, stdin, timeout=600)
+    else:
+        done = subprocess.run(
+            list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, input=stdin
+        )
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done

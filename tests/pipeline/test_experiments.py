@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ def project(tmp_path_factory, repo_root) -> Path:
     return project
 
 
+def follow(project: Path, name: str, timeout_s: float = 300) -> None:
+    """`dvc queue logs -f NAME`: the experiment's output until it ends. DVC refuses to follow one its worker
+    has not picked up yet ("in queue but has not been started"), so that answer is asked again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = sh(project, "dvc", "queue", "logs", "-f", name, check=False)
+        if done.returncode == 0:
+            return
+        assert "has not been started" in done.stderr and time.monotonic() < deadline, done.stderr[-3000:]
+        time.sleep(1.0)
+
+
 @pytest.fixture(scope="module")
 def sweep(project) -> str:
     for order in ORDERS:
@@ -48,8 +61,7 @@ def sweep(project) -> str:
         )
     sh(project, "dvc", "queue", "start", "-j", "1")
     for order in ORDERS:
-        # Follows the experiment's output until it ends (queued ones first wait their turn).
-        sh(project, "dvc", "queue", "logs", "-f", f"order{order}")
+        follow(project, f"order{order}")
     status = sh(project, "dvc", "queue", "status").stdout
     assert "Failed" not in status, status
     return sh(project, "git", "rev-parse", "HEAD").stdout.strip()
