@@ -1,18 +1,19 @@
 """A pre-imported process that forks one child per `kiln` or `dvc` command the tests run.
 
 A `kiln` process spends most of a smoke command importing (Prefect, MLflow, DVC, torch and the stage
-modules: about 10 s of CPU on 2 cores), and the pipeline tests start some 150 of them. This server imports
-all of that once per test worker, then forks a child for each command: the child takes the command's
-working directory, environment and standard streams, runs `flows.cli.main` or `dvc.cli.main` with its
-arguments, and exits through the interpreter as a `kiln` process would (atexit handlers, Prefect's log and
-event workers drained, the module teardown skipped), so the test sees the same output and exit status.
+modules: about 10 s of CPU on 2 cores), and the pipeline tests run such a command for almost every step
+they check. This server imports all of that once per test worker, then forks a child for each command:
+the child takes the command's working directory, environment and standard streams, runs `flows.cli.main`
+or `dvc.cli.main` with its arguments, and exits as a `kiln` process would (non-daemon threads joined, the
+atexit handlers run, so Prefect's log and event workers drain; only the teardown of every module is
+skipped), so the test sees the same output and exit status.
 
 What a fork cannot give is a fresh interpreter: anything read once at import comes from the server's start.
-`tests/pipeline/helpers.sh` therefore forks only commands run with the tests' common environment (no
+`sh` in tests/pipeline/helpers.py therefore forks only commands run with the tests' common environment (no
 variables of their own: a `PYTHONPATH` to a project's code, another Prefect API, ...); those, and every
-test that signals or kills a process, start a real one. The server serves one command at a time (a test
-worker runs one at a time) and refuses to start with a Python thread besides its main one, as a fork would
-copy a lock held by it.
+test that signals or kills a process, start a real one. The commands it forks find a `kiln` shim first on
+their PATH (`forward`), so the `kiln stage` commands that DVC runs for them are forked here too. The server
+refuses to start with a Python thread besides its main one, as a fork would copy a lock held by it.
 
     python tests/pipeline/zygote.py SOCKET   # prints "ready" on stdout once imported and listening
 """
@@ -94,25 +95,61 @@ def serve(path: str) -> None:
         sys.exit(f"zygote: {threading.active_count()} Python threads after the imports; a fork would copy their locks")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
-    listener.listen(1)
+    listener.listen(8)
+    # Each request gets a session process of its own (a fork of this one) that forks the command and waits
+    # for it, so a command may itself ask for one (`dvc repro` running `kiln stage` through the shim).
+    # Sessions are reaped by the kernel; a session sets SIGCHLD back, as its command's own children need it.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
-        with conn:
-            message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
-            request = json.loads(message)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                conn.close()
-                listener.close()
-                _run_child(request, fds)
-            for fd in fds:
-                os.close(fd)
-            conn.sendall(f"{pid}".encode())
-            _, status = os.waitpid(pid, 0)
-            conn.sendall(f"{os.waitstatus_to_exitcode(status)}".encode())
+        message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            listener.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _session(conn, json.loads(message), fds)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _session(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """Fork the command, send its PID, wait for it, send its exit status; never returns."""
+    try:
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            _run_child(request, fds)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"{pid}".encode())
+        _, status = os.waitpid(pid, 0)
+        conn.sendall(f"{os.waitstatus_to_exitcode(status)}".encode())
+    finally:
+        os._exit(0)
+
+
+def forward(path: str, real: str) -> None:
+    """The `kiln` shim that forked commands find first on PATH: this process's arguments, directory,
+    environment and streams go to the zygote, its signals to the command, and it exits as the command
+    did. Without the zygote (gone with its test worker), it becomes the real `kiln`."""
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(path)
+    except OSError:
+        os.execv(real, [real, *sys.argv[1:]])
+    request = {"argv": ["kiln", *sys.argv[1:]], "cwd": os.getcwd(), "env": dict(os.environ)}
+    socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+    pid = int(conn.recv(64))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+    code = int(conn.recv(64))
+    if code < 0:  # killed by a signal: so is this process
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 class Zygote:
@@ -134,6 +171,19 @@ class Zygote:
         if line.strip() != "ready":
             self.process.kill()
             raise RuntimeError(f"the test zygote did not start (exit {self.process.wait()})")
+        # The shim: the `kiln` that forked commands run (DVC's stage commands), itself forwarded here.
+        self.bin = os.path.join(self.home, "bin")
+        os.mkdir(self.bin)
+        shim = os.path.join(self.bin, "kiln")
+        with open(shim, "w") as out:
+            out.write(
+                f"#!{sys.executable} -S\n"  # no site-packages: the forwarding needs only the standard library
+                "import sys\n"
+                f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                "import zygote\n"
+                f"zygote.forward({self.path!r}, {os.path.join(os.path.dirname(sys.executable), 'kiln')!r})\n"
+            )
+        os.chmod(shim, 0o755)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -150,7 +200,8 @@ class Zygote:
             inp.write(stdin or "")
             inp.flush()
             inp.seek(0)
-            request = {"argv": list(argv), "cwd": str(cwd), "env": dict(env)}
+            path = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"  # the stages it runs go through the shim
+            request = {"argv": list(argv), "cwd": str(cwd), "env": {**env, "PATH": path}}
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
                 conn.connect(self.path)
                 socket.send_fds(conn, [json.dumps(request).encode()], [inp.fileno(), out.fileno(), err.fileno()])
