@@ -32,16 +32,17 @@ def project(tmp_path_factory, repo_root) -> Path:
     return project
 
 
-def follow(project: Path, name: str, timeout_s: float = 300) -> None:
-    """`dvc queue logs -f NAME`: the experiment's output until it ends. DVC refuses to follow one its worker
-    has not picked up yet ("in queue but has not been started"), so that answer is asked again."""
+def wait_for_queue(project: Path, experiments: int, timeout_s: float = 600) -> str:
+    """`dvc queue status` once its worker has ended `experiments` experiments (Success or Failed). Polled:
+    `dvc queue logs -f` cannot wait for an experiment the worker has not picked up yet (DVC answers "in
+    queue but has not been started", or "not a valid queued experiment name" while it moves it)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        done = sh(project, "dvc", "queue", "logs", "-f", name, check=False)
-        if done.returncode == 0:
-            return
-        assert "has not been started" in done.stderr and time.monotonic() < deadline, done.stderr[-3000:]
-        time.sleep(1.0)
+        status = sh(project, "dvc", "queue", "status").stdout
+        if status.count("Success") + status.count("Failed") >= experiments:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(2.0)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,7 @@ def sweep(project) -> str:
             f"params/lm.yaml:ngram.order={order}",
         )
     sh(project, "dvc", "queue", "start", "-j", "1")
-    for order in ORDERS:
-        follow(project, f"order{order}")
-    status = sh(project, "dvc", "queue", "status").stdout
+    status = wait_for_queue(project, len(ORDERS))
     assert "Failed" not in status, status
     return sh(project, "git", "rev-parse", "HEAD").stdout.strip()
 
