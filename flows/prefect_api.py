@@ -39,7 +39,7 @@ from tasks.processes import process_alive
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the forked child before exec: SIGTERM when the parent dies (a no-op off Linux)."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -70,7 +70,7 @@ def _server_class():
             popen = subprocess.Popen
 
             def with_parent_death(*args, **kwargs):
-                return popen(*args, preexec_fn=_die_with_parent, **kwargs)
+                return popen(*args, preexec_fn=die_with_parent, **kwargs)
 
             # Prefect builds the server's command line itself; only the spawn is wrapped.
             with mock.patch.object(subprocess, "Popen", with_parent_death):

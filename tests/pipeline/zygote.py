@@ -159,13 +159,15 @@ class Zygote:
         self.env = dict(env)
         self.home = tempfile.mkdtemp(prefix="kiln-zygote-")
         self.path = os.path.join(self.home, "socket")
+        from flows.prefect_api import die_with_parent  # not at the top: the shim imports this module bare
+
         self.process = subprocess.Popen(
             [sys.executable, __file__, self.path],
             cwd=self.home,
             env=self.env,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # the server ends with the test worker that started it
         )
         line = self.process.stdout.readline()
         if line.strip() != "ready":
@@ -218,14 +220,6 @@ class Zygote:
             out.seek(0)
             err.seek(0)
             return subprocess.CompletedProcess(list(argv), code, out.read(), err.read())
-
-
-def _die_with_parent() -> None:
-    """The server ends with the test worker that started it (prctl(PR_SET_PDEATHSIG); Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 if __name__ == "__main__":
