@@ -13,10 +13,12 @@ with a summary table (stdout, a Prefect markdown artifact, the MLflow parent run
 With `runtime.max_parallel` > 1, up to that many independent stages run at once (a stage starts when all
 its upstream stages finished), submitted to the flow's task runner: Prefect's thread pool, or Dask
 (`runtime.task_runner: dask`). A stage's flow then runs as a `kiln stage` subprocess, never in this
-process: torch's and numpy's global RNGs, which seed model initialisation and dropout, are process-wide,
-so two training stages in threads of one process would draw from each other's streams and their outputs
-would differ from a serial run's. DVC's steps (the status check, removing outputs, the commit that writes
-dvc.lock) stay in this process and run one at a time; a DVC lock held by another process is retried.
+process (with the thread runner, a child forked from one pre-imported process per run, flows/forkserver.py,
+which saves each stage its imports): torch's and numpy's global RNGs, which seed model initialisation and
+dropout, are process-wide, so two training stages in threads of one process would draw from each other's
+streams and their outputs would differ from a serial run's. DVC's steps (the status check, removing outputs,
+the commit that writes dvc.lock) stay in this process and run one at a time; a DVC lock held by another
+process is retried.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +42,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_graph import _dvc, _open_repo, critical_path_order, released_repo_lock, stage_order, stale_reasons
 from flows.factory import stage_flow
+from flows.forkserver import ForkServer
+from flows.forkserver import enabled as forkserver_enabled
 from tasks.runtime import RuntimeConfig, StageEnv, stage_env
 from tasks.threads import PARALLEL_ENV
 from tasks.tracking import PARENT_RUN_ENV, last_stage_seconds, log_pipeline_stages, pipeline_run
@@ -82,6 +87,32 @@ def _commit(root: Path, name: str) -> None:
         repo.commit(name, force=True)
 
 
+def _child_environment(child_env: dict[str, str] | None) -> dict[str, str]:
+    """A stage subprocess's environment: this one, `child_env` on top, this interpreter's bin folder first."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **(child_env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+# The fork server of the parallel run in progress in this process (flows/forkserver.py); empty otherwise, and
+# in a Dask worker, whose stages start as processes.
+_FORK_SERVER: list[ForkServer] = []
+
+
+@contextmanager
+def _fork_server(root: Path, child_env: dict[str, str]) -> Iterator[None]:
+    """The run's stages fork from one pre-imported process, started by the first stage that runs; with the
+    thread task runner only (a Dask worker is another process)."""
+    if not forkserver_enabled():
+        yield
+        return
+    with ForkServer(_child_environment(child_env), root) as server:
+        _FORK_SERVER[:] = [server]
+        try:
+            yield
+        finally:
+            _FORK_SERVER.clear()
+
+
 @task(name="reproduce-stage", cache_policy=NO_CACHE)
 def reproduce_stage(
     root: Path, name: str, isolated: bool = False, child_env: dict[str, str] | None = None, force: bool = False
@@ -94,15 +125,23 @@ def reproduce_stage(
         return "up to date"
     print(f"{name} is stale: {'; '.join(reasons[:5])}")
     in_process = _dvc(lambda: _prepare(root, name))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, **(child_env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = _child_environment(child_env)
     if in_process and not isolated:
         stage_flow(in_process)()
         _dvc(lambda: _commit(root, name))
     elif in_process:
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "stage", in_process], cwd=root, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"kiln stage {in_process} exited with {done.returncode}")
+        server = _FORK_SERVER[0] if _FORK_SERVER else None
+        if server is not None and server.ready():
+            print(f"{name}: forked from the run's pre-imported process (pid {server.process.pid})")
+            code = server.run(["kiln", "stage", in_process], root, env)
+        else:  # a Dask worker, or KILN_FORKSERVER=0, or the server did not start
+            if server is not None:
+                print(f"{name}: the fork server is not running; the stage starts as a process of its own")
+            code = subprocess.run(
+                [sys.executable, "-m", "flows.cli", "stage", in_process], cwd=root, env=env
+            ).returncode
+        if code != 0:
+            raise RuntimeError(f"kiln stage {in_process} exited with {code}")
         _dvc(lambda: _commit(root, name))
     else:
         # Not a kiln flow: let DVC run the command itself. The child reuses this run's Prefect API.
@@ -230,32 +269,34 @@ def _reproduce_in_parallel(
     }
     child_env[PARALLEL_ENV] = str(env.runtime.max_parallel)  # each stage sizes its threads to its share
     outcomes: dict[str, StageOutcome] = {}
-    running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
     seconds = last_stage_seconds(env.runtime.tracking_uri(), env.root, env.runtime.profile)
     waiting = critical_path_order(order, upstream, seconds)  # still dependencies first
-    while waiting or running:
-        for name in list(waiting):  # in dependency order, so a skip reaches its dependents in this pass
-            if len(running) >= env.runtime.max_parallel:
-                break
-            if any(u not in outcomes for u in upstream[name]):
+    running: dict[object, tuple[str, float]] = {}  # future -> (stage, start)
+    # Stages fork from one pre-imported process (thread runner only: a Dask worker is another process).
+    with _fork_server(env.root, child_env) if env.runtime.task_runner == "thread" else nullcontext():
+        while waiting or running:
+            for name in list(waiting):  # in dependency order, so a skip reaches its dependents in this pass
+                if len(running) >= env.runtime.max_parallel:
+                    break
+                if any(u not in outcomes for u in upstream[name]):
+                    continue
+                waiting.remove(name)
+                blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
+                if blocked:
+                    outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
+                    continue
+                future = retrying.with_options(task_run_name=f"stage:{name}").submit(
+                    env.root, name, isolated=True, child_env=child_env, force=force
+                )
+                running[future] = (name, time.perf_counter())
+            if not running:
                 continue
-            waiting.remove(name)
-            blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
-            if blocked:
-                outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
-                continue
-            future = retrying.with_options(task_run_name=f"stage:{name}").submit(
-                env.root, name, isolated=True, child_env=child_env, force=force
+            future = next(iter(as_completed(list(running))))
+            name, start = running.pop(future)
+            future.wait()
+            outcomes[name] = _outcome(
+                name, future.state, time.perf_counter() - start, lambda: future.result(raise_on_failure=False)
             )
-            running[future] = (name, time.perf_counter())
-        if not running:
-            continue
-        future = next(iter(as_completed(list(running))))
-        name, start = running.pop(future)
-        future.wait()
-        outcomes[name] = _outcome(
-            name, future.state, time.perf_counter() - start, lambda: future.result(raise_on_failure=False)
-        )
     return [outcomes[name] for name in order]
 
 

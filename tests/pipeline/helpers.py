@@ -71,7 +71,7 @@ def sh(
     full_env = {**ENV, **shared, **(env or {})}
     zygote = _forked(args, env, full_env)
     if zygote is not None:
-        done = zygote.run(args, cwd, full_env, stdin, timeout=600)
+        done = zygote.capture(args, cwd, full_env, stdin, timeout=600)
     else:
         done = subprocess.run(
             list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, input=stdin

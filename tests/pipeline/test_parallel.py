@@ -1,10 +1,11 @@
 """Parallel stages, in a copy of the project on the smoke profile with `runtime.max_parallel: 2`: independent
-branches overlap in time, DVC ends as clean as after a serial run, a second run executes nothing; the
-same through Prefect's Dask task runner on a local cluster.
+branches overlap in time, the stages fork from the run's pre-imported process, DVC ends as clean as after a
+serial run, a second run executes nothing; the same through Prefect's Dask task runner on a local cluster.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,7 @@ STAGES = {"corpus", "ngram", "scenes"}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, repo_root) -> Path:
-    # The smoke profile runs one stage at a time (each parallel stage pays a Python start-up); this copy
+    # The smoke profile runs one stage at a time (a parallel run pays its fork server's imports); this copy
     # allows two.
     project = smoke_project(repo_root, tmp_path_factory.mktemp("kiln") / "repo")
     set_params(project, "runtime.yaml", "runtime", max_parallel=2)
@@ -49,6 +50,18 @@ def test_independent_branches_overlap_in_time(project, first_run):
     overlap_ms = min(text[1], scenes[1]) - max(text[0], scenes[0])
     print(f"text branch {text}, scenes {scenes}: overlap {overlap_ms} ms")
     assert overlap_ms > 0, f"corpus -> ngram {text} and scenes {scenes} did not overlap"
+
+
+def test_the_stages_fork_from_one_pre_imported_process(first_run):
+    """flows/forkserver.py: one server per run; a server that failed to start would leave the stages to start
+    as processes, which the run says instead."""
+    log = first_run.stdout + first_run.stderr
+    found = {
+        s: re.search(rf"{re.escape(s)}: forked from the run's pre-imported process \(pid (\d+)\)", log) for s in STAGES
+    }
+    assert all(found.values()), log[-4000:]
+    assert len({match.group(1) for match in found.values()}) == 1
+    assert "fork server is not running" not in log
 
 
 def test_dvc_is_clean_as_after_a_serial_repro_and_a_second_run_executes_nothing(project, first_run, tmp_path):

@@ -27,7 +27,7 @@ def zygote():
 @pytest.mark.parametrize("argv", COMMANDS, ids=lambda argv: argv[1])
 def test_a_forked_command_prints_and_exits_as_its_own_process(zygote, repo_root, argv):
     own = subprocess.run(argv, cwd=repo_root, env=ENV, capture_output=True, text=True, timeout=300)
-    forked = zygote.run(argv, repo_root, ENV, None, timeout=300)
+    forked = zygote.capture(argv, repo_root, ENV, None, timeout=300)
     assert (forked.returncode, forked.stdout, forked.stderr) == (own.returncode, own.stdout, own.stderr)
 
 
