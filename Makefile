@@ -100,6 +100,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python benchmarks/bench_ngram.py --out benchmarks/results/ngram.json
 	$(BIN)/python benchmarks/bench_orchestration.py --out benchmarks/results/orchestration.json
+	$(BIN)/python benchmarks/bench_forkserver.py --out benchmarks/results/forkserver.json
 	$(BIN)/python benchmarks/bench_repro.py --out benchmarks/results/repro.json
 	$(BIN)/python benchmarks/bench_scan.py --out benchmarks/results/scan.json
 	$(BIN)/python benchmarks/bench_lm.py --out benchmarks/results/lm.json

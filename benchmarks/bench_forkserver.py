@@ -1,0 +1,131 @@
+"""What a stage of a parallel `kiln run` costs beyond its own work: forked from the run's pre-imported process
+(flows/forkserver.py) against a `kiln stage` process each (`KILN_FORKSERVER=0`, as before).
+
+In a copy of the repo on the smoke profile with `runtime.max_parallel: 2`, `kiln run` builds TARGETS from
+nothing (outputs, checkpoints and dvc.lock removed), `--repeats` times per mode, the modes alternating. Per
+stage, overhead = its task seconds in the run's summary table (DVC's status, output removal and commit, the
+stage process's start and imports, the flow) less the `stage_seconds` its MLflow run logged. The stages'
+outputs must be the same bytes in both modes (dvc.lock's hashes of every output but the metrics files, which
+hold timings).
+
+    .venv/bin/python benchmarks/bench_forkserver.py --out benchmarks/results/forkserver.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
+from tests.pipeline.helpers import copy_project, set_params, sh, summary  # noqa: E402
+
+# Two branches of training stages and audits: text (corpus -> ngram, lm@lstm) and images (images -> fid_net,
+# vae, image_audit), so two slots stay busy.
+TARGETS = ("ngram", "lm@lstm", "fid_net", "vae", "image_audit")
+MODES = {"forked": "1", "process": "0"}
+
+
+def output_hashes(project: Path) -> dict[str, str]:
+    """path -> md5 of every output in dvc.lock, the metrics files (timings) left out."""
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load((project / "dvc.lock").read_text())
+    return {
+        out["path"]: out.get("md5", "")
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if not out["path"].startswith("data/metrics/")
+    }
+
+
+def one_run(project: Path, mode: str) -> tuple[float, dict[str, float], dict[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    shutil.rmtree(project / "data", ignore_errors=True)
+    (project / "dvc.lock").unlink(missing_ok=True)
+    start = time.perf_counter()
+    args = [a for t in TARGETS for a in ("--target", t)]
+    done = sh(project, "kiln", "run", *args, env={"KILN_FORKSERVER": MODES[mode]})
+    wall = time.perf_counter() - start
+    assert set(summary(done.stdout).values()) == {"ran"}, done.stdout[-3000:]
+    forked = "forked from the run's pre-imported process" in done.stdout + done.stderr
+    assert forked == (mode == "forked"), f"{mode}: the stages did not start as asked"
+    table = {
+        row.split("|")[1].strip(): float(row.split("|")[3])
+        for row in done.stdout.splitlines()
+        if row.startswith("| ") and "---" not in row and "stage" not in row.split("|")[1]
+    }
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    overhead = {}
+    for stage, seconds in table.items():
+        (run,) = client.search_runs(
+            experiments, f"attributes.run_name = '{stage}'", order_by=["start_time DESC"], max_results=1
+        )
+        overhead[stage] = seconds - run.data.metrics["stage_seconds"]
+    return wall, overhead, output_hashes(project)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/forkserver.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = copy_project(ROOT, Path(tmp) / "repo")
+        sh(project, "kiln", "profile", "smoke")
+        set_params(project, "runtime.yaml", "runtime", max_parallel=2)
+        walls: dict[str, list[float]] = {m: [] for m in MODES}
+        overheads: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
+        hashes: dict[str, dict[str, str]] = {}
+        for _ in range(args.repeats):
+            for mode in MODES:
+                wall, overhead, outputs = one_run(project, mode)
+                walls[mode].append(wall)
+                for stage, seconds in overhead.items():
+                    overheads[mode].setdefault(stage, []).append(seconds)
+                if hashes.setdefault(mode, outputs) != outputs:
+                    raise AssertionError(f"{mode}: two runs wrote different outputs")
+        if hashes["forked"] != hashes["process"]:
+            differ = sorted(p for p in hashes["forked"] if hashes["forked"][p] != hashes["process"].get(p))
+            raise AssertionError(f"forked and process stages wrote different outputs: {differ}")
+
+    def per_mode(mode: str) -> dict:
+        every = [x for xs in overheads[mode].values() for x in xs]
+        return {
+            "kiln_run_wall_s_median": round(statistics.median(walls[mode]), 2),
+            "kiln_run_wall_s": [round(w, 2) for w in walls[mode]],
+            "overhead_s_median": round(statistics.median(every), 2),
+            "overhead_s_sum_per_run": round(sum(every) / args.repeats, 2),
+            "per_stage_overhead_s_median": {s: round(statistics.median(xs), 2) for s, xs in overheads[mode].items()},
+        }
+
+    result = {
+        "command": f"python benchmarks/bench_forkserver.py --repeats {args.repeats}",
+        "definition": __doc__.strip().splitlines()[3:9],
+        "targets": list(TARGETS),
+        "modes": {mode: per_mode(mode) for mode in MODES},
+        "same_outputs": sorted(hashes["forked"]),
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
+    }
+    forked, process = result["modes"]["forked"], result["modes"]["process"]
+    result["overhead_s_saved_per_stage_median"] = round(process["overhead_s_median"] - forked["overhead_s_median"], 2)
+    result["wall_ratio"] = round(forked["kiln_run_wall_s_median"] / process["kiln_run_wall_s_median"], 3)
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
