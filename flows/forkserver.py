@@ -226,7 +226,10 @@ class ForkServer:
     def wait(conn: socket.socket) -> int:
         """The exit status of a submitted command (negative: the signal that killed it), as subprocess's."""
         with conn:
-            return int(conn.recv(64))
+            status = conn.recv(64)
+        if not status:  # the session died before its command ended: the server was stopped
+            raise RuntimeError("the fork server stopped before the command ended")
+        return int(status)
 
     def run(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str], fds: Sequence[int] = (0, 1, 2)) -> int:
         """`argv` in a forked child with this process's streams (or `fds`); its exit status."""

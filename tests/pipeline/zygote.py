@@ -14,6 +14,7 @@ PATH (`flows/forkserver.py: forward`), so the `kiln stage` commands that DVC run
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ class Zygote(ForkServer):
         super().__init__(env, Path(sys.executable).parent)
         if not self.ready():
             raise RuntimeError("the test zygote did not start")
+        atexit.register(self.close)  # with the test worker: the server, and its folder (socket, shim)
         # The shim: the `kiln` that forked commands run (DVC's stage commands), itself forwarded here.
         self.bin = os.path.join(self.home, "bin")
         os.mkdir(self.bin)
