@@ -12,9 +12,10 @@ skipped), so `kiln run` sees the same output and exit status. The tests fork the
 What a fork cannot give is a fresh interpreter: whatever a library reads once at import (Prefect's settings,
 the OpenMP variables) comes from the server's start, so the server starts with the environment its children
 get (`kiln run` gives every stage of a run the same one). It refuses to start with a Python thread besides its
-main one, as a fork would copy a lock held by it, and never touches torch's thread pools or RNGs, which each
-child sets up as a fresh process would. Each child dies with the server, the server with the process that
-started it (SIGTERM, which a stage answers by ending its MLflow run FAILED).
+main one, as a fork would copy a lock held by it, or with CUDA initialised (a child could not use it), and
+never touches torch's thread pools, RNGs or devices, which each child sets up as a fresh process would. Each
+child dies with the server, the server with the process that started it (SIGTERM, which a stage answers by
+ending its MLflow run FAILED).
 
 `KILN_FORKSERVER=0` starts every stage as a process of its own, as before.
 
@@ -117,6 +118,9 @@ def serve(path: str) -> None:
         sys.exit(
             f"forkserver: {threading.active_count()} Python threads after the imports; a fork would copy their locks"
         )
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use a parent's CUDA context
+        sys.exit("forkserver: CUDA was initialised at import; the stages start as processes")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(8)
