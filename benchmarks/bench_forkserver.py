@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
-from tests.pipeline.helpers import copy_project, set_params, sh, summary  # noqa: E402
+from tests.pipeline.helpers import copy_project, set_params, sh, summary, summary_seconds  # noqa: E402
 
 # Two branches of training stages and audits: text (corpus -> ngram, lm@lstm) and images (images -> fid_net,
 # vae, image_audit), so two slots stay busy.
@@ -73,11 +73,7 @@ def one_run(project: Path, mode: str, targets: tuple[str, ...], built: bool) -> 
     assert set(summary(done.stdout).values()) == {"ran"}, done.stdout[-3000:]
     forked = "forked from the run's pre-imported process" in done.stdout + done.stderr
     assert forked == (mode == "forked"), f"{mode}: the stages did not start as asked"
-    table = {
-        row.split("|")[1].strip(): float(row.split("|")[3])
-        for row in done.stdout.splitlines()
-        if row.startswith("| ") and "---" not in row and "stage" not in row.split("|")[1]
-    }
+    table = summary_seconds(done.stdout)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     overhead = {}

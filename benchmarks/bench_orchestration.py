@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
-from tests.pipeline.helpers import copy_project, set_params, sh, summary  # noqa: E402
+from tests.pipeline.helpers import copy_project, set_params, sh, summary, summary_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -50,11 +50,7 @@ def main() -> None:
             start = time.perf_counter()
             done = sh(project, "kiln", "run")
             walls.append(time.perf_counter() - start)
-            table = {
-                row.split("|")[1].strip(): float(row.split("|")[3])
-                for row in done.stdout.splitlines()
-                if row.startswith("| ") and "---" not in row and "stage" not in row.split("|")[1]
-            }
+            table = summary_seconds(done.stdout)
             assert set(summary(done.stdout).values()) == {"ran"}, done.stdout
             client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
             experiment = client.get_experiment_by_name("text")

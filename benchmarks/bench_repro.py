@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
 from tests.pipeline import helpers  # noqa: E402
-from tests.pipeline.helpers import copy_project, sh, summary  # noqa: E402
+from tests.pipeline.helpers import copy_project, sh, summary, summary_seconds  # noqa: E402
 
 STAGE = "corpus"
 
@@ -42,8 +42,7 @@ def timed(project: Path, *args: str, env: dict[str, str] | None = None) -> tuple
 
 
 def stage_seconds(stdout: str) -> float:
-    rows = [r.split("|") for r in stdout.splitlines() if r.startswith("| ") and "---" not in r]
-    return next(float(cells[3]) for cells in rows if cells[1].strip() == STAGE)
+    return summary_seconds(stdout)[STAGE]
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def _forked(args: tuple[str, ...], env: Mapping[str, str] | None, full_env: Mapp
 
     if not FORK_COMMANDS or env or args[0] not in COMMANDS or os.environ.get("KILN_TEST_FORK") == "0":
         return None
-    if not _ZYGOTE or not _ZYGOTE[0].alive():
+    if not _ZYGOTE or not _ZYGOTE[0].ready():  # started, and still running
         _ZYGOTE[:] = [Zygote(full_env)]
     return _ZYGOTE[0]
 
@@ -106,10 +106,20 @@ def stale(project: Path, *targets: str) -> dict:
     return json.loads(sh(project, "dvc", "status", "--json", "--with-deps", *targets).stdout)
 
 
+def _summary_rows(output: str) -> list[list[str]]:
+    """The cells (stage, status, seconds, detail) of each row of the summary table that `kiln run` prints last."""
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in cells[1:5]] for cells in rows if cells[1].strip() != "stage"]
+
+
 def summary(output: str) -> dict[str, str]:
     """stage -> status from the summary table that `kiln run` prints last."""
-    rows = [line.split("|") for line in output.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip() != "stage"}
+    return {cells[0]: cells[1] for cells in _summary_rows(output)}
+
+
+def summary_seconds(output: str) -> dict[str, float]:
+    """stage -> its task's seconds in that table (DVC's steps and the stage's flow, as `kiln run` timed them)."""
+    return {cells[0]: float(cells[2]) for cells in _summary_rows(output)}
 
 
 def set_params(project: Path, file: str, section: str, **values: Any) -> None:

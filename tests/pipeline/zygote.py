@@ -53,9 +53,6 @@ class Zygote(ForkServer):
             )
         os.chmod(shim, 0o755)
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def capture(
         self, argv: Sequence[str], cwd: Path, env: Mapping[str, str], stdin: str | None, timeout: float
     ) -> subprocess.CompletedProcess:
