@@ -88,18 +88,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = _enter_root()
     _validate_params(root, typed=False)
     targets = _targets(root, args)  # a mistyped name is refused first, in a second, not after the imports
-    _validate_params(root, typed=True)
-    from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
-
-    if not args.dry_run:
-        require_tracking_server(root)  # before any stage: a run that cannot log does not start
     if args.dry_run:
+        _validate_params(root, typed=True)
         return _dry_run(root, targets, args.force)
+    from flows.prefect_api import booting_prefect_api
+
+    # The run's Prefect server boots while the params sections are checked (their config classes are in
+    # the stage modules, whose imports take as long as the server's start); an error stops it again.
+    with booting_prefect_api() as prefect_api:
+        _validate_params(root, typed=True)
+        return _run(root, args, targets, prefect_api)
+
+
+def _run(root: Path, args: argparse.Namespace, targets: list[str] | None, prefect_api) -> int:
     from flows.dvc_graph import RepoBusy, hold_repo_lock
-    from flows.prefect_api import local_prefect_api
+    from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
     from flows.run_lock import RunInProgress, exclusive_run
     from tasks.runtime import load_runtime
 
+    require_tracking_server(root)  # before any stage: a run that cannot log does not start
     runtime = load_runtime(root / "params")
     pipeline_flow = configured_pipeline_flow(runtime)
 
@@ -107,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # DVC's own repo lock too, for the whole run (not with Dask, whose worker processes commit stages).
         dvc_lock = hold_repo_lock(root) if runtime.task_runner == "thread" else nullcontext()
-        with exclusive_run(root), dvc_lock, local_prefect_api():
+        with exclusive_run(root), dvc_lock, prefect_api.serving():
             try:
                 outcomes = pipeline_flow(targets=targets, force=args.force)
             except PipelineFailed as failed:

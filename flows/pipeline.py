@@ -1,7 +1,8 @@
 """The end-to-end flow: walk the DVC DAG, reproduce what is stale, one Prefect task per stage.
 
-The DAG comes from DVC (`Repo.index.graph`), never from a second list. For each stage, in dependency
-order, a task asks DVC whether the stage changed and, if so, reproduces it the way `dvc repro` does:
+The DAG comes from DVC (`Repo.index.graph`), never from a second list. Every stage's status is read once
+when the run starts and read again for a stage only once something upstream of it ran. For each stage, in
+dependency order, a task takes that status and, if the stage changed, reproduces it the way `dvc repro` does:
 remove its (non-persistent) outputs, run its command, then save, cache and lock the result
 (`Repo.commit(force=True)`, the documented path for a command run outside DVC). A stage whose command
 is `kiln stage NAME` runs its flow in this process, as a subflow, which saves a Python start-up per
@@ -40,7 +41,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dvc_graph import _dvc, _open_repo, critical_path_order, released_repo_lock, stage_order, stale_reasons
+from flows.dvc_graph import (
+    _dvc,
+    _open_repo,
+    critical_path_order,
+    order_and_stale_reasons,
+    released_repo_lock,
+    stage_order,
+    stale_reasons,
+)
 from flows.factory import stage_flow
 from flows.forkserver import ForkServer
 from flows.forkserver import enabled as forkserver_enabled
@@ -115,12 +124,22 @@ def _fork_server(root: Path, child_env: dict[str, str]) -> Iterator[None]:
 
 @task(name="reproduce-stage", cache_policy=NO_CACHE)
 def reproduce_stage(
-    root: Path, name: str, isolated: bool = False, child_env: dict[str, str] | None = None, force: bool = False
+    root: Path,
+    name: str,
+    isolated: bool = False,
+    child_env: dict[str, str] | None = None,
+    force: bool = False,
+    known_reasons: list[str] | None = None,
 ) -> Status:
     """Bring stage `name` up to date. `isolated`: run a kiln flow as a `kiln stage` subprocess (parallel
     runs), not in this process; `child_env`: variables the subprocesses get on top of this environment
-    (a Dask worker's environment is the one its cluster started with)."""
-    reasons = ["--force"] if force else stale_reasons(root, name)
+    (a Dask worker's environment is the one its cluster started with); `known_reasons`: the stage's stale
+    reasons from the run's opening status, still true because nothing upstream of it ran since (None: ask
+    DVC now)."""
+    if force:
+        reasons = ["--force"]
+    else:
+        reasons = known_reasons if known_reasons is not None else stale_reasons(root, name)
     if not reasons:
         return "up to date"
     print(f"{name} is stale: {'; '.join(reasons[:5])}")
@@ -174,9 +193,15 @@ def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> list
     """Reproduce the stale stages of the DVC DAG (restricted to `targets` and their upstream); `force`:
     every one of them, stale or not."""
     env = stage_env()
-    order, upstream = stage_order(env.root, targets)
+    if force:
+        (order, upstream), opening = stage_order(env.root, targets), {}
+    else:
+        # Every stage's status from one opening of the repo (each opening parses dvc.yaml, its params
+        # templating and dvc.lock: about a second); a stage is asked again only once something upstream of
+        # it ran (`_known_reasons`).
+        order, upstream, opening = order_and_stale_reasons(env.root, targets)
     with pipeline_run(env.root, env.runtime.tracking_uri(), env.runtime.profile, targets or []) as parent:
-        result = _reproduce_in_order(env, order, upstream, force)
+        result = _reproduce_in_order(env, order, upstream, force, opening)
         summary = summary_markdown(result)
         parent.log_text(summary + "\n", "summary.md")
         log_pipeline_stages(parent, result)  # the parent run's page lists and links every stage run
@@ -232,14 +257,31 @@ def _outcome(name: str, state, seconds: float, result: Callable[[], object]) -> 
     return StageOutcome(name, "failed", seconds, detail)
 
 
+def _known_reasons(
+    name: str, upstream: dict[str, list[str]], outcomes: dict[str, StageOutcome], opening: dict[str, list[str]]
+) -> list[str] | None:
+    """Stage `name`'s stale reasons from the run's opening status while none of its direct upstream stages
+    ran in this run: only a stage that runs changes files, and a stage's deps are its upstream stages'
+    outputs or files no stage writes. None once one ran (its outputs may differ now: DVC is asked again)."""
+    if name not in opening or any(outcomes[u].status == "ran" for u in upstream[name]):
+        return None
+    return opening[name]
+
+
 def _reproduce_in_order(
-    env: StageEnv, order: list[str], upstream: dict[str, list[str]], force: bool = False
+    env: StageEnv,
+    order: list[str],
+    upstream: dict[str, list[str]],
+    force: bool = False,
+    opening: dict[str, list[str]] | None = None,
 ) -> list[StageOutcome]:
+    """`opening`: every stage's stale reasons when the run started (empty: none known, DVC is asked per stage)."""
+    opening = opening or {}
     retrying = reproduce_stage.with_options(
         retries=env.runtime.stage_retries, retry_delay_seconds=env.runtime.retry_delay_s
     )
     if env.runtime.max_parallel > 1 or env.runtime.task_runner == "dask":
-        return _reproduce_in_parallel(env, order, upstream, retrying, force)
+        return _reproduce_in_parallel(env, order, upstream, retrying, force, opening)
     outcomes: dict[str, StageOutcome] = {}
     for name in order:
         blocked = [u for u in upstream[name] if outcomes[u].status in ("failed", "skipped")]
@@ -247,13 +289,21 @@ def _reproduce_in_order(
             outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
             continue
         start = time.perf_counter()
-        state = retrying.with_options(task_run_name=f"stage:{name}")(env.root, name, force=force, return_state=True)
+        known = _known_reasons(name, upstream, outcomes, opening)
+        state = retrying.with_options(task_run_name=f"stage:{name}")(
+            env.root, name, force=force, known_reasons=known, return_state=True
+        )
         outcomes[name] = _outcome(name, state, time.perf_counter() - start, state.result)
     return [outcomes[name] for name in order]
 
 
 def _reproduce_in_parallel(
-    env: StageEnv, order: list[str], upstream: dict[str, list[str]], retrying, force: bool = False
+    env: StageEnv,
+    order: list[str],
+    upstream: dict[str, list[str]],
+    retrying,
+    force: bool = False,
+    opening: dict[str, list[str]] | None = None,
 ) -> list[StageOutcome]:
     """Start each stage as soon as all its upstream stages finished, at most `max_parallel` at once, the
     ready stage with the longest critical path first (its seconds and its dependents' from their last runs
@@ -286,7 +336,12 @@ def _reproduce_in_parallel(
                     outcomes[name] = StageOutcome(name, "skipped", detail=f"upstream {blocked[0]} did not finish")
                     continue
                 future = retrying.with_options(task_run_name=f"stage:{name}").submit(
-                    env.root, name, isolated=True, child_env=child_env, force=force
+                    env.root,
+                    name,
+                    isolated=True,
+                    child_env=child_env,
+                    force=force,
+                    known_reasons=_known_reasons(name, upstream, outcomes, opening or {}),
                 )
                 running[future] = (name, time.perf_counter())
             if not running:

@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -60,20 +62,29 @@ def start_child_server(timeout_s: float = 90):
     return server
 
 
-def _server_class():
-    from prefect.server.api.server import SubprocessASGIServer
+class _SubprocessWithParentDeath:
+    """The `subprocess` module as Prefect's server module sees it while it spawns the server: its `Popen`
+    adds the parent-death signal."""
 
-    class ChildServer(SubprocessASGIServer):
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs) -> subprocess.Popen:  # noqa: N802 - stands in for subprocess.Popen
+        return subprocess.Popen(*args, preexec_fn=die_with_parent, **kwargs)
+
+
+def _server_class():
+    import prefect.server.api.server as server_module
+
+    class ChildServer(server_module.SubprocessASGIServer):
         """Prefect's temporary API server, started as a child that its parent's death ends."""
 
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            popen = subprocess.Popen
-
-            def with_parent_death(*args, **kwargs):
-                return popen(*args, preexec_fn=die_with_parent, **kwargs)
-
-            # Prefect builds the server's command line itself; only the spawn is wrapped.
-            with mock.patch.object(subprocess, "Popen", with_parent_death):
+            # Prefect builds the server's command line itself; only the spawn is wrapped, and only as
+            # Prefect's module sees it (other threads may start processes meanwhile: kiln run boots the
+            # server in a thread).
+            with mock.patch.object(server_module, "subprocess", _SubprocessWithParentDeath()):
                 return super()._run_uvicorn_command()
 
     return ChildServer
@@ -107,19 +118,112 @@ def _using(url: str) -> Iterator[str]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
+class _HeldRecords(logging.Filter):
+    """Keeps back the log records of one thread until `release`: the booting server's "Starting temporary
+    server ..." is printed once the run uses it, so a run that a params error stops prints its one error
+    line, not the start and stop of a server it never used."""
+
+    def __init__(self, thread_name: str) -> None:
+        super().__init__()
+        self.thread_name = thread_name
+        self.held: list[logging.LogRecord] = []
+        self.released = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.released and record.threadName == self.thread_name:
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self, logger: logging.Logger) -> None:
+        self.released = True
+        logger.removeFilter(self)
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
+
+
+class BootingAPI:
+    """The configured API, else a server of this process's own that starts booting, in a thread, when this
+    object is made: the caller's next steps (`kiln run` checks every params section, which imports every
+    stage module) overlap its start, about 6 s that are mostly the server process's own imports."""
+
+    def __init__(self, timeout_s: int = 90) -> None:
+        self._configured = _configured()
+        self._server = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._held = _HeldRecords("kiln-prefect-api")
+        self._ready, self._stopped = threading.Event(), threading.Event()
+        if not self._configured:
+            logging.getLogger("prefect").addFilter(self._held)
+            self._thread = threading.Thread(target=self._boot, args=(timeout_s,), name="kiln-prefect-api", daemon=True)
+            self._thread.start()
+
+    def _boot(self, timeout_s: int) -> None:
+        try:
+            self._server = start_child_server(timeout_s)
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread, by url()
+            self._error = err
+        finally:
+            self._ready.set()
+        # The server gets SIGTERM when the thread that started it exits (PR_SET_PDEATHSIG follows the
+        # thread, not the process), so this thread lives as long as the server does.
+        self._stopped.wait()
+
+    def url(self) -> str:
+        """The API's URL, once the server answers."""
+        if self._configured:
+            return self._configured
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._server.api_url
+
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        """This process's flows report to the API while the block runs."""
+        if self._configured:
+            yield self._configured
+            return
+        url = self.url()
+        self._held.release(logging.getLogger("prefect"))  # "Starting temporary server on ...", as before
+        with _using(url) as url:
+            yield url
+
+    def stop(self) -> None:
+        """Stop the server of our own, once it has finished starting (a no-op for a configured API)."""
+        if self._thread is not None:
+            self._ready.wait()
+            if self._server is not None:
+                unused = not self._held.released
+                logger = logging.getLogger("prefect")
+                logger.disabled = unused  # nor its "Stopping temporary server"
+                try:
+                    self._server.stop()
+                finally:
+                    logger.disabled = False
+                self._server = None
+            logging.getLogger("prefect").removeFilter(self._held)
+            self._stopped.set()
+            self._thread.join()
+
+
+@contextmanager
+def booting_prefect_api(timeout_s: int = 90) -> Iterator[BootingAPI]:
+    """A `BootingAPI`, its server stopped when the block ends."""
+    api = BootingAPI(timeout_s)
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
 @contextmanager
 def local_prefect_api(timeout_s: int = 90) -> Iterator[str]:
     """The configured API, else a server of this process's own for as long as the block runs."""
-    configured = _configured()
-    if configured:
-        yield configured
-        return
-    server = start_child_server(timeout_s)
-    try:
-        with _using(server.api_url) as url:
-            yield url
-    finally:
-        server.stop()
+    with booting_prefect_api(timeout_s) as api, api.serving() as url:
+        yield url
 
 
 # ------------------------------------------------------------------------------ the shared server

@@ -59,3 +59,55 @@ def test_a_dead_holders_lease_does_not_keep_the_server(tmp_path):
     (leases / str(os.getpid())).write_text("")
     assert _live_leases(tmp_path) == [os.getpid()]
     assert sorted(p.name for p in leases.iterdir()) == [str(os.getpid())]
+
+
+def test_kiln_runs_server_boots_in_a_thread_and_outlives_it_until_stopped(monkeypatch, capsys):
+    """`kiln run` boots its server in a thread while it checks the params. The server is a child whose
+    parent-death signal follows the thread that started it, so the thread must stay until the server stops:
+    once a first version let it end, the server died a moment after answering."""
+    from flows.prefect_api import booting_prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with booting_prefect_api() as api:
+        url = api.url()
+        time.sleep(1.0)  # a server tied to an ended thread is gone by now
+        assert listening(url)
+        with api.serving() as served:
+            assert served == url and os.environ["PREFECT_API_URL"] == url
+    assert not listening(url)
+    assert "PREFECT_API_URL" not in os.environ
+
+
+def test_a_run_stopped_before_it_used_its_server_says_nothing_of_it(monkeypatch, capsys):
+    """A params error stops `kiln run` while its server boots: the user reads the error, not Prefect's
+    "Starting temporary server" and "Stopping temporary server" of a server the run never used."""
+    import logging
+
+    from flows.prefect_api import booting_prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    seen: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Record()
+    logging.getLogger("prefect").addHandler(handler)
+    try:
+        try:
+            with booting_prefect_api() as api:
+                url = api.url()
+                raise ValueError("params/lm.yaml: a bad value")
+        except ValueError:
+            pass
+        assert not listening(url)
+        assert not [m for m in seen if "temporary server" in m], seen
+        with booting_prefect_api() as api, api.serving():  # used: both messages, as Prefect prints them
+            pass
+        assert [m.split(" on ")[0] for m in seen if "temporary server" in m] == [
+            "Starting temporary server",
+            "Stopping temporary server",
+        ], seen
+    finally:
+        logging.getLogger("prefect").removeHandler(handler)
