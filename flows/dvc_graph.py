@@ -180,6 +180,27 @@ def stale_reasons(root: Path, name: str) -> list[str]:
     return stale_reasons_of(root, [name])[name]
 
 
+def stale_reasons_then(
+    root: Path, name: str, known: list[str] | None, then: Callable[[Any], T]
+) -> tuple[list[str], T | None]:
+    """Stage `name`'s stale reasons (`known` when given, else DVC's now) and, when it is stale, `then(stage)`
+    on its DVC stage, with one opening of the repo for both: each opening parses dvc.yaml, its params
+    templating and dvc.lock again. `known` empty: up to date, the repo is not opened."""
+    if known is not None and not known:
+        return known, None
+
+    def both() -> tuple[list[str], T | None]:
+        with _open_repo(root) as repo, lock_repo(repo), _params_files_read_once():
+            if known is None:
+                stage = next(s for s in repo.index.stages if s.addressing == name)
+                reasons = _stage_reasons(stage)
+            else:
+                (stage,), reasons = repo.stage.collect(name), known
+            return reasons, (then(stage) if reasons else None)
+
+    return _dvc(both)
+
+
 def stale_reasons_of(root: Path, names: list[str]) -> dict[str, list[str]]:
     """`stale_reasons` of several stages with one opening of the repo (`kiln status`, `--dry-run`): each
     opening parses dvc.yaml, the params templating and dvc.lock again."""

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dvc.repo import lock_repo
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -48,7 +47,7 @@ from flows.dvc_graph import (
     order_and_stale_reasons,
     released_repo_lock,
     stage_order,
-    stale_reasons,
+    stale_reasons_then,
 )
 from flows.factory import stage_flow
 from flows.forkserver import ForkServer
@@ -81,13 +80,11 @@ def _in_process_name(cmd: str | list[str]) -> str | None:
     return words[2] if len(words) == 3 and words[:2] == ["kiln", "stage"] else None
 
 
-def _prepare(root: Path, name: str) -> str | None:
-    """The kiln stage name of the stage's command (None: another command), its outputs removed if so."""
-    with _open_repo(root) as repo, lock_repo(repo):
-        (stage,) = repo.stage.collect(name)
-        in_process = _in_process_name(stage.cmd)
-        if in_process:
-            stage.remove_outs(ignore_remove=False, force=False)
+def _prepare(stage) -> str | None:
+    """The kiln stage name of a stale DVC stage's command (None: another command), its outputs removed if so."""
+    in_process = _in_process_name(stage.cmd)
+    if in_process:
+        stage.remove_outs(ignore_remove=False, force=False)
     return in_process
 
 
@@ -136,14 +133,11 @@ def reproduce_stage(
     (a Dask worker's environment is the one its cluster started with); `known_reasons`: the stage's stale
     reasons from the run's opening status, still true because nothing upstream of it ran since (None: ask
     DVC now)."""
-    if force:
-        reasons = ["--force"]
-    else:
-        reasons = known_reasons if known_reasons is not None else stale_reasons(root, name)
+    # The status (unless known) and the outputs' removal, in one opening of the repo.
+    reasons, in_process = stale_reasons_then(root, name, ["--force"] if force else known_reasons, _prepare)
     if not reasons:
         return "up to date"
     print(f"{name} is stale: {'; '.join(reasons[:5])}")
-    in_process = _dvc(lambda: _prepare(root, name))
     env = _child_environment(child_env)
     if in_process and not isolated:
         stage_flow(in_process)()
