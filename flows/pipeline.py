@@ -44,6 +44,7 @@ from flows.dvc_graph import (
     _dvc,
     _open_repo,
     critical_path_order,
+    lock_file_read_in_c,
     order_and_stale_reasons,
     released_repo_lock,
     stage_order,
@@ -89,7 +90,7 @@ def _prepare(stage) -> str | None:
 
 
 def _commit(root: Path, name: str) -> None:
-    with _open_repo(root) as repo:
+    with _open_repo(root) as repo, lock_file_read_in_c():
         repo.commit(name, force=True)
 
 
