@@ -16,10 +16,16 @@
 5. Channels-last: the pixel UNet (ddpm, sde_vp, sde_ve; the CNF's is the same network) with its weights in
    NCHW against NHWC order (`tasks/training.py: place_model`, `diffusion_train.channels_last`): training
    steps/s at the training batch size, and DDPM ancestral sampling images/s at `--steps`.
+6. `torch.compile`: the same pixel UNet (NHWC) eager against `torch.compile(dynamic=False)` (inductor's CPU
+   code): the compile time (first training step and first sampling call, less the eager ones), training
+   steps/s, sampling images/s, the largest output difference of one forward pass, and after how many
+   network evaluations at the sampling batch the compile has paid for itself. Kiln does not compile (the
+   figures say why; docs/generative.md).
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
     .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
     .venv/bin/python benchmarks/bench_images.py --only channels_last
+    .venv/bin/python benchmarks/bench_images.py --only compile
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/images.json")
     parser.add_argument(
-        "--only", choices=["guidance", "channels_last"], help="run section 4 or 5 alone and update it in --out"
+        "--only",
+        choices=["guidance", "channels_last", "compile"],
+        help="run section 4, 5 or 6 alone and update it in --out",
     )
     args = parser.parse_args()
 
@@ -95,6 +103,8 @@ def main() -> None:
         results["channels_last"] = channels_last_section(params, n, steps)
     if args.only in (None, "guidance"):
         results["guidance"] = guidance_section(params, unet, n)
+    if args.only in (None, "compile"):
+        results["compile"] = compile_section(params, n, steps)
     if args.only:
         write_json(args.out, results)
         return
@@ -307,6 +317,96 @@ def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 2
     rows["speedup_sample"] = rows["nhwc"]["sample_images_per_s"] / rows["nchw"]["sample_images_per_s"]
     sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
     return {**sizes, "rounds": rounds, **rows}
+
+
+def compile_section(params: Path, n: int, steps: int, train_steps: int = 20, rounds: int = 3) -> dict:
+    """The pixel UNet (NHWC) eager and through `torch.compile`: what compiling costs once per process and
+    shape, and what it saves per training step and per sampling call (DDPM ancestral, `steps` steps). The
+    compile starts from an empty inductor cache, as a user's first run does (a warm one cut it 2-3x)."""
+    import copy
+    import tempfile
+    import time
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-images-inductor-")
+
+    import torch
+
+    from flows.registry import section_config
+    from models.generative.ddpm import GaussianDiffusion
+    from models.generative.unet import UNet
+    from tasks.generative.images import builtin_digits, to_model_range
+    from tasks.training import make_optimizer
+
+    train_cfg = section_config(params, "diffusion_train")
+    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
+    images = builtin_digits(16)
+    digits, digit_labels = to_model_range(images.pixels), torch.as_tensor(images.labels)
+    labels = torch.arange(n) % 10
+    torch.manual_seed(0)
+    base = UNet(section_config(params, "unet"))
+    randomise_zero_layers(base)
+    base = base.to(memory_format=torch.channels_last)
+    eager = {"train": copy.deepcopy(base), "sample": copy.deepcopy(base).eval()}
+    compiled = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in eager.items()}
+    variants = {"eager": eager, "compiled": compiled}
+    optimizers = {k: make_optimizer(v["train"], train_cfg) for k, v in variants.items()}
+
+    def train(variant: str, count: int) -> None:
+        model, opt, g = variants[variant]["train"], optimizers[variant], torch.Generator().manual_seed(0)
+        for _ in range(count):
+            idx = torch.randint(0, len(digits), (train_cfg.batch_size,), generator=g)
+            loss = ddpm.training_losses(model, digits[idx], y=digit_labels[idx], generator=g)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def sample(variant: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            ddpm.sample(
+                variants[variant]["sample"], (n, 1, 16, 16), steps=steps, sampler="ancestral", generator=g, y=labels
+            )
+
+    first: dict[str, dict[str, float]] = {}
+    for variant in variants:  # the first calls: the compiled ones include the compile
+        start = time.perf_counter()
+        train(variant, 1)
+        first[variant] = {"train": time.perf_counter() - start}
+        first[variant]["sample"] = seconds(lambda: sample(variant))
+    best: dict[str, dict[str, float]] = {k: {"train": float("inf"), "sample": float("inf")} for k in variants}
+    for _ in range(rounds):  # alternated, as the channels-last section explains
+        for variant in variants:
+            best[variant]["train"] = min(best[variant]["train"], seconds(lambda: train(variant, train_steps)))
+            best[variant]["sample"] = min(best[variant]["sample"], seconds(lambda: sample(variant)))
+    x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        difference = (eager["sample"](x, t, y=labels) - compiled["sample"](x, t, y=labels)).abs().max().item()
+    rows: dict = {}
+    for variant, b in best.items():
+        rows[variant] = {"train_steps_per_s": train_steps / b["train"], "sample_images_per_s": n / b["sample"]}
+        print(f"torch.compile, {variant}: {train_steps / b['train']:.2f} train steps/s, {n / b['sample']:.1f} images/s")
+    per_eval = {k: best[k]["sample"] / steps for k in variants}  # seconds per network evaluation at batch n
+    compile_s = {
+        part: (first["compiled"][part] - best["compiled"][part] * (1 / train_steps if part == "train" else 1))
+        - (first["eager"][part] - best["eager"][part] * (1 / train_steps if part == "train" else 1))
+        for part in ("train", "sample")
+    }
+    saved = per_eval["eager"] - per_eval["compiled"]
+    rows |= {
+        "compile_s": compile_s,
+        "speedup_train": rows["compiled"]["train_steps_per_s"] / rows["eager"]["train_steps_per_s"],
+        "speedup_sample": rows["compiled"]["sample_images_per_s"] / rows["eager"]["sample_images_per_s"],
+        "max_abs_output_difference": difference,
+        "sampling_evaluations_to_pay_back_compile": compile_s["sample"] / saved if saved > 0 else None,
+        "training_steps_to_pay_back_compile": (
+            compile_s["train"] / (best["eager"]["train"] / train_steps - best["compiled"]["train"] / train_steps)
+            if best["compiled"]["train"] < best["eager"]["train"]
+            else None
+        ),
+    }
+    sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
+    return {**sizes, "rounds": rounds, "threads": torch.get_num_threads(), **rows}
 
 
 if __name__ == "__main__":
