@@ -24,6 +24,10 @@ import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: each command imports what it needs when it runs
+    from flows.prefect_api import BootingAPI
 
 
 def _enter_root() -> Path:
@@ -100,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run(root, args, targets, prefect_api)
 
 
-def _run(root: Path, args: argparse.Namespace, targets: list[str] | None, prefect_api) -> int:
+def _run(root: Path, args: argparse.Namespace, targets: list[str] | None, prefect_api: BootingAPI) -> int:
     from flows.dvc_graph import RepoBusy, hold_repo_lock
     from flows.pipeline import PipelineFailed, configured_pipeline_flow, require_tracking_server, summary_markdown
     from flows.run_lock import RunInProgress, exclusive_run
