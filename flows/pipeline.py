@@ -192,7 +192,7 @@ def pipeline_flow(targets: list[str] | None = None, force: bool = False) -> list
         (order, upstream), opening = stage_order(env.root, targets), {}
     else:
         # Every stage's status from one opening of the repo (each opening parses dvc.yaml, its params
-        # templating and dvc.lock: about a second); a stage is asked again only once something upstream of
+        # templating and dvc.lock: 0.4-0.7 s); a stage is asked again only once something upstream of
         # it ran (`_known_reasons`).
         order, upstream, opening = order_and_stale_reasons(env.root, targets)
     with pipeline_run(env.root, env.runtime.tracking_uri(), env.runtime.profile, targets or []) as parent:

@@ -61,7 +61,7 @@ def test_a_dead_holders_lease_does_not_keep_the_server(tmp_path):
     assert sorted(p.name for p in leases.iterdir()) == [str(os.getpid())]
 
 
-def test_kiln_runs_server_boots_in_a_thread_and_outlives_it_until_stopped(monkeypatch, capsys):
+def test_kiln_runs_server_boots_in_a_thread_and_outlives_it_until_stopped(monkeypatch):
     """`kiln run` boots its server in a thread while it checks the params. The server is a child whose
     parent-death signal follows the thread that started it, so the thread must stay until the server stops:
     once a first version let it end, the server died a moment after answering."""
@@ -78,7 +78,7 @@ def test_kiln_runs_server_boots_in_a_thread_and_outlives_it_until_stopped(monkey
     assert "PREFECT_API_URL" not in os.environ
 
 
-def test_a_run_stopped_before_it_used_its_server_says_nothing_of_it(monkeypatch, capsys):
+def test_a_run_stopped_before_it_used_its_server_says_nothing_of_it(monkeypatch):
     """A params error stops `kiln run` while its server boots: the user reads the error, not Prefect's
     "Starting temporary server" and "Stopping temporary server" of a server the run never used."""
     import logging
