@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_file import write_json  # noqa: E402  (after the path insert that makes it importable)
-from tests.pipeline.helpers import set_params, summary  # noqa: E402
+from tests.pipeline.helpers import ENV, set_params, sh, summary  # noqa: E402
 
 EDIT = ("images.yaml", "image_audit", "max_near_share")
 EDITED_STAGES = {"image_audit"}  # what the edit makes run
@@ -41,27 +41,22 @@ EDITED_STAGES = {"image_audit"}  # what the edit makes run
 
 def clone(rev: str, dest: Path) -> Path:
     """This repo at `rev`, its outputs checked out from this repo's DVC cache."""
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", rev], check=True)
-    run(dest, "dvc", "cache", "dir", "--local", str(ROOT / ".dvc" / "cache"))
-    run(dest, "dvc", "checkout", "-q")
+    sh(ROOT, "git", "clone", "-q", str(ROOT), str(dest))
+    sh(dest, "git", "checkout", "-q", rev)
+    sh(dest, "dvc", "cache", "dir", "--local", str(ROOT / ".dvc" / "cache"))
+    sh(dest, "dvc", "checkout", "-q")
     return dest
 
 
-def run(project: Path, *args: str) -> tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds and the result of one command in `project`, with this interpreter's venv first on PATH."""
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
-    env.pop("PREFECT_API_URL", None)  # each kiln run starts its own Prefect server, as a user's does
+def timed(project: Path, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds and the result of one command in `project` (tests/pipeline/helpers.py: `sh`)."""
     start = time.perf_counter()
-    done = subprocess.run(list(args), cwd=project, env=env, capture_output=True, text=True, timeout=1800)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} in {project} exited {done.returncode}\n{done.stderr[-4000:]}")
-    return seconds, done
+    done = sh(project, *args)
+    return time.perf_counter() - start, done
 
 
 def kiln_run(project: Path) -> tuple[float, dict[str, str]]:
-    seconds, done = run(project, sys.executable, "-m", "flows.cli", "run")
+    seconds, done = timed(project, sys.executable, "-m", "flows.cli", "run")
     return seconds, summary(done.stdout)
 
 
@@ -71,8 +66,8 @@ def one_repeat(project: Path, value: float, original: float) -> dict[str, float]
     times["nothing_stale"], statuses = kiln_run(project)
     if set(statuses.values()) != {"up to date"}:
         raise AssertionError(f"{project}: stages ran in a run with nothing stale: {statuses}")
-    times["dvc_status"] = run(project, "dvc", "status")[0]
-    times["dvc_repro"] = run(project, "dvc", "repro")[0]
+    times["dvc_status"] = timed(project, "dvc", "status")[0]
+    times["dvc_repro"] = timed(project, "dvc", "repro")[0]
     file, section, key = EDIT
     set_params(project, file, section, **{key: value})
     times["one_edit"], statuses = kiln_run(project)
@@ -94,6 +89,7 @@ def main() -> None:
 
     from ruamel.yaml import YAML
 
+    ENV.pop("PREFECT_API_URL", None)  # each kiln run starts its own Prefect server, as a user's does
     revs = {"after": args.rev, **({"before": args.before} if args.before else {})}
     samples: dict[str, dict[str, list[float]]] = {label: {} for label in revs}
     with tempfile.TemporaryDirectory(prefix="bench-rerun-") as tmp:
@@ -107,7 +103,7 @@ def main() -> None:
                 for name, seconds in one_repeat(project, round(original + 0.01, 4), original).items():
                     samples[label].setdefault(name, []).append(round(seconds, 2))
         commits = {
-            label: run(project, "git", "rev-parse", "--short", "HEAD")[1].stdout.strip()
+            label: sh(project, "git", "rev-parse", "--short", "HEAD").stdout.strip()
             for label, project in projects.items()
         }
 
