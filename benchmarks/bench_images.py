@@ -259,6 +259,83 @@ def guidance_section(params: Path, unet, n: int) -> dict:
     return {"sampler": cfg.sampler, "steps": cfg.steps, "images": n, "scales": rows}
 
 
+class PixelUNetBench:
+    """What the channels-last and compile sections share: the pixel UNet of params/images.yaml (zero layers
+    re-drawn, seed 0), AdamW steps of the DDPM loss on the built-in digits at `diffusion_train.batch_size`,
+    and DDPM ancestral sampling of `n` images in `steps` steps, the same seeds for every variant timed."""
+
+    def __init__(self, params: Path, n: int, steps: int) -> None:
+        import torch
+
+        from flows.registry import section_config
+        from models.generative.ddpm import GaussianDiffusion
+        from models.generative.unet import UNet
+        from tasks.generative.images import builtin_digits, to_model_range
+
+        self.train_cfg = section_config(params, "diffusion_train")
+        self.ddpm = GaussianDiffusion(section_config(params, "ddpm"))
+        images = builtin_digits(16)
+        self.digits, self.digit_labels = to_model_range(images.pixels), torch.as_tensor(images.labels)
+        self.n, self.steps, self.labels = n, steps, torch.arange(n) % 10
+        torch.manual_seed(0)
+        self.base = UNet(section_config(params, "unet"))
+        randomise_zero_layers(self.base)
+
+    def optimizer(self, model):
+        from tasks.training import make_optimizer
+
+        return make_optimizer(model, self.train_cfg)
+
+    def train(self, model, optimizer, count: int) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(count):
+            idx = torch.randint(0, len(self.digits), (self.train_cfg.batch_size,), generator=g)
+            loss = self.ddpm.training_losses(model, self.digits[idx], y=self.digit_labels[idx], generator=g)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def sample(self, model) -> None:
+        """One sampling call, under the no_grad the sampler takes itself, as the stages sample."""
+        import torch
+
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        self.ddpm.sample(model, (self.n, 1, 16, 16), steps=self.steps, sampler="ancestral", generator=g, y=self.labels)
+
+    def best_times(self, variants: dict, train_steps: int, rounds: int) -> dict[str, dict[str, float]]:
+        """The fastest of `rounds` timings of `train_steps` training steps and of one sampling call, per variant
+        (name -> (training model, its optimizer, sampling model)), timed in alternation: in trials, whichever
+        variant ran first in a process ran slower for a while, which timing one after the other reads as the
+        variants' difference."""
+        best = {k: {"train": float("inf"), "sample": float("inf")} for k in variants}
+        for _ in range(rounds):
+            for name, (model, opt, sampler) in variants.items():
+                best[name]["train"] = min(best[name]["train"], seconds(lambda: self.train(model, opt, train_steps)))
+                best[name]["sample"] = min(best[name]["sample"], seconds(lambda: self.sample(sampler)))
+        return best
+
+    def rows(self, section: str, best: dict[str, dict[str, float]], train_steps: int) -> dict:
+        rows = {}
+        for name, t in best.items():
+            rows[name] = {"train_steps_per_s": train_steps / t["train"], "sample_images_per_s": self.n / t["sample"]}
+            print(
+                f"{section}, {name}: {train_steps / t['train']:.2f} train steps/s, {self.n / t['sample']:.1f} images/s"
+            )
+        return rows
+
+    def sizes(self, train_steps: int, rounds: int) -> dict:
+        return {
+            "batch_size": self.train_cfg.batch_size,
+            "train_steps": train_steps,
+            "sample_steps": self.steps,
+            "rounds": rounds,
+        }
+
+
 def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 20, rounds: int = 3) -> dict:
     """The pixel UNet in NCHW and in NHWC (channels-last) weight order: training steps/s (AdamW, the DDPM
     loss, `diffusion_train.batch_size`) and ancestral sampling images/s, the same seeds for both layouts."""
@@ -266,57 +343,17 @@ def channels_last_section(params: Path, n: int, steps: int, train_steps: int = 2
 
     import torch
 
-    from flows.registry import section_config
-    from models.generative.ddpm import GaussianDiffusion
-    from models.generative.unet import UNet
-    from tasks.generative.images import builtin_digits, to_model_range
-    from tasks.training import make_optimizer
-
-    train_cfg = section_config(params, "diffusion_train")
-    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
-    images = builtin_digits(16)
-    digits, digit_labels = to_model_range(images.pixels), torch.as_tensor(images.labels)
-    labels = torch.arange(n) % 10
-    torch.manual_seed(0)
-    base = UNet(section_config(params, "unet"))
-    randomise_zero_layers(base)
+    bench = PixelUNetBench(params, n, steps)
     layouts = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-    models = {k: copy.deepcopy(base).to(memory_format=f) for k, f in layouts.items()}
-    optimizers = {k: make_optimizer(m, train_cfg) for k, m in models.items()}
-
-    def train(layout: str) -> None:
-        model, opt, g = models[layout], optimizers[layout], torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(train_steps):
-            idx = torch.randint(0, len(digits), (train_cfg.batch_size,), generator=g)
-            loss = ddpm.training_losses(model, digits[idx], y=digit_labels[idx], generator=g)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    def sample(layout: str) -> None:
-        models[layout].eval()
-        g = torch.Generator().manual_seed(0)
-        ddpm.sample(models[layout], (n, 1, 16, 16), steps=steps, sampler="ancestral", generator=g, y=labels)
-
-    # Both layouts warmed up, then timed in alternation: in trials, whichever layout ran first in a process
-    # ran slower for a while, which timing one layout after the other reads as a layout effect.
-    for layout in layouts:
-        train(layout)
-        sample(layout)
-    best: dict[str, dict[str, float]] = {k: {"train": float("inf"), "sample": float("inf")} for k in layouts}
-    for _ in range(rounds):
-        for layout in layouts:
-            best[layout]["train"] = min(best[layout]["train"], seconds(lambda: train(layout)))
-            best[layout]["sample"] = min(best[layout]["sample"], seconds(lambda: sample(layout)))
-    rows = {}
-    for layout, t in best.items():
-        rows[layout] = {"train_steps_per_s": train_steps / t["train"], "sample_images_per_s": n / t["sample"]}
-        print(f"channels-last, {layout}: {train_steps / t['train']:.2f} train steps/s, {n / t['sample']:.1f} images/s")
+    models = {k: copy.deepcopy(bench.base).to(memory_format=f) for k, f in layouts.items()}
+    variants = {k: (m, bench.optimizer(m), m) for k, m in models.items()}
+    for model, opt, _ in variants.values():  # both warmed up before the timed rounds
+        bench.train(model, opt, train_steps)
+        bench.sample(model)
+    rows = bench.rows("channels-last", bench.best_times(variants, train_steps, rounds), train_steps)
     rows["speedup_train"] = rows["nhwc"]["train_steps_per_s"] / rows["nchw"]["train_steps_per_s"]
     rows["speedup_sample"] = rows["nhwc"]["sample_images_per_s"] / rows["nchw"]["sample_images_per_s"]
-    sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
-    return {**sizes, "rounds": rounds, **rows}
+    return {**bench.sizes(train_steps, rounds), **rows}
 
 
 def compile_section(params: Path, n: int, steps: int, train_steps: int = 20, rounds: int = 3) -> dict:
@@ -325,88 +362,52 @@ def compile_section(params: Path, n: int, steps: int, train_steps: int = 20, rou
     compile starts from an empty inductor cache, as a user's first run does (a warm one cut it 2-3x)."""
     import copy
     import tempfile
-    import time
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-images-inductor-")
 
     import torch
 
-    from flows.registry import section_config
-    from models.generative.ddpm import GaussianDiffusion
-    from models.generative.unet import UNet
-    from tasks.generative.images import builtin_digits, to_model_range
-    from tasks.training import make_optimizer
-
-    train_cfg = section_config(params, "diffusion_train")
-    ddpm = GaussianDiffusion(section_config(params, "ddpm"))
-    images = builtin_digits(16)
-    digits, digit_labels = to_model_range(images.pixels), torch.as_tensor(images.labels)
-    labels = torch.arange(n) % 10
-    torch.manual_seed(0)
-    base = UNet(section_config(params, "unet"))
-    randomise_zero_layers(base)
-    base = base.to(memory_format=torch.channels_last)
+    bench = PixelUNetBench(params, n, steps)
+    base = bench.base.to(memory_format=torch.channels_last)
+    # One module per use: training and sampling are different graphs, each compiled at its first call.
     eager = {"train": copy.deepcopy(base), "sample": copy.deepcopy(base).eval()}
     compiled = {k: torch.compile(copy.deepcopy(m), dynamic=False) for k, m in eager.items()}
-    variants = {"eager": eager, "compiled": compiled}
-    optimizers = {k: make_optimizer(v["train"], train_cfg) for k, v in variants.items()}
-
-    def train(variant: str, count: int) -> None:
-        model, opt, g = variants[variant]["train"], optimizers[variant], torch.Generator().manual_seed(0)
-        for _ in range(count):
-            idx = torch.randint(0, len(digits), (train_cfg.batch_size,), generator=g)
-            loss = ddpm.training_losses(model, digits[idx], y=digit_labels[idx], generator=g)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    def sample(variant: str) -> None:
-        g = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            ddpm.sample(
-                variants[variant]["sample"], (n, 1, 16, 16), steps=steps, sampler="ancestral", generator=g, y=labels
-            )
-
-    first: dict[str, dict[str, float]] = {}
-    for variant in variants:  # the first calls: the compiled ones include the compile
-        start = time.perf_counter()
-        train(variant, 1)
-        first[variant] = {"train": time.perf_counter() - start}
-        first[variant]["sample"] = seconds(lambda: sample(variant))
-    best: dict[str, dict[str, float]] = {k: {"train": float("inf"), "sample": float("inf")} for k in variants}
-    for _ in range(rounds):  # alternated, as the channels-last section explains
-        for variant in variants:
-            best[variant]["train"] = min(best[variant]["train"], seconds(lambda: train(variant, train_steps)))
-            best[variant]["sample"] = min(best[variant]["sample"], seconds(lambda: sample(variant)))
+    modules = {"eager": eager, "compiled": compiled}
+    optimizers = {k: bench.optimizer(m["train"]) for k, m in modules.items()}
+    first = {  # the first calls: the compiled ones include the compile
+        k: {
+            "train": seconds(lambda: bench.train(m["train"], optimizers[k], 1)),
+            "sample": seconds(lambda: bench.sample(m["sample"])),
+        }
+        for k, m in modules.items()
+    }
+    variants = {k: (m["train"], optimizers[k], m["sample"]) for k, m in modules.items()}
+    best = bench.best_times(variants, train_steps, rounds)
     x = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
+        labels = bench.labels
         difference = (eager["sample"](x, t, y=labels) - compiled["sample"](x, t, y=labels)).abs().max().item()
-    rows: dict = {}
-    for variant, b in best.items():
-        rows[variant] = {"train_steps_per_s": train_steps / b["train"], "sample_images_per_s": n / b["sample"]}
-        print(f"torch.compile, {variant}: {train_steps / b['train']:.2f} train steps/s, {n / b['sample']:.1f} images/s")
-    per_eval = {k: best[k]["sample"] / steps for k in variants}  # seconds per network evaluation at batch n
+    rows = bench.rows("torch.compile", best, train_steps)
+    per_step = {k: {"train": best[k]["train"] / train_steps, "sample": best[k]["sample"]} for k in modules}
+    # The compile: the compiled first call's excess over a warm call, less the eager first call's own excess.
     compile_s = {
-        part: (first["compiled"][part] - best["compiled"][part] * (1 / train_steps if part == "train" else 1))
-        - (first["eager"][part] - best["eager"][part] * (1 / train_steps if part == "train" else 1))
+        part: (first["compiled"][part] - per_step["compiled"][part]) - (first["eager"][part] - per_step["eager"][part])
         for part in ("train", "sample")
     }
-    saved = per_eval["eager"] - per_eval["compiled"]
+    saved_per_eval = (per_step["eager"]["sample"] - per_step["compiled"]["sample"]) / steps  # at batch n
+    saved_per_step = per_step["eager"]["train"] - per_step["compiled"]["train"]
     rows |= {
         "compile_s": compile_s,
         "speedup_train": rows["compiled"]["train_steps_per_s"] / rows["eager"]["train_steps_per_s"],
         "speedup_sample": rows["compiled"]["sample_images_per_s"] / rows["eager"]["sample_images_per_s"],
         "max_abs_output_difference": difference,
-        "sampling_evaluations_to_pay_back_compile": compile_s["sample"] / saved if saved > 0 else None,
-        "training_steps_to_pay_back_compile": (
-            compile_s["train"] / (best["eager"]["train"] / train_steps - best["compiled"]["train"] / train_steps)
-            if best["compiled"]["train"] < best["eager"]["train"]
-            else None
+        "sampling_evaluations_to_pay_back_compile": (
+            compile_s["sample"] / saved_per_eval if saved_per_eval > 0 else None
         ),
+        "training_steps_to_pay_back_compile": compile_s["train"] / saved_per_step if saved_per_step > 0 else None,
     }
-    sizes = {"batch_size": train_cfg.batch_size, "train_steps": train_steps, "sample_steps": steps}
-    return {**sizes, "rounds": rounds, "threads": torch.get_num_threads(), **rows}
+    return {**bench.sizes(train_steps, rounds), "threads": torch.get_num_threads(), **rows}
 
 
 if __name__ == "__main__":
