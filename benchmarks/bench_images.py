@@ -21,11 +21,18 @@
    steps/s, sampling images/s, the largest output difference of one forward pass, and after how many
    network evaluations at the sampling batch the compile has paid for itself. Kiln does not compile (the
    figures say why; docs/generative.md).
+7. Channels-last for every other convolutional network of the family (the CNF's UNet, the latent UNets of
+   ldm and ldm_text, ControlNet on the ddpm UNet, the guidance classifier, RealNVP, the VAE, the FID network),
+   NCHW against NHWC at `--threads` intra-op threads (default 1: what a stage gets beside another on 2 cores,
+   `runtime.max_parallel: 2`): a training step at the batch size of its `*_train` section (forward, backward
+   of the mean squared output, AdamW) and, for the networks the stages sample with, one forward pass at
+   the FID batch. The `*_train.channels_last` and `diffusion_train` keys follow these rows.
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
     .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
     .venv/bin/python benchmarks/bench_images.py --only channels_last
     .venv/bin/python benchmarks/bench_images.py --only compile
+    .venv/bin/python benchmarks/bench_images.py --only channels_last_networks --threads 1
 """
 
 from __future__ import annotations
@@ -61,8 +68,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/images.json")
     parser.add_argument(
         "--only",
-        choices=["guidance", "channels_last", "compile"],
-        help="run section 4, 5 or 6 alone and update it in --out",
+        choices=["guidance", "channels_last", "compile", "channels_last_networks"],
+        help="run section 4, 5, 6 or 7 alone and update it in --out",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads in section 7 (a stage's share of the cores)"
     )
     args = parser.parse_args()
 
@@ -105,6 +115,8 @@ def main() -> None:
         results["guidance"] = guidance_section(params, unet, n)
     if args.only in (None, "compile"):
         results["compile"] = compile_section(params, n, steps)
+    if args.only in (None, "channels_last_networks"):
+        results["channels_last_networks"] = channels_last_networks_section(params, n, args.threads)
     if args.only:
         write_json(args.out, results)
         return
@@ -408,6 +420,184 @@ def compile_section(params: Path, n: int, steps: int, train_steps: int = 20, rou
         "training_steps_to_pay_back_compile": compile_s["train"] / saved_per_step if saved_per_step > 0 else None,
     }
     return {**bench.sizes(train_steps, rounds), "threads": torch.get_num_threads(), **rows}
+
+
+def conv_networks(params: Path, n: int) -> dict:
+    """name -> (params section of its training config, a builder, one training loss, one sampling forward pass
+    or None): every convolutional network of the image family other than the pixel UNet of section 5, at the
+    shapes the built-in digits give it (16x16x1 images, 10 classes, 4x8x8 latents)."""
+    import torch
+
+    from flows.registry import section_config
+    from models.generative.controlnet import ControlledUNet, ControlNet
+    from models.generative.fid_net import FIDNet
+    from models.generative.realnvp import RealNVP
+    from models.generative.text_encoder import TextConditionedUNet, TextEncoder
+    from models.generative.unet import EncoderClassifier, UNet
+    from models.generative.vae import VAE
+
+    def cfg(section: str, **fields):
+        from dataclasses import replace
+
+        config = section_config(params, section)
+        return replace(config, **{k: v for k, v in fields.items() if hasattr(config, k)})
+
+    pixels = {"in_channels": 1, "image_size": 16, "num_classes": 10}
+    latents = {"in_channels": 4, "image_size": 8, "num_classes": 10}
+    g = torch.Generator().manual_seed(0)
+
+    def x_t(b: int, shape: tuple[int, ...]) -> tuple:
+        return torch.randn(b, *shape, generator=g), torch.rand(b, generator=g) * 999
+
+    def controlled():
+        base = UNet(cfg("unet", **pixels))
+        return ControlledUNet(base, ControlNet(base, section_config(params, "controlnet")))
+
+    def text_unet():
+        return TextConditionedUNet(
+            UNet(cfg("ldm_text_unet", **{**latents, "num_classes": 0}, context_dim=32)),
+            TextEncoder(cfg("text_encoder", vocab_size=40)),
+        )
+
+    def labels(b: int):
+        return torch.arange(b) % 10
+
+    def captions(b: int):
+        return torch.randint(1, 40, (b, 6), generator=g)
+
+    def edges(b: int):
+        return (torch.rand(b, 1, 16, 16, generator=g) > 0.8).float()
+
+    return {
+        "cnf_unet": (
+            "cnf_train",
+            lambda: UNet(cfg("cnf_unet", **{**pixels, "num_classes": 0})),
+            lambda m, b: m(*x_t(b, (1, 16, 16))),
+            lambda m: m(*x_t(n, (1, 16, 16))),
+        ),
+        "ldm_unet": (
+            "ldm_train",
+            lambda: UNet(cfg("ldm_unet", **latents)),
+            lambda m, b: m(*x_t(b, (4, 8, 8)), labels(b)),
+            lambda m: m(*x_t(n, (4, 8, 8)), labels(n)),
+        ),
+        "ldm_text_unet": (
+            "ldm_text_train",
+            text_unet,
+            lambda m, b: m(*x_t(b, (4, 8, 8)), captions(b)),
+            lambda m: m(*x_t(n, (4, 8, 8)), captions(n)),
+        ),
+        "controlnet": (
+            "controlnet_train",
+            controlled,
+            lambda m, b: m(*x_t(b, (1, 16, 16)), labels(b), cond=edges(b)),
+            lambda m: m(*x_t(n, (1, 16, 16)), labels(n), cond=edges(n)),
+        ),
+        "ddpm_unet_sampled_by_guidance": (
+            "diffusion_train",
+            lambda: UNet(cfg("unet", **pixels)),
+            None,
+            lambda m: m(*x_t(n, (1, 16, 16)), labels(n)),
+        ),
+        "guidance_classifier": (
+            "guidance_train",
+            lambda: EncoderClassifier(cfg("guidance_classifier", **pixels)),
+            lambda m, b: m(*x_t(b, (1, 16, 16))),
+            None,
+        ),
+        "realnvp": (
+            "realnvp_train",
+            lambda: RealNVP(cfg("realnvp", in_channels=1, image_size=16)),
+            lambda m, b: m(torch.randn(b, 1, 16, 16, generator=g))[0],
+            None,
+        ),
+        "vae": (
+            "vae_train",
+            lambda: VAE(cfg("vae", in_channels=1, image_size=16)),
+            lambda m, b: m(torch.randn(b, 1, 16, 16, generator=g))[0],
+            None,
+        ),
+        "fid_net": (
+            "fid_net_train",
+            lambda: FIDNet(cfg("fid_net", **pixels)),
+            lambda m, b: m(torch.randn(b, 1, 16, 16, generator=g)),
+            None,
+        ),
+    }
+
+
+def channels_last_networks_section(params: Path, n: int, threads: int, steps: int = 10, rounds: int = 3) -> dict:
+    """Section 7: per network, training steps/s and sampling-batch forward passes/s in NCHW and NHWC, the best
+    of `rounds` alternated timings, and the speed-ups the `channels_last` keys are set from."""
+    import copy
+
+    import torch
+
+    from flows.registry import section_config
+    from tasks.training import make_optimizer
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: dict = {}
+    try:
+        for name, (train_section, build, train_out, sample_out) in conv_networks(params, n).items():
+            train_cfg = section_config(params, train_section)
+            torch.manual_seed(0)
+            base = build()
+            randomise_zero_layers(base)
+            layouts = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+            models = {k: copy.deepcopy(base).to(memory_format=f) for k, f in layouts.items()}
+            optimizers = {k: make_optimizer(m, train_cfg) for k, m in models.items()}
+
+            def train(m, opt, count=steps) -> None:
+                m.train()
+                for _ in range(count):
+                    loss = train_out(m, train_cfg.batch_size).float().square().mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+            def forward(m) -> None:
+                m.eval()
+                with torch.no_grad():
+                    sample_out(m)
+
+            best = {k: {"train": float("inf"), "sample": float("inf")} for k in models}
+            for k, m in models.items():  # warm-up, both layouts
+                if train_out:
+                    train(m, optimizers[k], 2)
+                if sample_out:
+                    forward(m)
+            for _ in range(rounds):
+                for k, m in models.items():
+                    if train_out:
+                        best[k]["train"] = min(best[k]["train"], seconds(lambda: train(m, optimizers[k])))
+                    if sample_out:
+                        best[k]["sample"] = min(best[k]["sample"], seconds(lambda: forward(m)))
+            row: dict = {"train_section": train_section, "channels_last_key": train_cfg.channels_last}
+            if train_out:
+                row |= {
+                    "train_batch": train_cfg.batch_size,
+                    "nchw_train_steps_per_s": steps / best["nchw"]["train"],
+                    "nhwc_train_steps_per_s": steps / best["nhwc"]["train"],
+                    "speedup_train": best["nchw"]["train"] / best["nhwc"]["train"],
+                }
+            if sample_out:
+                row |= {
+                    "sample_batch": n,
+                    "nchw_forward_s": best["nchw"]["sample"],
+                    "nhwc_forward_s": best["nhwc"]["sample"],
+                    "speedup_sample": best["nchw"]["sample"] / best["nhwc"]["sample"],
+                }
+            rows[name] = row
+            print(
+                f"channels-last, {name}: train x{row.get('speedup_train', float('nan')):.2f}, "
+                f"sampling forward x{row.get('speedup_sample', float('nan')):.2f}",
+                flush=True,
+            )
+    finally:
+        torch.set_num_threads(previous)
+    return {"threads": threads, "train_steps": steps, "rounds": rounds, "networks": rows}
 
 
 if __name__ == "__main__":
