@@ -105,8 +105,9 @@ def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
 
     A convolution whose weight is channels-last computes in NHWC whatever the input's layout (PyTorch's
     memory-format propagation), so the batches need no conversion. On 2 CPU cores this makes a training step
-    of the one-stage detector 1.2x and of ThunderNet 1.1x as fast (benchmarks/bench_detection.py). The state
-    dict keeps NHWC strides; loading it into a fresh model copies the values into that model's layout.
+    of the one-stage detector 1.2x and of ThunderNet 1.1x as fast (benchmarks/bench_detection.py), and the
+    image family's networks 1.1-1.3x on one thread (benchmarks/bench_images.py section 7). The state dict
+    keeps NHWC strides, and `load_model_with_meta` gives the loaded model the same layout.
     """
     model.to(device)
     if cfg.channels_last:
@@ -573,7 +574,21 @@ def load_model_with_meta(
     saved = torch.load(path, map_location=device, weights_only=True)
     model = build(saved["model"], saved["config"])
     model.load_state_dict(saved["state_dict"])
+    if trained_channels_last(saved["state_dict"]):
+        # The layout it trained in (`place_model`): a stage that samples or scores with it gets the same
+        # NHWC kernels (1.2-1.4x a forward pass on one thread, benchmarks/bench_images.py section 7).
+        # load_state_dict alone copies the values into the fresh model's NCHW weights.
+        model.to(memory_format=torch.channels_last)
     return saved["model"], model.to(device).eval(), dict(saved.get("meta") or {})
+
+
+def trained_channels_last(state_dict: dict[str, Tensor]) -> bool:
+    """Whether a saved state dict's convolution weights are in channels-last order (`place_model` trained
+    them so). A weight whose NCHW and NHWC strides coincide (1x1 kernels on one channel) says nothing."""
+    return any(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        for t in state_dict.values()
+    )
 
 
 # ------------------------------------------------------------------- what a model was trained on

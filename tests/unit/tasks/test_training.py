@@ -1,13 +1,23 @@
 """The one training loop: schedule, NaN stop, checkpoint resume equal to an uninterrupted run."""
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from torch import nn
 
-from tasks.training import NonFiniteLoss, TrainConfig, WeightEMA, learning_rate, make_optimizer, train
+from tasks.training import (
+    NonFiniteLoss,
+    TrainConfig,
+    WeightEMA,
+    learning_rate,
+    load_model_with_meta,
+    make_optimizer,
+    save_model,
+    train,
+    trained_channels_last,
+)
 
 CFG = TrainConfig(
     steps=12,
@@ -258,10 +268,35 @@ def test_channels_last_trains_the_same_weights_in_nhwc_order():
     assert fresh[0].weight.is_contiguous() and torch.equal(fresh[0].weight, nhwc[0].weight)
 
 
+def test_a_model_saved_in_channels_last_loads_in_channels_last(tmp_path):
+    """A downstream stage samples or scores in the layout the model trained in; an NCHW one stays NCHW."""
+    nhwc, _ = conv_run(replace(CFG, channels_last=True, steps=2, warmup_steps=0))
+    plain, _ = conv_run(replace(CFG, steps=2, warmup_steps=0))
+
+    def build(name, config):
+        assert name == "conv" and config == asdict(CFG)
+        return conv_run(replace(CFG, steps=1, warmup_steps=0))[0]
+
+    for model, expected in ((nhwc, True), (plain, False)):
+        save_model(tmp_path / "m.pt", "conv", CFG, model)
+        _, loaded, _ = load_model_with_meta(tmp_path / "m.pt", build)
+        weight = loaded[0].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert weight.is_contiguous() is not expected
+        assert torch.equal(weight, model[0].weight) and not loaded.training
+        x = torch.randn(4, 3, 12, 12)
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_trained_channels_last_ignores_weights_whose_two_layouts_coincide():
+    one_by_one = nn.Conv2d(1, 4, 1).to(memory_format=torch.channels_last)  # NCHW and NHWC strides agree
+    assert not trained_channels_last(one_by_one.state_dict())
+    assert not trained_channels_last(nn.Linear(3, 2).state_dict())
+    assert trained_channels_last(nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last).state_dict())
+
+
 def test_channels_last_must_be_a_bool(tmp_path):
     """The params loader refuses anything but true/false (it checks every field's type, bools included)."""
-    from dataclasses import asdict
-
     from tasks.params import ParamsError, section_from_dict
 
     with pytest.raises(ParamsError, match="detector_train.channels_last: expected bool"):
