@@ -26,7 +26,7 @@
    NCHW against NHWC at `--threads` intra-op threads (default 1: what a stage gets beside another on 2 cores,
    `runtime.max_parallel: 2`): a training step at the batch size of its `*_train` section (forward, backward
    of the mean squared output, AdamW) and, for the networks the stages sample with, one forward pass at
-   the FID batch. The `*_train.channels_last` and `diffusion_train` keys follow these rows.
+   the FID batch. The `channels_last` keys of their `*_train` sections follow these rows.
 
     .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
     .venv/bin/python benchmarks/bench_images.py --only guidance   # one section, merged into the file
