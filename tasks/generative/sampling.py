@@ -361,7 +361,7 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
     from tasks.generative.controlnet import ControlNetEvalConfig, sample
     from tasks.generative.diffusion import load_generator
     from tasks.generative.fid import image_meta
-    from tasks.training import require_meta
+    from tasks.training import require_meta, trained_channels_last
 
     _refuse(request, "controlnet", prompt="it is conditioned on an edge map (--edges) and a label (--label)")
     if request.edges is None:
@@ -381,6 +381,8 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
     controlnet = ControlNet(base, ControlNetConfig(**saved["config"]))
     controlnet.load_state_dict(saved["state_dict"])
     model = ControlledUNet(base, controlnet).to(device).eval()
+    if trained_channels_last(saved["state_dict"]):  # as the stage trained and sampled it (load_model_with_meta)
+        model.to(memory_format=torch.channels_last)
     shape = (base.cfg.in_channels, base.cfg.image_size, base.cfg.image_size)
     edges = read_edge_map(request.edges, shape).expand(request.n, -1, -1, -1)
     if request.label is not None:
@@ -404,7 +406,7 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
     from models.generative.unet import UNetConfig
     from tasks.generative.fid import image_meta
     from tasks.generative.normalizing_flows import build_normalizing_flow, sample_images
-    from tasks.training import require_meta
+    from tasks.training import require_meta, trained_channels_last
 
     stage = f"nflow@{name}"
     unconditional = "the flows are unconditional"
@@ -424,6 +426,8 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
         how = f"ODE, {cfg.sample_solver}" + (f", {cfg.sample_steps} steps" if cfg.sample_solver == "rk4" else "")
     flow.model.load_state_dict(saved["state_dict"])
     flow.model.to(device).eval()
+    if trained_channels_last(saved["state_dict"]):  # as the stage trained and sampled it (load_model_with_meta)
+        flow.model.to(memory_format=torch.channels_last)
     images, _ = sample_images(flow, request.n, batch_size(root), seed=request.seed)
     return Samples(stage, images, ["unconditional"] * request.n, how)
 
