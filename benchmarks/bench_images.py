@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,6 +272,18 @@ def guidance_section(params: Path, unet, n: int) -> dict:
     return {"sampler": cfg.sampler, "steps": cfg.steps, "images": n, "scales": rows}
 
 
+def alternated_best(variants: dict[str, dict[str, Callable[[], object]]], rounds: int) -> dict[str, dict[str, float]]:
+    """The fastest of `rounds` timings of every part (name -> call) of every variant, the variants timed in
+    alternation within each round: in trials, whichever variant ran first in a process ran slower for a while,
+    which timing one after the other reads as the variants' difference."""
+    best = {name: dict.fromkeys(parts, float("inf")) for name, parts in variants.items()}
+    for _ in range(rounds):
+        for name, parts in variants.items():
+            for part, call in parts.items():
+                best[name][part] = min(best[name][part], seconds(call))
+    return best
+
+
 class PixelUNetBench:
     """What the channels-last and compile sections share: the pixel UNet of params/images.yaml (zero layers
     re-drawn, seed 0), AdamW steps of the DDPM loss on the built-in digits at `diffusion_train.batch_size`,
@@ -320,15 +333,17 @@ class PixelUNetBench:
 
     def best_times(self, variants: dict, train_steps: int, rounds: int) -> dict[str, dict[str, float]]:
         """The fastest of `rounds` timings of `train_steps` training steps and of one sampling call, per variant
-        (name -> (training model, its optimizer, sampling model)), timed in alternation: in trials, whichever
-        variant ran first in a process ran slower for a while, which timing one after the other reads as the
-        variants' difference."""
-        best = {k: {"train": float("inf"), "sample": float("inf")} for k in variants}
-        for _ in range(rounds):
-            for name, (model, opt, sampler) in variants.items():
-                best[name]["train"] = min(best[name]["train"], seconds(lambda: self.train(model, opt, train_steps)))
-                best[name]["sample"] = min(best[name]["sample"], seconds(lambda: self.sample(sampler)))
-        return best
+        (name -> (training model, its optimizer, sampling model)), timed in alternation (`alternated_best`)."""
+        return alternated_best(
+            {
+                name: {
+                    "train": lambda model=model, opt=opt: self.train(model, opt, train_steps),
+                    "sample": lambda sampler=sampler: self.sample(sampler),
+                }
+                for name, (model, opt, sampler) in variants.items()
+            },
+            rounds,
+        )
 
     def rows(self, section: str, best: dict[str, dict[str, float]], train_steps: int) -> dict:
         rows = {}
@@ -562,18 +577,19 @@ def channels_last_networks_section(params: Path, n: int, threads: int, steps: in
                 with torch.no_grad():
                     sample_out(m)
 
-            best = {k: {"train": float("inf"), "sample": float("inf")} for k in models}
             for k, m in models.items():  # warm-up, both layouts
                 if train_out:
                     train(m, optimizers[k], 2)
                 if sample_out:
                     forward(m)
-            for _ in range(rounds):
-                for k, m in models.items():
-                    if train_out:
-                        best[k]["train"] = min(best[k]["train"], seconds(lambda: train(m, optimizers[k])))
-                    if sample_out:
-                        best[k]["sample"] = min(best[k]["sample"], seconds(lambda: forward(m)))
+            parts = {
+                k: {
+                    **({"train": lambda m=m, opt=optimizers[k]: train(m, opt)} if train_out else {}),
+                    **({"sample": lambda m=m: forward(m)} if sample_out else {}),
+                }
+                for k, m in models.items()
+            }
+            best = alternated_best(parts, rounds)
             row: dict = {"train_section": train_section, "channels_last_key": train_cfg.channels_last}
             if train_out:
                 row |= {
