@@ -353,6 +353,16 @@ def read_edge_map(path: Path, shape: tuple[int, int, int]) -> Tensor:
     return torch.from_numpy((gray >= 128).astype(np.float32))[None, None]
 
 
+def load_in_saved_layout(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """`state_dict` into `module`, in the memory layout it was saved in, as `load_model_with_meta` loads the
+    models it builds: the ControlNet and the flows are built here, not through it."""
+    from tasks.training import trained_channels_last
+
+    module.load_state_dict(state_dict)
+    if trained_channels_last(state_dict):
+        module.to(memory_format=torch.channels_last)
+
+
 def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) -> Samples:
     """`controlnet`: the `diffusion@ddpm` UNet steered by the ControlNet with the edge map --edges, with the
     stage's sampler and steps; with --label the base is class-conditional too, else unconditional."""
@@ -361,7 +371,7 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
     from tasks.generative.controlnet import ControlNetEvalConfig, sample
     from tasks.generative.diffusion import load_generator
     from tasks.generative.fid import image_meta
-    from tasks.training import require_meta, trained_channels_last
+    from tasks.training import require_meta
 
     _refuse(request, "controlnet", prompt="it is conditioned on an edge map (--edges) and a label (--label)")
     if request.edges is None:
@@ -379,10 +389,8 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
             f"{shown_path(root, path)} was trained on another diffusion@ddpm network: {rerun_hint('controlnet')}"
         )
     controlnet = ControlNet(base, ControlNetConfig(**saved["config"]))
-    controlnet.load_state_dict(saved["state_dict"])
+    load_in_saved_layout(controlnet, saved["state_dict"])  # the base's layout is load_generator's
     model = ControlledUNet(base, controlnet).to(device).eval()
-    if trained_channels_last(saved["state_dict"]):  # as the stage trained and sampled it (load_model_with_meta)
-        model.to(memory_format=torch.channels_last)
     shape = (base.cfg.in_channels, base.cfg.image_size, base.cfg.image_size)
     edges = read_edge_map(request.edges, shape).expand(request.n, -1, -1, -1)
     if request.label is not None:
@@ -406,7 +414,7 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
     from models.generative.unet import UNetConfig
     from tasks.generative.fid import image_meta
     from tasks.generative.normalizing_flows import build_normalizing_flow, sample_images
-    from tasks.training import require_meta, trained_channels_last
+    from tasks.training import require_meta
 
     stage = f"nflow@{name}"
     unconditional = "the flows are unconditional"
@@ -424,10 +432,8 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
             cfg = replace(cfg, sample_solver="rk4", sample_steps=checked_steps(request, cfg.sample_steps))
         flow = build_normalizing_flow(name, cfg, UNetConfig(**saved["config"]))
         how = f"ODE, {cfg.sample_solver}" + (f", {cfg.sample_steps} steps" if cfg.sample_solver == "rk4" else "")
-    flow.model.load_state_dict(saved["state_dict"])
+    load_in_saved_layout(flow.model, saved["state_dict"])
     flow.model.to(device).eval()
-    if trained_channels_last(saved["state_dict"]):  # as the stage trained and sampled it (load_model_with_meta)
-        flow.model.to(memory_format=torch.channels_last)
     images, _ = sample_images(flow, request.n, batch_size(root), seed=request.seed)
     return Samples(stage, images, ["unconditional"] * request.n, how)
 
