@@ -469,9 +469,10 @@ def conv_networks(params: Path, n: int) -> dict:
         return ControlledUNet(base, ControlNet(base, section_config(params, "controlnet")))
 
     def text_unet():
+        encoder = TextEncoder(cfg("text_encoder", vocab_size=40))
+        # The UNet attends to the encoder's tokens: its context width is the encoder's (derived_text_fields).
         return TextConditionedUNet(
-            UNet(cfg("ldm_text_unet", **{**latents, "num_classes": 0}, context_dim=32)),
-            TextEncoder(cfg("text_encoder", vocab_size=40)),
+            UNet(cfg("ldm_text_unet", **{**latents, "num_classes": 0}, context_dim=encoder.cfg.dim)), encoder
         )
 
     def labels(b: int):
