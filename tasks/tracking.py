@@ -223,6 +223,15 @@ class StageRun:
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
 
+def pinned_requirements(*packages: str) -> list[str]:
+    """`name==version` of each installed package (local version labels such as torch's `+cpu` dropped): the
+    pip requirements a logged model declares. Given explicitly, MLflow does not load the model in a
+    subprocess to infer them (about 3 s a model on 2 cores: tasks/detection/onnx_export.py)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 @contextmanager
 def stage_run(
     stage: str,

@@ -28,7 +28,7 @@ from tasks.io import atomic_path, write_json
 from tasks.layout import METRICS_DIR, ONNX_DIR
 from tasks.phases import in_phase
 from tasks.spec import StageContext, StageSpec
-from tasks.tracking import StageRun
+from tasks.tracking import StageRun, pinned_requirements
 
 # ----------------------------------------------------------------------------------------- ONNX
 
@@ -341,6 +341,9 @@ def register_onnx(
         onnx_model=onnx.load(str(path)),
         signature=infer_signature(feed, outputs),
         input_example=feed,
+        # Explicit (what MLflow would infer for an ONNX model), so MLflow does not load the model in a
+        # subprocess to infer them: registering the four models took 16.5 s with inference, 4.2 s without.
+        pip_requirements=pinned_requirements("mlflow", "numpy", "onnx", "onnxruntime"),
         metadata={"description": description},
     )
     version = str(info.registered_model_version)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.spec import StageContext
+from tasks.tracking import pinned_requirements
 
 REGISTERED_PREFIX = "kiln-gen-"
 EXAMPLE_IMAGES = 2  # per input example (and per logging-time sample)
@@ -288,7 +289,7 @@ def log_generator(ctx: StageContext, stage: str, metrics: Mapping[str, Any]) -> 
             input_example=example,
             registered_model_name=registered,
             # Explicit, so MLflow does not load the model in a subprocess to infer them.
-            pip_requirements=_requirements(),
+            pip_requirements=pinned_requirements("mlflow", "torch", "numpy", "pandas", "pyarrow", "pillow", "prefect"),
             metadata={"description": description, "files": copied},
         )
     version = str(info.registered_model_version)
@@ -307,10 +308,3 @@ def log_generator(ctx: StageContext, stage: str, metrics: Mapping[str, Any]) -> 
     client.set_registered_model_alias(registered, "newest", version)
     run.set_tags({f"registered_model.{stage.replace('@', '-')}": f"{registered}@newest (version {version})"})
     return f"{registered}@newest"
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    packages = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "pillow", "prefect")
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]

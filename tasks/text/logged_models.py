@@ -25,6 +25,7 @@ import pandas as pd
 
 from tasks.layout import CORPUS_DIR, LM_DIR, NGRAM_DIR
 from tasks.spec import StageContext
+from tasks.tracking import pinned_requirements
 
 REGISTERED_PREFIX = "kiln-lm-"
 EXAMPLE_SENTENCES = 3  # test sentences in the input example
@@ -154,7 +155,7 @@ def log_language_model(ctx: StageContext, stage: str, metrics: Mapping[str, Any]
         input_example=example,
         registered_model_name=registered,
         # Explicit, so MLflow does not load the model in a subprocess to infer them.
-        pip_requirements=_requirements(),
+        pip_requirements=pinned_requirements("mlflow", "torch", "numpy", "pandas", "pyarrow", "prefect"),
         metadata={"description": description},
     )
     version = str(info.registered_model_version)
@@ -173,10 +174,3 @@ def log_language_model(ctx: StageContext, stage: str, metrics: Mapping[str, Any]
     client.set_registered_model_alias(registered, "newest", version)
     run.set_tags({f"registered_model.{model}": f"{registered}@newest (version {version})"})
     return f"{registered}@newest"
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    packages = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "prefect")
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]

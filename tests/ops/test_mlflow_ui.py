@@ -243,6 +243,10 @@ def test_a_registered_detector_shows_its_signature_and_predicts_on_its_example(
         assert {"kiln.test_map", "kiln.test_ap50", "kiln.latency_p50_ms"} <= set(version.tags)
         uri = f"models:/{name}@newest"
         local = mlflow.artifacts.download_artifacts(uri)
+        # What serving it needs, pinned to this install (tasks/tracking.py: pinned_requirements).
+        required = (Path(local) / "requirements.txt").read_text().split()
+        assert sorted(r.split("==")[0] for r in required) == ["mlflow", "numpy", "onnx", "onnxruntime"]
+        assert all(len(r.split("==")) == 2 and "+" not in r for r in required), required
         example = Model.load(local).load_input_example(local)
         (spec,) = Model.load(local).signature.inputs.inputs
         assert spec.name == "pixels" and spec.shape[:2] == (-1, 1) and str(spec.type) == "float32"

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tasks.generative.logged_models import input_columns, registered_name
+from tasks.tracking import pinned_requirements
 from tests.pipeline.helpers import kiln_run, set_params, sh, smoke_project
 
 pytestmark = pytest.mark.pipeline
@@ -210,6 +211,7 @@ def test_detect_loads_a_registered_model_by_uri(kiln, project, tmp_path, monkeyp
             onnx.load(str(project / "data/models/onnx/thundernet.onnx")),
             name="thundernet",
             registered_model_name="kiln-test-thundernet",
+            pip_requirements=pinned_requirements("mlflow", "numpy", "onnx", "onnxruntime"),  # none inferred: 3 s
         )
     mlflow.MlflowClient().set_registered_model_alias("kiln-test-thundernet", "newest", info.registered_model_version)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # kiln detect finds the store from the project's params

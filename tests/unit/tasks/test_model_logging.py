@@ -21,6 +21,7 @@ from tasks.text.corpus import vocab_digest
 from tasks.tracking import (
     last_stage_seconds,
     log_pipeline_stages,
+    pinned_requirements,
     pipeline_run,
     pipeline_view_route,
     pipeline_view_url,
@@ -84,6 +85,19 @@ def test_a_language_model_is_logged_registered_and_predicts_on_its_input_example
     assert version.tags["kiln.test_perplexity"] == "12.5"
     assert "`sentence`" in client.get_registered_model(f"kiln-lm-{model}").description
     assert "12.5" in version.description
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    required = (local / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in required] == ["mlflow", "torch", "numpy", "pandas", "pyarrow", "prefect"]
+
+
+def test_pinned_requirements_are_the_installed_versions_without_local_labels():
+    from importlib.metadata import version
+
+    import torch
+
+    (pinned,) = pinned_requirements("torch")
+    assert pinned == "torch==" + torch.__version__.split("+")[0] and "+" not in pinned
+    assert pinned_requirements("numpy", "mlflow") == [f"numpy=={np.__version__}", f"mlflow=={version('mlflow')}"]
 
 
 def test_a_stage_without_models_logs_nothing_and_the_table_names_importable_loggers(store, project):
