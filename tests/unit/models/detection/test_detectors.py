@@ -197,37 +197,6 @@ def train_on_toy(model, images, targets, steps: int = 60) -> None:
     assert math.isfinite(loss.item())
 
 
-@pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # inside torch.export
-def test_thundernet_onnx_export_matches_pytorch():
-    torch.manual_seed(0)
-    model = ThunderNet(tiny_thundernet_config())
-    images, targets = toy_batch()
-    # Train on the toy until the scores spread out: at initialisation they sit within 1e-4 of each
-    # other, where onnxruntime's last-bit differences could reorder them.
-    train_on_toy(model, images, targets)
-
-    model.eval()
-    x = images[:1]
-    with torch.no_grad():
-        want = model(x)
-    assert len(want.scores) > 5  # detections survive the score threshold: the comparison is not vacuous
-    assert (want.scores[:-1] - want.scores[1:]).min() > 1e-5
-    check_detections(want, batch=1)
-
-    program = torch.onnx.export(
-        model, (x,), dynamo=True, custom_translation_table=ONNX_TRANSLATION_TABLE, verbose=False
-    )
-    ops = {n.op_type for n in program.model_proto.graph.node}
-    assert {"NonMaxSuppression", "GridSample"} <= ops
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    boxes, scores, labels, image_index = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert boxes.shape == tuple(want.boxes.shape)
-    np.testing.assert_allclose(boxes, want.boxes.numpy(), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(scores, want.scores.numpy(), rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(labels, want.labels.numpy())
-    np.testing.assert_array_equal(image_index, want.image_index.numpy())
-
-
 # ----------------------------------------------------------------------------------------------------- batched
 # Inference runs the whole batch at once (no loop over images), so the ONNX export keeps a dynamic batch.
 
@@ -292,7 +261,10 @@ def test_onnx_export_has_a_dynamic_batch_and_matches_pytorch(trained_gray):
     )
     graph = program.model_proto.graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not specialised to 2
-    assert "NonMaxSuppression" in {n.op_type for n in graph.node}
+    ops = {n.op_type for n in graph.node}
+    assert "NonMaxSuppression" in ops
+    if isinstance(trained_gray.detector, ThunderNet):
+        assert "GridSample" in ops  # PSRoIAlign's bilinear sampling, in the graph
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for x in (gray[:1], gray):
         with torch.no_grad():
