@@ -25,22 +25,19 @@ helpers.FORK_COMMANDS = True  # their `kiln` and `dvc` commands fork from one pr
 # files after them even the two workers out at the end.
 LONGEST_FIRST = (
     "tests/pipeline/test_text_pipeline.py",  # 219 s
+    "tests/pipeline/test_image_pipeline.py",  # 174 s: with controlnet, ldm_text and the flows
     "tests/pipeline/test_parallel.py",  # 140 s
     "tests/faults/test_bad_input.py",  # 123 s
     "tests/pipeline/test_inference.py",  # 115 s
     "tests/pipeline/test_faults.py",  # 113 s
     "tests/ops/test_mlflow_ui.py",  # 100 s
-    "tests/pipeline/test_image_pipeline.py",  # 99 s
     "tests/pipeline/test_user_data.py",  # 92 s
     "tests/pipeline/test_experiments.py",  # 86 s
     "tests/pipeline/test_detection_pipeline.py",  # 71 s
-    "tests/pipeline/test_controlnet_pipeline.py",  # 44 s
     "tests/pipeline/test_ops.py",  # 40 s
     "tests/pipeline/test_add_stage.py",  # 35 s
     "tests/ops/test_schedule.py",  # 33 s
     "tests/unit/models/detection/test_detectors.py",  # 32 s
-    "tests/pipeline/test_ldm_text_pipeline.py",  # 29 s
-    "tests/pipeline/test_nflow_pipeline.py",  # 28 s
     "tests/pipeline/test_torchrun_stage.py",  # 27 s
     "tests/pipeline/test_audit_stages.py",  # 24 s
     "tests/unit/flows/test_prefect_api.py",  # 15 s

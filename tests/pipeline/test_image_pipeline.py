@@ -1,6 +1,8 @@
-"""The image family end to end in a copy of the repo (smoke profile): images -> fid_net -> vae -> latents
--> diffusion@{ddpm, ldm, dit_rf} -> guidance, and one training-seed replicate of ddpm, then what DVC, the
-metrics files, the cache and MLflow hold."""
+"""The image family end to end in one copy of the repo (smoke profile), then what DVC, the metrics files, the
+cache and MLflow hold: images -> fid_net -> vae -> latents -> diffusion@{ddpm, ldm, dit_rf} -> guidance,
+dit_ablation and one training-seed replicate of ddpm; controlnet on the ddpm base; ldm_text on the latents;
+the normalizing flows nflow@{realnvp, cnf}. One run for all of them: the upstream stages they share
+(images, fid_net, vae, latents, ddpm) run once, not once per generator."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasks.phases import PHASES
@@ -28,8 +31,21 @@ STAGES = [
     "dit_ablation",
     "guidance",
     "diffusion_replicate@ddpm-1",
+    "controlnet",
+    "ldm_text",
+    "nflow@realnvp",
+    "nflow@cnf",
 ]
-TARGETS = ("guidance", "diffusion@dit_rf", "dit_ablation", "diffusion_replicate@ddpm-1")
+FLOWS = ["realnvp", "cnf"]
+TARGETS = (
+    "guidance",
+    "diffusion@dit_rf",
+    "dit_ablation",
+    "diffusion_replicate@ddpm-1",
+    "controlnet",
+    "ldm_text",
+    *(f"nflow@{name}" for name in FLOWS),
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +67,14 @@ def metrics(project: Path, name: str) -> dict:
 def test_image_stages_run_and_dvc_is_clean(project, first_run):
     assert summary(first_run.stdout) == {stage: "ran" for stage in STAGES}
     assert stale(project, *TARGETS) == {}
+    ran = list(summary(first_run.stdout))  # in the order of the DAG that `kiln run` walked
+    for upstream, stage in (
+        ("diffusion@ddpm", "controlnet"),  # the ControlNet trains on its frozen base
+        ("latents", "ldm_text"),
+        ("fid_net", "nflow@realnvp"),
+        ("fid_net", "nflow@cnf"),
+    ):
+        assert ran.index(upstream) < ran.index(stage), ran
     images = metrics(project, "images")
     assert (images["train_images"], images["val_images"], images["test_images"]) == (1167, 270, 360)
 
@@ -172,6 +196,82 @@ def test_a_pixel_generator_replicate_trains_another_seed_into_its_own_outputs(pr
     assert (project / "data/plots/diffusion/ddpm-1_fid_vs_steps.csv").is_file()
     run = runs_of(project, "generative", "diffusion_replicate@ddpm-1")[0]
     assert (run.data.params["seed"], run.data.params["replicate"]) == (str(seed + 1), "1")
+
+
+def test_controlnet_metrics_outputs_and_mlflow(project, first_run):
+    report = json.loads((project / "data/metrics/controlnet.json").read_text())
+    for key in ("fid", "fid_base", "fid_floor", "fid_ceiling", "class_accuracy", "class_accuracy_base"):
+        assert np.isfinite(report[key]), key
+    for key in ("edge_f1_control", "edge_f1_base", "edge_f1_control_exact", "edge_f1_base_exact"):
+        assert 0 <= report[key] <= 1, key
+    assert report["edge_f1_control_exact"] <= report["edge_f1_control"]  # a tolerance only adds matches
+    assert report["fid_samples"] == 40 and report["trainable_parameters"] > 0
+    # Held-out conditions: 40 val images' edges, scored against all 360 test images (not their own source).
+    assert report["condition_images"] == 40 and report["fid_reference_images"] == 360
+    out = project / "data/models/controlnet"
+    for split, n in (("train", 1167), ("val", 270), ("test", 360)):
+        edges = np.load(out / "edges" / f"{split}.npy")
+        assert edges.shape == (n, 1, 16, 16) and set(np.unique(edges)) <= {0, 1}
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["model"] == "controlnet" and saved["config"]["hint_channels"] == [4]
+    grid = np.asarray(Image.open(out / "samples.png"))  # 4 rows of condition | controlled | base, upscaled 2x
+    assert grid.shape == (2 * (4 * 17 + 1), 2 * (3 * 17 + 1))
+    run = runs_of(project, "generative", "controlnet")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["edge_f1_control"] == pytest.approx(report["edge_f1_control"])
+    assert run.data.metrics["fid_floor"] == pytest.approx(report["fid_floor"])
+    assert run.data.params["controlnet_train.steps"] == "10"
+    client = mlflow_client(project)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == {"samples/samples.png"}
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")]
+
+
+def test_ldm_text_metrics_outputs_and_mlflow(project, first_run):
+    report = json.loads((project / "data/metrics/ldm_text.json").read_text())
+    for split in ("heldout", "train"):
+        assert np.isfinite(report[f"{split}_fid"]) and 0 <= report[f"{split}_class_accuracy"] <= 1
+    assert report["fid"] == report["heldout_fid"] and report["nfe"] == 2 * 4  # guided DDIM, the smoke 4 steps
+    assert 0 < report["heldout_unk_rate"] < 1  # held-out wording meets <unk>, the class words do not
+    grid = np.asarray(Image.open(project / "data/models/diffusion/ldm_text/samples.png"))
+    assert grid.shape[0] == 2 * (10 * 17 + 1)  # one row per digit, upscaled 2x
+    saved = torch.load(project / "data/models/diffusion/ldm_text/model.pt", weights_only=True)
+    assert saved["config"]["unet"]["context_dim"] == saved["config"]["text_encoder"]["dim"] == 16
+    run = runs_of(project, "generative", "ldm_text")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["heldout_class_accuracy"] == pytest.approx(report["heldout_class_accuracy"])
+    assert run.data.params["ldm_text_unet.context_dim"] == "16" and run.data.params["ldm_text_unet.num_classes"] == "0"
+    client = mlflow_client(project)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == {"samples/samples.png"}
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_flow_logs_bpd_and_fid_with_floor_and_ceiling(project, first_run, name):
+    report = json.loads((project / f"data/metrics/nflow/{name}.json").read_text())
+    reference = json.loads((project / "data/metrics/fid_net.json").read_text())
+    assert report["fid_floor"] == pytest.approx(reference["fid_floor"])
+    assert report["fid_ceiling"] == pytest.approx(reference["fid_ceiling"])
+    assert report["test_bpd_images"] == 40 and report["fid_samples"] == 40
+    assert 0 < report["test_bpd"] < 12 and np.isfinite(report["fid"]) and report["fid"] >= 0
+    run = runs_of(project, "generative", f"nflow@{name}")[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_bpd"] == pytest.approx(report["test_bpd"])
+    assert run.data.metrics["fid"] == pytest.approx(report["fid"])
+    assert run.data.params[f"{'realnvp' if name == 'realnvp' else 'cnf_unet'}.image_size"] == "16"  # from the data
+    client = mlflow_client(project)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == {"samples/samples.png"}
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_loss")] == [10, 20]
+    # 8 columns of 16 px images with 1 px gaps, upscaled 2x; the checkpoints load with weights_only
+    grid = np.asarray(Image.open(project / f"data/models/nflow/{name}/samples.png"))
+    assert grid.shape == (2 * (5 * 17 + 1), 2 * (8 * 17 + 1))
+    saved = torch.load(project / f"data/models/nflow/{name}/model.pt", weights_only=True)
+    assert saved["model"] == ("realnvp" if name == "realnvp" else "unet")
+    assert torch.load(project / f"data/models/nflow/{name}/checkpoint.pt", weights_only=True)["step"] == 20
+
+
+def test_cnf_reports_its_solver_and_trace(project, first_run):
+    report = json.loads((project / "data/metrics/nflow/cnf.json").read_text())
+    assert (report["trace"], report["sample_solver"], report["likelihood_solver"]) == ("hutchinson", "rk4", "rk4")
+    assert report["sample_nfe"] == report["likelihood_nfe"] == 8  # 2 RK4 steps in the smoke profile
 
 
 def test_a_direct_stage_run_refuses_a_model_trained_on_other_images(project, first_run):
