@@ -57,7 +57,7 @@ def _stage_heartbeats() -> AbstractContextManager[Any]:
     Prefect sends a flow run's heartbeats from a thread that sleeps in whole seconds, and joins that thread
     when the run ends: every flow run ends up to a second late (a flow that takes 0.25 s took 1.17 s). Under
     `kiln run` the pipeline's flow run keeps its heartbeat, which is what says the run is alive (or, with a
-    zombie-flow automation, that it crashed), and the pipeline records a stage process that dies itself."""
+    zombie-flow automation, that it crashed), and the pipeline itself records a stage whose process dies."""
     if not os.environ.get(PARENT_RUN_ENV):
         return nullcontext()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings

@@ -25,9 +25,9 @@ helpers.FORK_COMMANDS = True  # their `kiln` and `dvc` commands fork from one pr
 # files after them even the two workers out at the end.
 LONGEST_FIRST = (
     "tests/pipeline/test_text_pipeline.py",  # 219 s
-    "tests/pipeline/test_image_pipeline.py",  # 174 s: with controlnet, ldm_text and the flows
+    "tests/pipeline/test_image_pipeline.py",  # 126 s with controlnet, ldm_text and the flows (174 s as 4 files)
     "tests/pipeline/test_parallel.py",  # 140 s
-    "tests/faults/test_bad_input.py",  # 123 s
+    "tests/faults/test_bad_input.py",  # 123 s; its cases alone 98 -> 57 s without a heartbeat each
     "tests/pipeline/test_inference.py",  # 115 s
     "tests/pipeline/test_faults.py",  # 113 s
     "tests/ops/test_mlflow_ui.py",  # 100 s
