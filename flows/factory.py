@@ -58,8 +58,11 @@ def _stage_heartbeats() -> AbstractContextManager[Any]:
     when the run ends: every flow run ends up to a second late (a flow that takes 0.25 s took 1.17 s). Under
     `kiln run` the pipeline's flow run keeps its heartbeat, which is what says the run is alive (or, with a
     zombie-flow automation, that it crashed), and the pipeline itself records a stage whose process dies."""
-    if not os.environ.get(PARENT_RUN_ENV):
-        return nullcontext()
+    return without_heartbeats() if os.environ.get(PARENT_RUN_ENV) else nullcontext()
+
+
+def without_heartbeats() -> AbstractContextManager[Any]:
+    """Prefect settings under which the flow runs started inside send no heartbeat."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

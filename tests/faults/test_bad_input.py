@@ -117,9 +117,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path):
         stack.callback(_prefect_console_to_current_stderr())
         # The cases' in-process `kiln stage` flow runs send no heartbeat: Prefect joins its thread, asleep in
         # whole seconds, at the end of every flow run, a second per case (flows/factory.py: _stage_heartbeats).
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from flows.factory import without_heartbeats
 
-        stack.enter_context(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        stack.enter_context(without_heartbeats())
         yield Project(root, urlparse(url).port or 0, client)
         if had_url is None:
             os.environ.pop("PREFECT_API_URL", None)
