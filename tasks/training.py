@@ -573,13 +573,19 @@ def load_model_with_meta(
         raise FileNotFoundError(f"{path}: no trained model here; run the stage that trains it first")
     saved = torch.load(path, map_location=device, weights_only=True)
     model = build(saved["model"], saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    if trained_channels_last(saved["state_dict"]):
-        # The layout it trained in (`place_model`): a stage that samples or scores with it gets the same
-        # NHWC kernels (1.2-1.4x a forward pass on one thread, benchmarks/bench_images.py section 7).
-        # load_state_dict alone copies the values into the fresh model's NCHW weights.
-        model.to(memory_format=torch.channels_last)
+    load_in_saved_layout(model, saved["state_dict"])
     return saved["model"], model.to(device).eval(), dict(saved.get("meta") or {})
+
+
+def load_in_saved_layout(module: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """`state_dict` into `module`, in the memory layout it was saved in: the layout it trained in
+    (`place_model`), so a stage that samples or scores with it gets the same NHWC kernels (1.2-1.4x a forward
+    pass on one thread, benchmarks/bench_images.py section 7). load_state_dict alone copies the values into
+    the fresh module's NCHW weights. For models `load_model_with_meta` builds and those built elsewhere (the
+    ControlNet, the flows in `kiln sample`)."""
+    module.load_state_dict(state_dict)
+    if trained_channels_last(state_dict):
+        module.to(memory_format=torch.channels_last)
 
 
 def trained_channels_last(state_dict: dict[str, Tensor]) -> bool:

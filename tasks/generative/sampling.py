@@ -353,16 +353,6 @@ def read_edge_map(path: Path, shape: tuple[int, int, int]) -> Tensor:
     return torch.from_numpy((gray >= 128).astype(np.float32))[None, None]
 
 
-def load_in_saved_layout(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """`state_dict` into `module`, in the memory layout it was saved in, as `load_model_with_meta` loads the
-    models it builds: the ControlNet and the flows are built here, not through it."""
-    from tasks.training import trained_channels_last
-
-    module.load_state_dict(state_dict)
-    if trained_channels_last(state_dict):
-        module.to(memory_format=torch.channels_last)
-
-
 def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) -> Samples:
     """`controlnet`: the `diffusion@ddpm` UNet steered by the ControlNet with the edge map --edges, with the
     stage's sampler and steps; with --label the base is class-conditional too, else unconditional."""
@@ -371,7 +361,7 @@ def sample_controlnet(root: Path, request: SampleRequest, device: torch.device) 
     from tasks.generative.controlnet import ControlNetEvalConfig, sample
     from tasks.generative.diffusion import load_generator
     from tasks.generative.fid import image_meta
-    from tasks.training import require_meta
+    from tasks.training import load_in_saved_layout, require_meta
 
     _refuse(request, "controlnet", prompt="it is conditioned on an edge map (--edges) and a label (--label)")
     if request.edges is None:
@@ -414,7 +404,7 @@ def sample_flow(root: Path, name: str, request: SampleRequest, device: torch.dev
     from models.generative.unet import UNetConfig
     from tasks.generative.fid import image_meta
     from tasks.generative.normalizing_flows import build_normalizing_flow, sample_images
-    from tasks.training import require_meta
+    from tasks.training import load_in_saved_layout, require_meta
 
     stage = f"nflow@{name}"
     unconditional = "the flows are unconditional"
