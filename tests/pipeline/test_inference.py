@@ -3,7 +3,7 @@ its images, labels and seeds are honoured, the detector finds and draws, and eac
 
 One `kiln run` trains what the commands read (diffusion@sde_ve and the one_stage detector stay untrained, the
 missing artefacts of the error tests); the thundernet export is the `onnx` stage's own `export_onnx`, without the
-rest of that stage (parity, int8, latency, registry: tests/pipeline/test_detection_pipeline.py). The commands run
+rest of that stage (parity, int8, latency, registry: tests/ops/test_mlflow_ui.py). The commands run
 in this process through `flows.cli.main` (a `kiln` process costs seconds of imports each); one runs as a process,
 to hold the real exit status and stderr. The last tests load the generators that run registered in MLflow
 (tasks/generative/logged_models.py) from the store alone.
