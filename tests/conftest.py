@@ -30,7 +30,7 @@ LONGEST_FIRST = (
     "tests/faults/test_bad_input.py",  # 123 s; its cases alone 98 -> 57 s without a heartbeat each
     "tests/pipeline/test_inference.py",  # 115 s
     "tests/pipeline/test_faults.py",  # 113 s
-    "tests/ops/test_mlflow_ui.py",  # 100 s, with the detection branch's end-to-end tests (71 s more as a file)
+    "tests/ops/test_mlflow_ui.py",  # 100 s; its detection run also serves the branch's tests (71 s as a file)
     "tests/pipeline/test_user_data.py",  # 92 s
     "tests/pipeline/test_experiments.py",  # 86 s
     "tests/pipeline/test_ops.py",  # 40 s

@@ -286,7 +286,7 @@ def test_the_report_artifact_renders_with_its_images(detection_run: DetectionRun
 
 
 def test_a_registered_detector_shows_its_signature_and_predicts_on_its_example(
-    detection_run: DetectionRun, browser, tmp_path
+    detection_run: DetectionRun, browser, tmp_path, monkeypatch
 ):
     import mlflow
     from mlflow.models import Model
@@ -295,7 +295,9 @@ def test_a_registered_detector_shows_its_signature_and_predicts_on_its_example(
     from selenium.webdriver.support.ui import WebDriverWait
 
     client = MlflowClient(detection_run.url)
-    mlflow.set_tracking_uri(detection_run.url)
+    # The models:/ URIs below resolve against this server. Through the environment, which monkeypatch restores:
+    # mlflow.set_tracking_uri would stay set in this test worker and send a later module's runs here.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", detection_run.url)
     onnx_run = client.search_runs(
         [client.get_experiment_by_name("detection").experiment_id], "attributes.run_name = 'onnx'"
     )[0]

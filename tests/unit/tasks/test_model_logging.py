@@ -35,9 +35,10 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An sqlite store in tmp_path; its artifacts (./mlruns) land there too."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KILN_MLFLOW_PARENT_RUN_ID", raising=False)
-    previous = mlflow.get_tracking_uri()
     yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(previous)
+    # Unset, not set back to the URI it resolved to before: a set URI outranks MLFLOW_TRACKING_URI in every
+    # later test of this worker (and set_tracking_uri exports it to the environment too).
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
