@@ -1,5 +1,6 @@
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,18 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_store_left_set():
+    """Unset MLflow's process-wide tracking URI after each test. A stage run in a test worker's own process
+    (`tasks/tracking.py: stage_run`, as a stage process needs) sets it, and a set URI outranks
+    MLFLOW_TRACKING_URI in every later test of that worker: test_inference once registered a model into another
+    module's store that way, depending on which files shared its worker."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)  # a no-op when none is set; else also drops the variable it exported
 
 
 @pytest.fixture(scope="module")
