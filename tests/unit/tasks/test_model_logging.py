@@ -35,10 +35,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An sqlite store in tmp_path; its artifacts (./mlruns) land there too."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KILN_MLFLOW_PARENT_RUN_ID", raising=False)
-    yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Unset, not set back to the URI it resolved to before: a set URI outranks MLFLOW_TRACKING_URI in every
-    # later test of this worker (and set_tracking_uri exports it to the environment too).
-    mlflow.set_tracking_uri(None)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"  # tests/conftest.py unsets the URI a test leaves set
 
 
 @pytest.fixture
